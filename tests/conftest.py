@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny random GPT-2 checkpoints written by transformers itself (the independent reference)."""
+
+import os
+
+# Tests never touch the network: the hub is unreachable on CI machines anyway, and this makes it fail fast.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+
+
+def _tiny_hf_config(**overrides):
+    import transformers
+
+    kw = dict(vocab_size=101, n_positions=48, n_embd=32, n_layer=2, n_head=4, initializer_range=0.2,
+              bos_token_id=100, eos_token_id=100)
+    kw.update(overrides)
+    return transformers.GPT2Config(**kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory):
+    """A random tiny ``transformers.GPT2LMHeadModel`` saved with ``save_pretrained`` (safetensors)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(_tiny_hf_config()).eval()
+    path = tmp_path_factory.mktemp("tiny_gpt2")
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_model(tiny_hf_dir):
+    import transformers
+
+    return transformers.GPT2LMHeadModel.from_pretrained(tiny_hf_dir).eval()
+
+
+@pytest.fixture
+def left_padded_batch():
+    """Three prompts of lengths 9, 6 and 3 over vocabulary 100, left-padded to 9 (pad id 100 = EOS here)."""
+    rng = np.random.RandomState(0)
+    lengths = [9, 6, 3]
+    ids = np.full((3, 9), 100, np.int64)
+    mask = np.zeros((3, 9), np.int64)
+    for b, n in enumerate(lengths):
+        ids[b, 9 - n:] = rng.randint(0, 100, n)
+        mask[b, 9 - n:] = 1
+    return ids, mask
