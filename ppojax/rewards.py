@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from ppojax.losses import kl_estimate
+
 __all__ = [
     "RewardFn",
     "HostRewardFn",
@@ -56,6 +58,9 @@ __all__ = [
     "truncate_after_stop",
     "penalize_missing",
     "missing_eos_penalty",
+    "FunctionReward",
+    "RewardModel",
+    "reward_model",
 ]
 
 RewardFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -187,7 +192,8 @@ def lexicon_valence_table(
     Args:
       tokenizer: a Hugging Face tokenizer (needs ``len()``, ``convert_ids_to_tokens`` and ``all_special_ids``).
       lexicon: word -> valence in [-4, 4]; default :func:`vader_lexicon`.
-      vocab_size: length of the table; default ``len(tokenizer)``. Must be at least ``len(tokenizer)``.
+      vocab_size: length of the table (the model's vocabulary); default ``len(tokenizer)``. It may be smaller than
+        the tokenizer only by special tokens added past the model's vocabulary (ppojax's ``<|pad|>``).
     """
     if lexicon is None:
         lexicon = vader_lexicon()
@@ -195,7 +201,14 @@ def lexicon_valence_table(
     if vocab_size is None:
         vocab_size = n_tokens
     if vocab_size < n_tokens:
-        raise ValueError(f"vocab_size={vocab_size} is smaller than the tokenizer's {n_tokens} tokens")
+        special = set(getattr(tokenizer, "all_special_ids", ()))
+        beyond = [i for i in range(vocab_size, n_tokens) if i not in special]
+        if beyond:
+            raise ValueError(
+                f"vocab_size={vocab_size} is smaller than the tokenizer's {n_tokens} tokens, and ids {beyond[:5]} are "
+                "ordinary tokens the model cannot produce; use a model whose vocabulary covers the tokenizer"
+            )
+        n_tokens = vocab_size
     table = np.zeros((vocab_size,), np.float32)
     token_strings = tokenizer.convert_ids_to_tokens(list(range(n_tokens)))
     for token_id, token in enumerate(token_strings):
@@ -342,19 +355,6 @@ def last_token_index(mask: jax.Array) -> jax.Array:
     return jnp.max(jnp.where(mask > 0, positions, 0), axis=-1)
 
 
-def _kl_per_token(logprobs: jax.Array, ref_logprobs: jax.Array, estimator: str) -> jax.Array:
-    """Schulman's estimators of KL(policy || ref) at the sampled token, with ``log r = logp_ref - logp``:
-    k1 = -log r, k2 = (log r)^2 / 2, k3 = (r - 1) - log r (http://joschu.net/blog/kl-approx.html)."""
-    log_r = ref_logprobs - logprobs
-    if estimator == "k1":
-        return -log_r
-    if estimator == "k2":
-        return 0.5 * jnp.square(log_r)
-    if estimator == "k3":
-        return jnp.expm1(log_r) - log_r
-    raise ValueError(f"kl_estimator must be 'k1', 'k2' or 'k3', got {estimator!r}")
-
-
 def shape_rewards(
     scores: jax.Array,
     logprobs: jax.Array,
@@ -392,7 +392,7 @@ def shape_rewards(
     kl_coef = jnp.asarray(kl_coef, jnp.float32)
     chex.assert_rank(kl_coef, 0)
     real = mask > 0
-    kl = _kl_per_token(logprobs.astype(jnp.float32), ref_logprobs.astype(jnp.float32), kl_estimator)
+    kl = kl_estimate(logprobs.astype(jnp.float32), ref_logprobs.astype(jnp.float32), kl_estimator)
     kl = jnp.where(real, kl, 0.0)  # [batch, time]
     last = last_token_index(mask)  # [batch]
     at_last = jnp.arange(mask.shape[-1])[None, :] == last[:, None]  # [batch, time]
@@ -450,3 +450,72 @@ def missing_eos_penalty(
     chex.assert_equal_shape([tokens, mask])
     has_eos = jnp.any((tokens == eos_token_id) & (mask > 0), axis=-1)
     return jnp.where(has_eos, scores, scores - jnp.asarray(penalty, scores.dtype))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rewards as pytrees the jitted iteration takes as an argument
+# --------------------------------------------------------------------------------------------------------------
+
+
+@struct.dataclass
+class FunctionReward:
+    """A plain jittable function ``(tokens, mask) -> scores [batch]`` wrapped as a pytree (the function is static).
+
+    ``FunctionReward(my_fn)`` or, from a config, ``FunctionReward.from_spec("package.module:function")``.
+    """
+
+    fn: Callable = struct.field(pytree_node=False)
+
+    def __call__(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+        return self.fn(tokens, mask)
+
+    @classmethod
+    def from_spec(cls, spec: str) -> "FunctionReward":
+        from ppojax.losses import resolve_term  # the same 'module:function' resolution as loss terms
+
+        if not isinstance(spec, str) or ":" not in spec:
+            raise ValueError(f"a reward function is named 'package.module:function', got {spec!r}")
+        return cls(resolve_term(spec))
+
+
+@struct.dataclass
+class RewardModel:
+    """A learned reward: GPT-2 trunk + scalar head read at the last real token, normalised with gain and bias.
+
+        score_b = gain * head(h_b[last_b]) + bias
+
+    It scores the whole sequence (prompt + response), so the iteration passes it both (``uses_prompt``). Gain and
+    bias make scores on reference-policy samples mean 0 / std 1 (lm-human-preferences): see :func:`normalize`.
+    """
+
+    params: Any
+    gain: jax.Array
+    bias: jax.Array
+    config: Any = struct.field(pytree_node=False)
+    uses_prompt = True
+
+    def raw(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
+        """Unnormalised head output at each row's last real token, ``[batch]``."""
+        from ppojax.models.gpt2 import value_forward
+
+        values = value_forward(self.config, self.params, ids, mask)  # [batch, time]
+        last = last_token_index(mask)
+        return jnp.take_along_axis(values, last[:, None], axis=-1)[:, 0].astype(jnp.float32)
+
+    def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
+        return self.gain * self.raw(ids, mask) + self.bias
+
+    def normalize(self, ids: jax.Array, mask: jax.Array) -> "RewardModel":
+        """Set gain and bias so that the scores of these (reference-policy) samples have mean 0 and std 1."""
+        raw = self.raw(ids, mask)
+        std = jnp.maximum(jnp.std(raw), 1e-8)
+        gain = 1.0 / std
+        return self.replace(gain=gain, bias=-jnp.mean(raw) * gain)
+
+
+def reward_model(config: Any, params: Any, *, gain: float = 1.0, bias: float = 0.0) -> RewardModel:
+    """A :class:`RewardModel` from scalar-head params (``ppojax.init_value_params(..., head_init_std=...)``)."""
+    if not isinstance(params, dict) or "head" not in params or "transformer" not in params:
+        raise ValueError("reward_model: params must be scalar-head GPT-2 params ({'transformer': ..., 'head': ...})")
+    return RewardModel(params=params, gain=jnp.asarray(gain, jnp.float32), bias=jnp.asarray(bias, jnp.float32),
+                       config=config)

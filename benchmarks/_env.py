@@ -1,0 +1,100 @@
+"""What every benchmark records next to its numbers: the machine, the package versions, the date, and how busy the
+machine was. A number taken on a loaded, shared machine is not trustworthy, so each benchmark samples the load
+before and after and flags a busy start instead of silently reporting a slow result.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+
+# A 1-minute load average above this fraction of the usable cores means other work competes for the CPU.
+BUSY_LOAD_FRACTION = 0.5
+
+DEFAULT_PACKAGES = ("jax", "jaxlib", "flax", "torch", "transformers")
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (the affinity mask, which containers narrow), not the host's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _ram_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)  # kB -> GiB
+    except OSError:
+        pass
+    return None
+
+
+def machine_info() -> dict:
+    return {
+        "cpu_model": _cpu_model(),
+        "cores": usable_cores(),
+        "host_cpu_count": os.cpu_count(),
+        "ram_gib": _ram_gib(),
+        "os": platform.platform(),
+    }
+
+
+def versions(packages=DEFAULT_PACKAGES) -> dict:
+    out = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def now_utc() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def load_sample() -> dict:
+    """The 1-, 5- and 15-minute load averages, with a ``busy`` flag on the 1-minute one."""
+    one, five, fifteen = os.getloadavg()
+    cores = usable_cores()
+    return {
+        "load_1min": round(one, 2),
+        "load_5min": round(five, 2),
+        "load_15min": round(fifteen, 2),
+        "cores": cores,
+        "busy": one > BUSY_LOAD_FRACTION * cores,
+    }
+
+
+def warn_if_busy(sample: dict, *, stream=sys.stderr) -> None:
+    if sample["busy"]:
+        print(
+            f"WARNING: 1-minute load average {sample['load_1min']} > {BUSY_LOAD_FRACTION} x {sample['cores']} cores: "
+            "the machine is busy and these timings are not trustworthy; rerun when it is quiet.",
+            file=stream,
+        )
+
+
+def write_json(path: str | os.PathLike, data: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path

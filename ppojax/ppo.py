@@ -1,0 +1,357 @@
+"""The PPO-RLHF iteration, one jit read top to bottom.
+
+    sample responses (KV-cache decode, temperature)
+      -> optional truncation at a stop token
+      -> recompute actor and reference log-probs and critic values with the training forward path
+      -> scores (jittable reward or reward model; a host reward comes in between ``rollout`` and ``update``)
+      -> penalties, per-token KL-shaped rewards, GAE, whitening
+      -> ppo_epochs x minibatches of updates: nested ``lax.scan``, a fresh permutation each epoch
+      -> KL controller update
+
+``ppo_iteration(state, prompt_ids, prompt_mask)`` runs all of it in one jit. ``rollout`` and ``update`` are the two
+halves, also jitted, for rewards that must run on the host (text-based scorers) between them.
+
+Data parallelism: with ``state.setup.axis_name`` set and the functions run inside ``shard_map`` over that mesh
+axis, every statistic (whitening, token counts, metrics) is reduced over the axis and gradients are ``psum``-ed, so
+results do not depend on the number of devices.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Dict, Optional
+
+import chex
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from ppojax import rewards as rewards_lib
+from ppojax.gae import gae, masked_mean, whiten
+from ppojax.kl import update_kl_state
+from ppojax.losses import LossInputs, explained_variance, kl_estimate
+from ppojax.models.gpt2 import GPT2Config, forward, value_forward
+from ppojax.sampling import sample
+from ppojax.state import PPOSetup, TrainState
+
+Metrics = Dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class Rollout:
+    """One batch of experience. Response arrays are ``[batch, response_length]``, prompt arrays ``[batch, P]``."""
+
+    prompt_ids: jax.Array
+    prompt_mask: jax.Array
+    tokens: jax.Array  # response tokens (pad after EOS / truncation)
+    mask: jax.Array  # int32, 1 on real response tokens
+    logprobs: jax.Array  # actor, tempered, recomputed with the training forward
+    ref_logprobs: jax.Array  # reference, tempered
+    values: jax.Array  # critic V(s_t), the value before emitting token t
+    entropy: jax.Array  # per-token entropy of the tempered actor distribution
+    found_stop: jax.Array  # [batch] bool: truncate token found (True when truncation is off)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forward helpers shared by rollout and update: one code path, so the first ratio is exactly 1.
+
+
+def _response_logprobs(model: GPT2Config, params, ids, mask, prompt_len: int, temperature: float):
+    """Log-prob of each response token and the entropy of the tempered distribution, ``[batch, response]``.
+
+    ``ids``/``mask`` are prompt + response; the logits predicting response token t sit at position P - 1 + t.
+    """
+    logits = forward(model, params, ids, mask)[:, prompt_len - 1:-1] / temperature  # [batch, resp, vocab]
+    logp_all = jax.nn.log_softmax(logits, axis=-1)
+    tokens = ids[:, prompt_len:]
+    logp = jnp.take_along_axis(logp_all, tokens[..., None], axis=-1)[..., 0]
+    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+    return logp, entropy
+
+
+def _response_values(model: GPT2Config, critic_params, ids, mask, prompt_len: int):
+    """Critic values ``V(s_t)`` for each response position (the hidden state before token t)."""
+    return value_forward(model, critic_params, ids, mask)[:, prompt_len - 1:-1]
+
+
+def _concat(prompt_ids, prompt_mask, tokens, mask):
+    return (jnp.concatenate([prompt_ids, tokens], axis=1),
+            jnp.concatenate([prompt_mask.astype(jnp.int32), mask.astype(jnp.int32)], axis=1))
+
+
+def _chunked(fn, chunk: int, *arrays):
+    """``fn`` over row chunks of ``arrays`` with ``lax.map``: bounds the memory of [rows, time, vocab] logits."""
+    rows = arrays[0].shape[0]
+    if chunk >= rows:
+        return fn(*arrays)
+    split = [a.reshape(rows // chunk, chunk, *a.shape[1:]) for a in arrays]
+    out = jax.lax.map(lambda xs: fn(*xs), tuple(split))
+    return jax.tree.map(lambda x: x.reshape(rows, *x.shape[2:]), out)
+
+
+def _pmean(x, axis_name):
+    return x if axis_name is None else jax.lax.pmean(x, axis_name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Phase 1: rollout
+
+
+def _rollout(state: TrainState, prompt_ids, prompt_mask, example_ids=None):
+    setup: PPOSetup = state.setup
+    cfg, model = setup.ppo, setup.model
+    chex.assert_rank([prompt_ids, prompt_mask], 2)
+    key, sample_key = jax.random.split(state.key)
+    batch, prompt_len = prompt_ids.shape
+    if example_ids is None:
+        example_ids = jnp.arange(batch)
+        if setup.axis_name is not None:  # global example index: samples do not depend on the device count
+            example_ids = example_ids + jax.lax.axis_index(setup.axis_name) * batch
+
+    out = sample(model, state.params["actor"], prompt_ids, prompt_mask, sample_key,
+                 max_new_tokens=cfg.response_length, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                 eos_token_id=cfg.eos_token_id, pad_token_id=setup.pad_token_id, example_ids=example_ids)
+    tokens, mask = out.tokens, out.mask
+    found = jnp.ones((batch,), bool)
+    if cfg.truncate_token is not None:
+        tokens, mask, found = rewards_lib.truncate_after_stop(
+            tokens, mask, stop_token=cfg.truncate_token, min_length=cfg.truncate_after,
+            pad_token_id=setup.pad_token_id)
+
+    ids, full_mask = _concat(prompt_ids, prompt_mask, tokens, mask)
+    chunk = min(cfg.rollout_chunk_size or cfg.minibatch_size, batch)
+    while batch % chunk:  # a local (per-device) batch smaller than the configured chunk
+        chunk -= 1
+    T = cfg.temperature
+    logp, entropy = _chunked(lambda i, m: _response_logprobs(model, state.params["actor"], i, m, prompt_len, T),
+                             chunk, ids, full_mask)
+    ref_logp, _ = _chunked(lambda i, m: _response_logprobs(model, state.ref_params, i, m, prompt_len, T),
+                           chunk, ids, full_mask)
+    values = _chunked(lambda i, m: _response_values(model, state.params["critic"], i, m, prompt_len),
+                      chunk, ids, full_mask)
+    real = mask > 0
+    rollout = Rollout(
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask.astype(jnp.int32), tokens=tokens, mask=mask.astype(jnp.int32),
+        logprobs=jnp.where(real, logp, 0.0), ref_logprobs=jnp.where(real, ref_logp, 0.0),
+        values=jnp.where(real, values, 0.0), entropy=jnp.where(real, entropy, 0.0), found_stop=found,
+    )
+    return state.replace(key=key), rollout
+
+
+def compute_scores(state: TrainState, rollout: Rollout) -> jax.Array:
+    """Scores ``[batch]`` from the state's jittable reward: response-only rewards get ``(tokens, mask)``; reward
+    models (``reward.uses_prompt``) get the prompt + response sequence."""
+    reward = state.reward
+    if getattr(reward, "uses_prompt", False):
+        ids, mask = _concat(rollout.prompt_ids, rollout.prompt_mask, rollout.tokens, rollout.mask)
+        scores = reward(ids, mask)
+    else:
+        scores = reward(rollout.tokens, rollout.mask)
+    rewards_lib.check_scores(scores, rollout.tokens.shape[0], where=reward)
+    return scores
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Phase 2: update
+
+
+def _loss(params, state: TrainState, mb: Rollout, advantages, returns, n_tokens):
+    """The combined loss on one (micro)batch: forward actor and critic, then the composed terms."""
+    setup = state.setup
+    ids, mask = _concat(mb.prompt_ids, mb.prompt_mask, mb.tokens, mb.mask)
+    P = mb.prompt_ids.shape[1]
+    logp, entropy = _response_logprobs(setup.model, params["actor"], ids, mask, P, setup.ppo.temperature)
+    values = _response_values(setup.model, params["critic"], ids, mask, P)
+    inputs = LossInputs.create(
+        mask=mb.mask, n_tokens=n_tokens, logprobs=logp, old_logprobs=mb.logprobs, ref_logprobs=mb.ref_logprobs,
+        entropy=entropy, values=values, old_values=mb.values, advantages=advantages, returns=returns,
+        tokens=mb.tokens)
+    total, metrics = setup.loss_fn(inputs)
+    return total, metrics
+
+
+def _minibatch_update(state: TrainState, mb: Rollout, advantages, returns):
+    """One optimizer update on a minibatch (optionally in micro-batches whose gradients are summed)."""
+    setup = state.setup
+    axis = setup.axis_name
+    # Masked means divide by the minibatch's global token count: exact across micro-batches and devices.
+    n_tokens = jnp.maximum(jnp.sum(mb.mask).astype(jnp.float32), 1.0)
+    if axis is not None:
+        n_tokens = jax.lax.psum(n_tokens, axis)
+    grad_fn = jax.value_and_grad(_loss, has_aux=True)
+    accum = setup.optimizer.grad_accum_steps
+    if accum == 1:
+        (_, metrics), grads = grad_fn(state.params, state, mb, advantages, returns, n_tokens)
+    else:
+        rows = mb.tokens.shape[0]
+        if rows % accum:
+            raise ValueError(f"optimizer.grad_accum_steps={accum} must divide the per-device minibatch of {rows}")
+        split = lambda x: x.reshape(accum, rows // accum, *x.shape[1:])
+        micro = jax.tree.map(split, (mb, advantages, returns))
+
+        def body(acc, xs):
+            (_, m), g = grad_fn(state.params, state, *xs, n_tokens)
+            if acc is None:
+                return (g, m), None
+            acc_g, acc_m = acc
+            # Term metrics are sums over tokens / n_tokens, so micro-batches add up; maxima take the max.
+            m = {k: jnp.maximum(acc_m[k], v) if k.endswith("_max") else acc_m[k] + v for k, v in m.items()}
+            return (jax.tree.map(jnp.add, acc_g, g), m), None
+
+        first = jax.tree.map(lambda x: x[0], micro)
+        rest = jax.tree.map(lambda x: x[1:], micro)
+        init, _ = body(None, first)
+        (grads, metrics), _ = jax.lax.scan(body, init, rest)
+    if axis is not None:
+        # Each device's loss is its share of the global mean (sum over local tokens / global count), so the global
+        # gradient is the SUM over devices: psum, not pmean.
+        grads = jax.lax.psum(grads, axis)
+        metrics = {k: (jax.lax.pmax(v, axis) if k.endswith("_max") else jax.lax.psum(v, axis))
+                   for k, v in metrics.items()}
+    updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    return state.replace(params=params, opt_state=opt_state), metrics
+
+
+def _update(state: TrainState, rollout: Rollout, scores: jax.Array):
+    setup = state.setup
+    cfg, axis = setup.ppo, setup.axis_name
+    scores = scores.astype(jnp.float32)
+    chex.assert_shape(scores, (rollout.tokens.shape[0],))
+    raw_scores = scores
+    n_nonfinite = rewards_lib.nonfinite_count(scores)
+    if axis is not None:
+        n_nonfinite = jax.lax.psum(n_nonfinite, axis)
+    if cfg.missing_truncate_penalty is not None:
+        scores = rewards_lib.penalize_missing(scores, rollout.found_stop, cfg.missing_truncate_penalty)
+    if cfg.missing_eos_penalty is not None:
+        scores = rewards_lib.missing_eos_penalty(scores, rollout.tokens, rollout.mask, cfg.eos_token_id,
+                                                 cfg.missing_eos_penalty)
+
+    # Per-token rewards: -beta * kl_t, plus the score on the last real token.
+    rewards, kl = rewards_lib.shape_rewards(scores, rollout.logprobs, rollout.ref_logprobs, rollout.mask,
+                                            state.kl.coef, kl_estimator=cfg.kl_estimator)
+    mask = rollout.mask
+    if cfg.whiten_rewards:
+        rewards = whiten(rewards, mask, shift_mean=False, axis_name=axis)
+    advantages, returns = gae(rewards, rollout.values, mask, gamma=cfg.gamma, lam=cfg.lam)
+    if cfg.whiten_advantages:
+        advantages = whiten(advantages, mask, shift_mean=True, axis_name=axis)
+
+    # epochs x minibatches: nested scans, a fresh permutation per epoch (split from the state's key).
+    batch = rollout.tokens.shape[0]
+    n_mb = cfg.num_minibatches
+    if batch % n_mb:
+        raise ValueError(f"the per-device batch of {batch} does not split into {n_mb} minibatches")
+    mb_size = batch // n_mb
+    key, shuffle_key = jax.random.split(state.key)
+    data = (rollout, advantages, returns)
+
+    def epoch(st, epoch_key):
+        perm = jax.random.permutation(epoch_key, batch).reshape(n_mb, mb_size)
+
+        def minibatch(s, idx):
+            mb, adv, ret = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), data)
+            return _minibatch_update(s, mb, adv, ret)
+
+        return jax.lax.scan(minibatch, st, perm)
+
+    state = state.replace(key=key)
+    new_state, stats = jax.lax.scan(epoch, state, jax.random.split(shuffle_key, cfg.ppo_epochs))  # [epochs, n_mb]
+    # A non-finite score poisons every update: keep the old params so the last good state stays usable.
+    ok = n_nonfinite == 0
+    new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+
+    # KL controller on the mean KL per response (nats, summed over tokens), n_steps = episodes in the batch.
+    kl_per_seq = kl.sum(-1)
+    mean_kl = _pmean(kl_per_seq.mean(), axis)
+    global_batch = batch if axis is None else batch * jax.lax.psum(1, axis)
+    new_kl = update_kl_state(cfg.kl, state.kl, mean_kl, global_batch)
+    new_state = new_state.replace(kl=new_kl, step=state.step + 1)
+
+    real = mask > 0
+    lengths = mask.sum(-1).astype(jnp.float32)
+    score_mean = _pmean(raw_scores.mean(), axis)
+    metrics = {
+        "score_mean": score_mean,
+        "score_std": jnp.sqrt(_pmean(jnp.square(raw_scores - score_mean).mean(), axis)),
+        "score_penalized_mean": _pmean(scores.mean(), axis),
+        "reward": _pmean(jnp.where(real, rewards, 0.0).sum(-1).mean(), axis),
+        "kl": mean_kl,
+        "kl_coef": state.kl.coef,
+        "entropy": masked_mean(rollout.entropy, mask, axis_name=axis),
+        "response_length": _pmean(lengths.mean(), axis),
+        "advantage_mean": masked_mean(advantages, mask, axis_name=axis),
+        "value_mean": masked_mean(rollout.values, mask, axis_name=axis),
+        "explained_variance": explained_variance(rollout.values, returns, mask, axis_name=axis),
+        "truncate_found": _pmean(rollout.found_stop.astype(jnp.float32).mean(), axis),
+        "nonfinite_scores": n_nonfinite,
+        "learning_rate": _learning_rate(setup, state.opt_state),
+    }
+    for k, v in stats.items():  # averaged over epochs x minibatches; a name the rollout already uses gets a prefix
+        metrics[f"update/{k}" if k in metrics else k] = v.max() if k.endswith("_max") else v.mean()
+    # The first minibatch of the first epoch sees the rollout policy itself: its ratio must be exactly 1.
+    for k in ("approx_kl", "clipfrac", "ratio_max"):
+        if k in stats:
+            metrics[f"first_minibatch/{k}"] = stats[k][0, 0]
+    return new_state, metrics
+
+
+def _learning_rate(setup: PPOSetup, opt_state) -> jax.Array:
+    """The learning rate of the next update: the schedule at the optimizer's update count."""
+    counts = [x.count for x in jax.tree.leaves(opt_state, is_leaf=lambda x: hasattr(x, "count"))
+              if hasattr(x, "count")]
+    return jnp.asarray(setup.lr_schedule(counts[0] if counts else 0), jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public, jitted entry points
+
+
+def _iteration(state: TrainState, prompt_ids, prompt_mask):
+    state, rollout = _rollout(state, prompt_ids, prompt_mask)
+    scores = compute_scores(state, rollout)
+    return _update(state, rollout, scores)
+
+
+_ppo_iteration_jit = jax.jit(_iteration)
+_rollout_jit = jax.jit(_rollout)
+_update_jit = jax.jit(_update)
+
+
+def ppo_iteration(state: TrainState, prompt_ids, prompt_mask):
+    """One PPO iteration in one jit: ``(state, prompts [batch, P]) -> (state, metrics)``.
+
+    Prompts are left-padded token ids with their mask; ``batch`` is ``state.setup.ppo.batch_size`` (or the
+    per-device share inside ``shard_map``). Metrics are scalar arrays; pull them once per iteration.
+    """
+    return _ppo_iteration_jit(state, prompt_ids, prompt_mask)
+
+
+def rollout(state: TrainState, prompt_ids, prompt_mask):
+    """The first half of an iteration: ``(state, prompts) -> (state, Rollout)``, jitted."""
+    return _rollout_jit(state, prompt_ids, prompt_mask)
+
+
+def update(state: TrainState, rollout_batch: Rollout, scores):
+    """The second half: ``(state, rollout, scores [batch]) -> (state, metrics)``, jitted. Use it with host rewards:
+    ``state, r = rollout(state, p, m); scores = host_fn(np.asarray(r.tokens), np.asarray(r.mask)); update(...)``."""
+    return _update_jit(state, rollout_batch, jnp.asarray(scores, jnp.float32))
+
+
+def check_metrics(metrics: Metrics, iteration: Optional[int] = None) -> None:
+    """Raise ``FloatingPointError`` naming what went non-finite (scores or a loss) in an iteration's metrics."""
+    import math
+
+    where = f" at iteration {iteration}" if iteration is not None else ""
+    n_bad = int(metrics.get("nonfinite_scores", 0))
+    if n_bad:
+        raise FloatingPointError(
+            f"the reward returned {n_bad} non-finite scores{where}; the update was skipped and the params kept. "
+            "Check the reward function for NaN/inf (e.g. a division by a zero length)."
+        )
+    for name in ("loss/total", "policy_loss", "value_loss", "kl", "grad_norm"):
+        if name in metrics and not math.isfinite(float(metrics[name])):
+            raise FloatingPointError(f"{name} is {float(metrics[name])}{where}: training diverged")
