@@ -16,6 +16,7 @@ reported. The prefill/decode split comes from a second pair of runs with one new
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -44,6 +45,8 @@ def parse_args(argv=None):
                    help="one thread on each side (torch.set_num_threads(1), XLA without its Eigen pool): less "
                         "sensitive to a shared machine than the default; writes only if --out is given")
     p.add_argument("--out", type=Path, default=None, help=f"result JSON (default {DEFAULT_OUT}, none with --tiny)")
+    p.add_argument("--table", type=Path, metavar="JSON",
+                   help="print the README's markdown table from a result JSON and exit (runs nothing)")
     args = p.parse_args(argv)
     if args.reps < 5:
         p.error("--reps must be at least 5")
@@ -82,8 +85,12 @@ def time_call(fn) -> float:
     return time.perf_counter() - t0
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> dict | None:
     args = parse_args(argv)
+    if args.table is not None:
+        print(markdown_table(json.loads(args.table.read_text())))
+        return None
+    started = _env.now_utc()
     load_before = _env.load_sample()
     _env.warn_if_busy(load_before)
 
@@ -163,7 +170,7 @@ def main(argv=None) -> dict:
     torch_res = side("torch", {"first_call_s": t_torch_warm, "num_threads": torch.get_num_threads()})
     result = {
         "benchmark": "decode",
-        "date": _env.now_utc(),
+        "date": started,
         "tiny": args.tiny,
         "model": shape,
         "batch": b,
@@ -172,6 +179,8 @@ def main(argv=None) -> dict:
         "reps": args.reps,
         "threads": "single" if args.single_thread else "default",
         "sampling": {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "eos": None},
+        "method": "median of interleaved calls after one warm-up; prefill_ms = median of 1-new-token calls; "
+                  "decode_step_ms = (median(n) - median(1)) / (n - 1); compile_s = first call - median call",
         "ppojax": jax_res,
         "torch": torch_res,
         "ratio_tokens_per_s_ppojax_over_torch": jax_res["tokens_per_s"] / torch_res["tokens_per_s"],
@@ -203,6 +212,27 @@ def print_summary(r: dict) -> None:
           f"ppojax compile ~{r['ppojax']['compile_s']:.2f} s; torch threads {r['torch']['num_threads']}")
     if not r["trustworthy"]:
         print("WARNING: the machine was busy (see load_before/load_after); rerun on a quiet machine.")
+
+
+def markdown_table(r: dict) -> str:
+    m, mach, t = r["model"], r["machine"], r["torch"]
+    lines = [
+        f"{mach['cpu_model']}, {mach['cores']} cores, {mach['ram_gib']} GiB; {r['date']}; "
+        f"GPT-2 {m['n_layer']}L/{m['n_embd']}d, batch {r['batch']}, prompt {r['prompt_len']}, "
+        f"{r['new_tokens']} new tokens, median of {r['reps']}; torch threads {t['num_threads']}; "
+        f"1-min load {r['load_before']['load_1min']} before / {r['load_after']['load_1min']} after"
+        + ("" if r["trustworthy"] else " (**busy machine: not trustworthy**)"),
+        "",
+        "| | tokens/s | ms/step | prefill ms | decode ms/step | first call s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name in ("ppojax", "torch"):
+        s = r[name]
+        lines.append(f"| {name} | {s['tokens_per_s']:.1f} | {s['time_per_step_ms']:.1f} | {s['prefill_ms']:.0f} | "
+                     f"{s['decode_step_ms']:.1f} | {s['first_call_s']:.1f} |")
+    lines += ["", f"ppojax / torch tokens/s: **{r['ratio_tokens_per_s_ppojax_over_torch']:.2f}**; "
+                  f"ppojax compile ~{r['ppojax']['compile_s']:.1f} s."]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

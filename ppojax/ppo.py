@@ -301,8 +301,8 @@ def _update(state: TrainState, rollout: Rollout, scores: jax.Array):
 
 def _learning_rate(setup: PPOSetup, opt_state) -> jax.Array:
     """The learning rate of the next update: the schedule at the optimizer's update count."""
-    counts = [x.count for x in jax.tree.leaves(opt_state, is_leaf=lambda x: hasattr(x, "count"))
-              if hasattr(x, "count")]
+    has_count = lambda x: "count" in getattr(x, "_fields", ())  # optax states are NamedTuples
+    counts = [x.count for x in jax.tree.leaves(opt_state, is_leaf=has_count) if has_count(x)]
     return jnp.asarray(setup.lr_schedule(counts[0] if counts else 0), jnp.float32)
 
 

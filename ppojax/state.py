@@ -34,8 +34,12 @@ class OptimizerConfig:
     """'adam' (PyTorch/optax flavour: epsilon outside the square root) or 'adamw' (decoupled weight decay)."""
     learning_rate: float = 1e-5
     """Peak learning rate (lm-human-preferences: 1e-5 for sentiment)."""
-    schedule: Literal["constant", "linear"] = "linear"
-    """'linear' anneals the rate to 0 over the run's optimizer updates (lm-human-preferences); 'constant' keeps it."""
+    schedule: Literal["constant", "linear"] = "constant"
+    """'linear' anneals the rate to 0 over ``decay_iterations`` (lm-human-preferences); 'constant' keeps it."""
+    decay_iterations: Optional[int] = None
+    """'linear' only: PPO iterations over which the rate decays to 0. Part of the config rather than taken from the
+    run length, so a run stopped early and resumed with more iterations follows the same schedule. None: the
+    ``total_iterations`` given to ``create_train_state``."""
     b1: float = 0.9
     """Adam beta1."""
     b2: float = 0.999
@@ -65,6 +69,8 @@ class OptimizerConfig:
             raise ValueError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"optimizer.max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
+        if self.decay_iterations is not None and self.decay_iterations < 1:
+            raise ValueError(f"optimizer.decay_iterations must be >= 1 or None, got {self.decay_iterations!r}")
         if not isinstance(self.grad_accum_steps, int) or self.grad_accum_steps < 1:
             raise ValueError(f"optimizer.grad_accum_steps must be an int >= 1, got {self.grad_accum_steps!r}")
 
@@ -270,7 +276,7 @@ def make_setup(model_config: GPT2Config, ppo: PPOConfig, optimizer: OptimizerCon
                 tuple((t.name, id(t.fn), t.weight, sorted(t.kwargs.items())) for t in extra_loss_terms)))
     setup = _SETUPS.get(key)
     if setup is None:
-        total_updates = int(total_iterations) * ppo.updates_per_iteration
+        total_updates = int(optimizer.decay_iterations or total_iterations) * ppo.updates_per_iteration
         setup = PPOSetup(model=model_config, ppo=ppo, optimizer=optimizer,
                          tx=make_optimizer(optimizer, total_updates),
                          lr_schedule=learning_rate_schedule(optimizer, total_updates),
@@ -315,7 +321,8 @@ def create_train_state(
     axis_name: Optional[str] = None,
 ) -> TrainState:
     """A fresh state: the critic is the actor's trunk with a zero value head (TRL PPOv2 / Tunix), the reference is a
-    copy of the actor. ``total_iterations`` sets the length of the linear learning-rate decay."""
+    copy of the actor. ``total_iterations`` sets the length of a linear learning-rate decay unless
+    ``optimizer.decay_iterations`` does."""
     if reward is None or not callable(reward):
         raise TypeError(f"reward must be a callable pytree (tokens, mask) -> scores, got {type(reward).__name__}")
     if critic_params is None:

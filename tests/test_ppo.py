@@ -57,9 +57,10 @@ def _run(state, n, prompts=None):
 def test_first_minibatch_ratio_is_exactly_one():
     _, history = _run(_state(), 2)
     for m in history:
-        assert m["first_minibatch/approx_kl"] == 0.0
+        # Same forward path for rollout and update: 1 up to float reduction order (often bit-exact).
+        assert m["first_minibatch/approx_kl"] < 1e-12
         assert m["first_minibatch/clipfrac"] == 0.0
-        assert m["first_minibatch/ratio_max"] == 1.0
+        assert abs(m["first_minibatch/ratio_max"] - 1.0) < 1e-5
     assert history[-1]["approx_kl"] > 0  # later minibatches do move the policy
 
 

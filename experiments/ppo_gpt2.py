@@ -1,0 +1,21 @@
+#!/usr/bin/env python
+"""PPO-RLHF of a GPT-2 policy: the main job.
+
+    python experiments/ppo_gpt2.py                                  # offline default: configs/offline.yaml
+    python experiments/ppo_gpt2.py --config configs/gpt2_sentiment.yaml --run-dir runs/sentiment
+    python experiments/ppo_gpt2.py --set ppo.batch_size=32 --set optimizer.learning_rate=3e-4
+    python experiments/ppo_gpt2.py --help-config                    # every config field, documented
+
+Rerunning the same command on an existing --run-dir resumes from its latest checkpoint. The work is done by
+``ppojax.runner``; this script is the stable command-line entry point.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from ppojax.runner import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""The experiment config of ``experiments/ppo_gpt2.py``: typed, validated, built from YAML plus ``--set`` overrides.
+
+Every field has a docstring (``python experiments/ppo_gpt2.py --help-config`` prints them all). Unknown keys, wrong
+types and bad values are rejected with one message naming the dotted field (and, for a typo, the closest name)
+before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional
+
+from ppojax.kl import KLControlConfig
+from ppojax.state import OptimizerConfig, PPOConfig
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The policy (actor), the reference (a frozen copy) and the critic (same trunk, zero value head)."""
+
+    name_or_path: str = "random"
+    """'random' for a random init of the shape below; else a hub id ('gpt2', 'gpt2-medium', ...) or a local
+    transformers GPT-2 directory."""
+    n_layer: int = 2
+    """Random init only: transformer blocks."""
+    n_head: int = 4
+    """Random init only: attention heads."""
+    n_embd: int = 128
+    """Random init only: width."""
+    n_positions: int = 128
+    """Random init only: context length."""
+    vocab_size: int = 50257
+    """Random init only: vocabulary (GPT-2's is 50257)."""
+    init_seed: int = 0
+    """Random init only: seed of the initial weights (independent of the run's seed)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Compute dtype."""
+    param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Storage dtype of the parameters."""
+    remat: bool = False
+    """Rematerialise transformer blocks in the backward pass (less memory, more compute)."""
+
+    def __post_init__(self):
+        if not self.name_or_path:
+            raise ValueError("name_or_path must be 'random', a hub id or a local directory")
+        for name in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_head={self.n_head} must divide n_embd={self.n_embd}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PromptsConfig:
+    """Where prompts come from and how they become left-padded token ids."""
+
+    path: Optional[str] = None
+    """A text file (one prompt per line) or a .jsonl file (one object per line with `field`). Relative paths are
+    looked up next to the config file, then in the working directory."""
+    field: str = "prompt"
+    """JSONL / dataset field holding the prompt text."""
+    dataset: Optional[str] = None
+    """A Hugging Face dataset id instead of a file (needs the `datasets` package and hub access)."""
+    split: str = "train"
+    """Dataset split."""
+    max_prompt_tokens: int = 64
+    """Query length: prompts are left-padded to this many tokens (lm-human-preferences: 64)."""
+    truncate: Literal["left", "error"] = "left"
+    """A longer prompt keeps its last tokens ('left') or stops the run with an error naming it ('error')."""
+    shuffle: bool = True
+    """Reshuffle the prompts every pass (seeded: a resumed run sees the same order)."""
+
+    def __post_init__(self):
+        if self.max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
+        if self.path is not None and self.dataset is not None:
+            raise ValueError("give either path or dataset, not both")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RewardConfig:
+    """What scores a finished response."""
+
+    kind: Literal["lexicon", "vader", "reward_model", "function"] = "lexicon"
+    """'lexicon': jittable per-token VADER valence (mean over the response); 'vader': VADER on decoded text, on the
+    host between rollout and update; 'reward_model': a GPT-2 reward model checkpoint; 'function': `function`."""
+    function: Optional[str] = None
+    """kind=function: 'package.module:function', a jittable (tokens, mask) -> scores [batch]."""
+    reward_model_path: Optional[str] = None
+    """kind=reward_model: a directory written by experiments/train_reward.py."""
+    lexicon_reduce: Literal["mean", "sum"] = "mean"
+    """kind=lexicon: average or sum the per-token valences over the response."""
+
+    def __post_init__(self):
+        if self.kind == "function" and not self.function:
+            raise ValueError("kind 'function' needs reward.function = 'package.module:function'")
+        if self.kind == "reward_model" and not self.reward_model_path:
+            raise ValueError("kind 'reward_model' needs reward.reward_model_path")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    """Orbax checkpoints under `<run-dir>/checkpoints`."""
+
+    every: int = 50
+    """Save every this many iterations (and always at the end and on SIGTERM/SIGINT)."""
+    keep: int = 3
+    """Keep the last this many checkpoints."""
+
+    def __post_init__(self):
+        if self.every < 1 or self.keep < 1:
+            raise ValueError(f"every and keep must be >= 1, got every={self.every}, keep={self.keep}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoggingConfig:
+    """What the run reports, besides metrics.jsonl (always written)."""
+
+    samples_every: int = 10
+    """Write a table of samples every this many iterations (0: never)."""
+    num_samples: int = 8
+    """Rows per sample table."""
+    tensorboard: bool = True
+    """TensorBoard event files under `<run-dir>/tensorboard`."""
+    wandb_project: Optional[str] = None
+    """Log to Weights & Biases under this project (when `wandb` is installed)."""
+    console_every: int = 1
+    """Without a terminal, print one progress line every this many iterations."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExperimentConfig:
+    """A PPO-RLHF run of `experiments/ppo_gpt2.py`."""
+
+    seed: int = 0
+    """Seed of sampling, shuffling and the data order."""
+    iterations: int = 100
+    """Total PPO iterations of the run (a resumed run counts those already done)."""
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    """The policy model."""
+    tokenizer: str = "gpt2"
+    """Tokenizer hub id or local directory ('gpt2' works offline)."""
+    prompts: PromptsConfig = dataclasses.field(default_factory=PromptsConfig)
+    """Prompt data."""
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    """The reward."""
+    ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
+    """PPO hyperparameters, KL control and extra loss terms."""
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    """Optimizer."""
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    """Logging."""
+    export: bool = True
+    """Export the final policy in Hugging Face format to `<run-dir>/export`."""
+
+    def __post_init__(self):
+        if self.iterations < 1:
+            raise ValueError(f"iterations must be >= 1, got {self.iterations}")
+
+
+__all__ = [
+    "CheckpointConfig",
+    "ExperimentConfig",
+    "KLControlConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "PPOConfig",
+    "PromptsConfig",
+    "RewardConfig",
+]
