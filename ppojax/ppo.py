@@ -31,7 +31,7 @@ from ppojax import rewards as rewards_lib
 from ppojax.gae import gae, masked_mean, whiten
 from ppojax.kl import update_kl_state
 from ppojax.losses import LossInputs, explained_variance, kl_estimate
-from ppojax.models.gpt2 import GPT2Config, forward, value_forward
+from ppojax.models.gpt2 import GPT2Config, forward_hidden, unembed, value_forward
 from ppojax.sampling import sample
 from ppojax.state import PPOSetup, TrainState
 
@@ -60,9 +60,11 @@ class Rollout:
 def _response_logprobs(model: GPT2Config, params, ids, mask, prompt_len: int, temperature: float):
     """Log-prob of each response token and the entropy of the tempered distribution, ``[batch, response]``.
 
-    ``ids``/``mask`` are prompt + response; the logits predicting response token t sit at position P - 1 + t.
+    ``ids``/``mask`` are prompt + response; the logits predicting response token t sit at position P - 1 + t, so
+    only those positions go through the vocabulary projection.
     """
-    logits = forward(model, params, ids, mask)[:, prompt_len - 1:-1] / temperature  # [batch, resp, vocab]
+    hidden = forward_hidden(model, params, ids, mask)[:, prompt_len - 1:-1]  # [batch, resp, width]
+    logits = unembed(model, params, hidden) / temperature  # [batch, resp, vocab]
     logp_all = jax.nn.log_softmax(logits, axis=-1)
     tokens = ids[:, prompt_len:]
     logp = jnp.take_along_axis(logp_all, tokens[..., None], axis=-1)[..., 0]

@@ -391,7 +391,14 @@ def _export_checkpoint(step, ckpt, state, run_dir, tokenizer) -> int:
     return 0
 
 
+def _format_warning(message, category, filename, lineno, line=None):
+    return f"[ppojax] {category.__name__}: {message}\n"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    import warnings
+
+    warnings.formatwarning = _format_warning  # one readable line per warning in a job's log
     args = parse_args(argv)
     if args.help_config:
         from ppojax import configlib

@@ -134,3 +134,12 @@ def test_forward_rejects_bad_shapes(tiny_hf_dir):
         ppojax.forward(config, params, jnp.zeros((2, 5), jnp.int32), jnp.ones((2, 4), jnp.int32))
     with pytest.raises(ValueError, match="exceeds the context"):
         ppojax.forward(config, params, jnp.zeros((1, 49), jnp.int32), jnp.ones((1, 49), jnp.int32))
+
+
+def test_hidden_then_unembed_equals_forward(tiny_hf_dir, left_padded_batch):
+    ids, mask = left_padded_batch
+    config, params = ppojax.load_pretrained(tiny_hf_dir)
+    hidden = gpt2.forward_hidden(config, params, jnp.asarray(ids), jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(gpt2.unembed(config, params, hidden[:, 4:])),
+                               np.asarray(ppojax.forward(config, params, jnp.asarray(ids), jnp.asarray(mask)))[:, 4:],
+                               atol=1e-5)

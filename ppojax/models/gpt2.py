@@ -309,6 +309,24 @@ def forward(config: GPT2Config, params: Params, input_ids, attention_mask) -> ja
     return logits
 
 
+def forward_hidden(config: GPT2Config, params: Params, input_ids, attention_mask) -> jax.Array:
+    """Final hidden states ``[batch, time, width]`` (float32, after ``ln_f``) of the LM's trunk."""
+    _check_inputs(config, input_ids, attention_mask)
+    hidden, _ = GPT2Trunk(config).apply({"params": params["transformer"]}, input_ids, attention_mask)
+    return hidden
+
+
+def unembed(config: GPT2Config, params: Params, hidden: jax.Array) -> jax.Array:
+    """Logits ``[..., vocab]`` (float32) of hidden states through the tied LM head.
+
+    ``forward == unembed(forward_hidden)``; splitting them lets a caller project only the positions it needs (the
+    vocabulary projection is the largest matmul of a small GPT-2).
+    """
+    dt = config.compute_dtype
+    wte = params["transformer"]["wte"]["embedding"]
+    return jnp.einsum("...d,vd->...v", hidden.astype(dt), wte.astype(dt), preferred_element_type=jnp.float32)
+
+
 def forward_with_cache(config: GPT2Config, params: Params, input_ids, attention_mask, cache: KVCache):
     """Logits of ``input_ids`` appended at ``cache.index`` (prefill: the whole prompt; decode: one token)."""
     logits, cache = GPT2LMHeadModel(config).apply({"params": params}, input_ids, attention_mask, cache)
