@@ -15,7 +15,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from ppojax.models.gpt2 import GPT2Config, Params, forward_with_cache, init_cache
+from ppojax.models.gpt2 import GPT2Config, Params, init_cache, next_token_logits
 
 
 @flax.struct.dataclass
@@ -95,9 +95,9 @@ def sample(config: GPT2Config, params: Params, prompt_ids, prompt_mask, key, *, 
     step_fn = functools.partial(_sample_step, row_keys=row_keys, temperature=temperature, top_k=top_k, top_p=top_p)
 
     cache = init_cache(config, batch, prompt_len + n)
-    logits, cache = forward_with_cache(config, params, prompt_ids, prompt_mask, cache)
     # Left padding: the last column is every row's last real prompt token.
-    first, first_logp = step_fn(logits[:, -1], step=0)
+    logits, cache = next_token_logits(config, params, prompt_ids, prompt_mask, cache)
+    first, first_logp = step_fn(logits, step=0)
     is_eos = (first == eos_token_id) if eos_token_id is not None else jnp.zeros_like(first, bool)
     state = _DecodeState(
         step=jnp.ones((), jnp.int32),
@@ -115,8 +115,8 @@ def sample(config: GPT2Config, params: Params, prompt_ids, prompt_mask, key, *, 
     def body(s: _DecodeState):
         # Rows that are done feed a masked token: it is never attended to and its output is discarded.
         live = (~s.done).astype(jnp.int32)[:, None]
-        logits, cache = forward_with_cache(config, params, s.last_tokens[:, None], live, s.cache)
-        tok, logp = step_fn(logits[:, -1], step=s.step)
+        logits, cache = next_token_logits(config, params, s.last_tokens[:, None], live, s.cache)
+        tok, logp = step_fn(logits, step=s.step)
         tok = jnp.where(s.done, pad_token_id, tok)
         logp = jnp.where(s.done, 0.0, logp)
         write = lambda buf, col: jax.lax.dynamic_update_slice(buf, col[:, None].astype(buf.dtype), (0, s.step))

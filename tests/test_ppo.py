@@ -230,9 +230,10 @@ def test_single_update_matches_reference_implementation():
     def values_of(critic):
         return ppojax.value_forward(MODEL, critic, jnp.asarray(ids), jnp.asarray(mask_full))[:, P - 1:-1]
 
-    old_logp = np.asarray(logp_of(state.params["actor"]), np.float64) * resp_mask
-    ref_logp = np.asarray(logp_of(state.ref_params), np.float64) * resp_mask
-    old_v = np.asarray(values_of(state.params["critic"]), np.float64) * resp_mask
+    real = resp_mask > 0  # pad ids after EOS lie outside the vocabulary: their log-probs are garbage
+    old_logp = np.where(real, np.asarray(logp_of(state.params["actor"]), np.float64), 0.0)
+    ref_logp = np.where(real, np.asarray(logp_of(state.ref_params), np.float64), 0.0)
+    old_v = np.where(real, np.asarray(values_of(state.params["critic"]), np.float64), 0.0)
     kl = (old_logp - ref_logp) * resp_mask
     r = -0.1 * kl
     for b in range(8):
@@ -246,14 +247,14 @@ def test_single_update_matches_reference_implementation():
 
     def ref_loss(params):
         m = jnp.asarray(resp_mask, jnp.float32)
-        ratio = jnp.exp((logp_of(params["actor"]) - jnp.asarray(old_logp, jnp.float32)) * m)
+        ratio = jnp.exp(jnp.where(m > 0, logp_of(params["actor"]) - jnp.asarray(old_logp, jnp.float32), 0.0))
         a = jnp.asarray(adv, jnp.float32)
         pg = jnp.maximum(-a * ratio, -a * jnp.clip(ratio, 0.8, 1.2))
         v = values_of(params["critic"])
         ov, R = jnp.asarray(old_v, jnp.float32), jnp.asarray(ret, jnp.float32)
         vc = ov + jnp.clip(v - ov, -0.2, 0.2)
         vl = 0.5 * jnp.maximum((v - R) ** 2, (vc - R) ** 2)
-        return ((pg + 0.1 * vl) * m).sum() / n
+        return jnp.where(m > 0, pg + 0.1 * vl, 0.0).sum() / n
 
     grads = jax.grad(ref_loss)(state.params)
     tx = optax.adam(3e-3, eps=1e-5)

@@ -112,7 +112,7 @@ PRESETS = {
 class KVCache:
     """Keys and values of every block for incremental decoding.
 
-    ``key``/``value``: ``[n_layer, batch, max_len, n_head, head_dim]`` in the compute dtype.
+    ``key``/``value``: ``[n_layer, batch, n_head, max_len, head_dim]`` in the compute dtype.
     ``mask``: ``[batch, max_len]`` 1 where a slot holds a real token (written or about to be written).
     ``index``: int32 scalar, the slot the next call writes its first token to.
     """
@@ -125,7 +125,7 @@ class KVCache:
 
 def init_cache(config: GPT2Config, batch_size: int, max_len: int) -> KVCache:
     """An empty cache of ``max_len`` slots (prompt plus new tokens)."""
-    shape = (config.n_layer, batch_size, max_len, config.n_head, config.head_dim)
+    shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
     return KVCache(
         key=jnp.zeros(shape, config.compute_dtype),
         value=jnp.zeros(shape, config.compute_dtype),
@@ -159,14 +159,17 @@ def _dense(config: GPT2Config, features: int, name: str, std: float = 0.02) -> n
 class Block(nn.Module):
     """One pre-LN transformer block; ``nn.scan`` stacks ``n_layer`` of them.
 
-    Scanned call: ``(x, layer_kv) -> (x, new_layer_kv)`` with ``x [batch, time, width]``. ``layer_kv`` is None for a
-    cacheless forward, else ``(key, value)`` of this layer, ``[batch, max_len, n_head, head_dim]``.
+    Scanned call: ``((x, cache_kv), layer) -> ((x, cache_kv), None)`` with ``x [batch, time, width]``. ``cache_kv``
+    is None for a cacheless forward, else the WHOLE stacked ``(key, value)`` cache ``[n_layer, batch, n_head, max_len,
+    head_dim]``, carried through the layer loop and written in place at ``(layer, :, :, write_index)``: slicing it
+    per layer as a scanned input would copy every layer's cache in and out at every decode step.
     """
 
     config: GPT2Config
 
     @nn.compact
-    def __call__(self, x, layer_kv, attn_bias, write_index):
+    def __call__(self, carry, layer, attn_bias, write_index):
+        x, cache_kv = carry
         cfg = self.config
         batch, time, _ = x.shape
         dt = cfg.compute_dtype
@@ -176,25 +179,27 @@ class Block(nn.Module):
         h = _layer_norm(cfg, "ln_1")(x).astype(dt)
         qkv = _dense(cfg, 3 * cfg.n_embd, "c_attn")(h)  # [batch, time, 3 * width]
         q, k, v = jnp.split(qkv, 3, axis=-1)
-        q, k, v = (a.reshape(batch, time, cfg.n_head, cfg.head_dim) for a in (q, k, v))
-        if layer_kv is not None:
-            cache_k, cache_v = layer_kv
-            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, write_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, write_index, 0, 0))
-            new_kv = (k, v)
-        else:
-            new_kv = None
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        # [batch, n_head, time, head_dim]
+        q, k, v = (a.reshape(batch, time, cfg.n_head, cfg.head_dim).transpose(0, 2, 1, 3) for a in (q, k, v))
+        if cache_kv is not None:
+            cache_k, cache_v = cache_kv
+            start = (layer, 0, 0, write_index, 0)
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
+            k = jax.lax.dynamic_index_in_dim(cache_k, layer, keepdims=False)  # [batch, n_head, max_len, head_dim]
+            v = jax.lax.dynamic_index_in_dim(cache_v, layer, keepdims=False)
+            cache_kv = (cache_k, cache_v)
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
         scores = scores * (cfg.head_dim**-0.5) + attn_bias  # bias: 0 where allowed, -inf-ish where not
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        attn = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, time, cfg.n_embd)
+        attn = jnp.einsum("bhqk,bhkd->bqhd", probs, v).reshape(batch, time, cfg.n_embd)
         x = x + _dense(cfg, cfg.n_embd, "c_proj", proj_std)(attn).astype(x.dtype)
 
         h = _layer_norm(cfg, "ln_2")(x).astype(dt)
         h = _dense(cfg, cfg.mlp_width, "c_fc")(h)
         h = jax.nn.gelu(h, approximate=True)  # GPT-2's "gelu_new"
         x = x + _dense(cfg, cfg.n_embd, "c_proj_mlp", proj_std)(h).astype(x.dtype)
-        return x, new_kv
+        return (x, cache_kv), None
 
 
 def _attention_bias(query_slots, key_slots, key_valid):
@@ -224,7 +229,7 @@ class GPT2Trunk(nn.Module):
             positions = position_ids_from_mask(attention_mask)
             slots = jnp.arange(time)
             bias = _attention_bias(slots, slots, attention_mask)
-            xs, write_index, kv_mask = None, None, None
+            cache_kv, write_index, kv_mask = None, None, None
         else:
             kv_mask = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, cache.index))
             # Position of each new token = number of real tokens before it in the whole sequence.
@@ -232,7 +237,7 @@ class GPT2Trunk(nn.Module):
             positions = jax.lax.dynamic_slice_in_dim(positions, cache.index, time, axis=1)
             query_slots = cache.index + jnp.arange(time)
             bias = _attention_bias(query_slots, jnp.arange(kv_mask.shape[1]), kv_mask)
-            xs, write_index = (cache.key, cache.value), cache.index
+            cache_kv, write_index = (cache.key, cache.value), cache.index
 
         x = (wte(ids).astype(jnp.float32) + wpe(positions).astype(jnp.float32)).astype(cfg.compute_dtype)
         block = Block
@@ -245,7 +250,7 @@ class GPT2Trunk(nn.Module):
             in_axes=(0, nn.broadcast, nn.broadcast),
             length=cfg.n_layer,
         )(cfg, name="h")
-        x, new_kv = blocks(x, xs, bias, write_index)
+        (x, new_kv), _ = blocks((x, cache_kv), jnp.arange(cfg.n_layer), bias, write_index)
         x = _layer_norm(cfg, "ln_f")(x)
         new_cache = None
         if cache is not None:
@@ -331,6 +336,15 @@ def forward_with_cache(config: GPT2Config, params: Params, input_ids, attention_
     """Logits of ``input_ids`` appended at ``cache.index`` (prefill: the whole prompt; decode: one token)."""
     logits, cache = GPT2LMHeadModel(config).apply({"params": params}, input_ids, attention_mask, cache)
     return logits, cache
+
+
+def next_token_logits(config: GPT2Config, params: Params, input_ids, attention_mask, cache: KVCache):
+    """Logits ``[batch, vocab]`` after the last of ``input_ids`` (appended at ``cache.index``), and the new cache.
+
+    What a sampler needs: the prefill skips the vocabulary projection of every prompt position but the last.
+    """
+    hidden, cache = GPT2Trunk(config).apply({"params": params["transformer"]}, input_ids, attention_mask, cache)
+    return unembed(config, params, hidden[:, -1]), cache
 
 
 def value_forward(config: GPT2Config, params: Params, input_ids, attention_mask) -> jax.Array:
