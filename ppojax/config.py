@@ -156,6 +156,9 @@ class ExperimentConfig:
     """Logging."""
     export: bool = True
     """Export the final policy in Hugging Face format to `<run-dir>/export`."""
+    mesh: Optional[str] = None
+    """Device mesh, e.g. 'data=4,fsdp=2' (the --mesh flag wins); None: every device on the data axis. A run may
+    resume on another mesh: checkpoints restore into any sharding."""
 
     def __post_init__(self):
         if self.iterations < 1:

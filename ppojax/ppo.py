@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from ppojax import rewards as rewards_lib
+from ppojax.parallel import constrain_rows
 from ppojax.gae import gae, masked_mean, whiten
 from ppojax.kl import update_kl_state
 from ppojax.losses import LossInputs, explained_variance, kl_estimate
@@ -66,7 +67,7 @@ def _response_logprobs(model: GPT2Config, params, ids, mask, prompt_len: int, te
     hidden = forward_hidden(model, params, ids, mask)[:, prompt_len - 1:-1]  # [batch, resp, width]
     logits = unembed(model, params, hidden) / temperature  # [batch, resp, vocab]
     logp_all = jax.nn.log_softmax(logits, axis=-1)
-    tokens = ids[:, prompt_len:]
+    tokens = jnp.where(mask[:, prompt_len:] > 0, ids[:, prompt_len:], 0)  # pad ids may lie outside the vocabulary
     logp = jnp.take_along_axis(logp_all, tokens[..., None], axis=-1)[..., 0]
     entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
     return logp, entropy
@@ -138,6 +139,8 @@ def _rollout(state: TrainState, prompt_ids, prompt_mask, example_ids=None):
         logprobs=jnp.where(real, logp, 0.0), ref_logprobs=jnp.where(real, ref_logp, 0.0),
         values=jnp.where(real, values, 0.0), entropy=jnp.where(real, entropy, 0.0), found_stop=found,
     )
+    if setup.axis_name is None:
+        rollout = constrain_rows(rollout)  # under a (data, fsdp) mesh: rows stay split over the devices
     return state.replace(key=key), rollout
 
 
@@ -182,18 +185,26 @@ def _minibatch_update(state: TrainState, mb: Rollout, advantages, returns):
     if axis is not None:
         n_tokens = jax.lax.psum(n_tokens, axis)
     grad_fn = jax.value_and_grad(_loss, has_aux=True)
+    params = state.params
+    if axis is not None:
+        # Inside shard_map with check_vma=True, the gradient of a replicated (device-invariant) parameter comes out
+        # already summed over the axis; the psum below would then multiply it by the device count. Marking the
+        # params device-varying keeps each device's gradient local, so that psum is the one collective.
+        params = jax.lax.pcast(params, axis, to="varying")
     accum = setup.optimizer.grad_accum_steps
     if accum == 1:
-        (_, metrics), grads = grad_fn(state.params, state, mb, advantages, returns, n_tokens)
+        (_, metrics), grads = grad_fn(params, state, mb, advantages, returns, n_tokens)
     else:
         rows = mb.tokens.shape[0]
         if rows % accum:
             raise ValueError(f"optimizer.grad_accum_steps={accum} must divide the per-device minibatch of {rows}")
         split = lambda x: x.reshape(accum, rows // accum, *x.shape[1:])
         micro = jax.tree.map(split, (mb, advantages, returns))
+        if axis is None:
+            micro = constrain_rows(micro, leading=1)  # each micro-batch split over the devices, not one per device
 
         def body(acc, xs):
-            (_, m), g = grad_fn(state.params, state, *xs, n_tokens)
+            (_, m), g = grad_fn(params, state, *xs, n_tokens)
             if acc is None:
                 return (g, m), None
             acc_g, acc_m = acc
@@ -205,9 +216,11 @@ def _minibatch_update(state: TrainState, mb: Rollout, advantages, returns):
         rest = jax.tree.map(lambda x: x[1:], micro)
         init, _ = body(None, first)
         (grads, metrics), _ = jax.lax.scan(body, init, rest)
+    # Gradients become global here. shard_map (axis set): each device's loss is its share of the global mean (sum
+    # over local tokens / global count), so the global gradient is the SUM over devices: psum, not pmean.
+    # jit + NamedSharding (ppojax.parallel, axis None): the program is the global one; XLA inserts the all-reduce
+    # over `data` (reduce-scatter over `fsdp`) of the row-sharded loss's gradient to the parameters' sharding.
     if axis is not None:
-        # Each device's loss is its share of the global mean (sum over local tokens / global count), so the global
-        # gradient is the SUM over devices: psum, not pmean.
         grads = jax.lax.psum(grads, axis)
         metrics = {k: (jax.lax.pmax(v, axis) if k.endswith("_max") else jax.lax.psum(v, axis))
                    for k, v in metrics.items()}
@@ -242,20 +255,31 @@ def _update(state: TrainState, rollout: Rollout, scores: jax.Array):
     if cfg.whiten_advantages:
         advantages = whiten(advantages, mask, shift_mean=True, axis_name=axis)
 
-    # epochs x minibatches: nested scans, a fresh permutation per epoch (split from the state's key).
+    # epochs x minibatches: nested scans, a fresh permutation per epoch (split from the state's key). The
+    # permutation is of the GLOBAL batch, so the minibatches are the same whatever the device count.
     batch = rollout.tokens.shape[0]
+    n_dev = 1 if axis is None else jax.lax.axis_size(axis)
     n_mb = cfg.num_minibatches
-    if batch % n_mb:
-        raise ValueError(f"the per-device batch of {batch} does not split into {n_mb} minibatches")
-    mb_size = batch // n_mb
+    if (batch * n_dev) % n_mb or (batch * n_dev // n_mb) % n_dev:
+        raise ValueError(f"the batch of {batch * n_dev} does not split into {n_mb} minibatches over {n_dev} devices")
+    mb_size = batch * n_dev // n_mb  # global
     key, shuffle_key = jax.random.split(state.key)
     data = (rollout, advantages, returns)
+    if axis is not None:
+        # shard_map: gather the (small, next to the model) rollout once so that each device can take its slice of
+        # every global minibatch.
+        data = jax.tree.map(lambda x: jax.lax.all_gather(x, axis, tiled=True), data)
 
     def epoch(st, epoch_key):
-        perm = jax.random.permutation(epoch_key, batch).reshape(n_mb, mb_size)
+        perm = jax.random.permutation(epoch_key, batch * n_dev).reshape(n_mb, mb_size)
+        if axis is not None:  # this device's slice of each global minibatch
+            local = mb_size // n_dev
+            perm = jax.lax.dynamic_slice_in_dim(perm, jax.lax.axis_index(axis) * local, local, axis=1)
 
         def minibatch(s, idx):
             mb, adv, ret = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), data)
+            if axis is None:
+                mb, adv, ret = constrain_rows((mb, adv, ret))
             return _minibatch_update(s, mb, adv, ret)
 
         return jax.lax.scan(minibatch, st, perm)
