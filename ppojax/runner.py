@@ -51,6 +51,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--help-config", action="store_true", help="list every config field with its doc and exit")
     p.add_argument("--export-checkpoint", type=int, default=None, metavar="STEP",
                    help="export the policy of checkpoint STEP of --run-dir in Hugging Face format and exit")
+    par = p.add_argument_group("scale-out (docs/scaling.md)")
+    par.add_argument("--mesh", type=str, default=None, metavar="data=N,fsdp=M",
+                     help="device mesh (default $PPOJAX_MESH, else every device on the data axis)")
+    par.add_argument("--coordinator", type=str, default=None, metavar="HOST:PORT|auto",
+                     help="multi-process run: coordinator address, or 'auto' on a TPU pod (default "
+                          "$PPOJAX_COORDINATOR; unset: one process)")
+    par.add_argument("--num-processes", type=int, default=None, help="processes in the run ($PPOJAX_NUM_PROCESSES)")
+    par.add_argument("--process-id", type=int, default=None, help="this process's id ($PPOJAX_PROCESS_ID)")
+    par.add_argument("--distributed-timeout", type=int, default=None, metavar="S",
+                     help="seconds to wait for the coordinator and the other processes (default 300)")
     return p.parse_args(argv)
 
 
@@ -107,7 +117,8 @@ def prepare_run_dir(run_dir: Path, cfg, is_main: bool) -> bool:
         return False
     previous = configlib.load_yaml(saved)
     now = configlib.to_dict(cfg)
-    diff = [d for d in _config_diff(previous, now) if not d.startswith("iterations:")]
+    # The run length and the mesh may change on resume; nothing else may.
+    diff = [d for d in _config_diff(previous, now) if not d.startswith(("iterations:", "mesh:"))]
     if diff:
         raise RunError(
             f"run directory {run_dir} holds a run with a different config ({'; '.join(diff[:5])}); "
@@ -189,21 +200,10 @@ def _zero_scores(tokens, mask):
 
 def load_reward_model(path: Path):
     """A reward model directory: ``config.json`` + ``model.safetensors`` (trunk) + ``reward_head.json`` (head, gain,
-    bias), as written by ``experiments/train_reward.py``."""
-    import jax.numpy as jnp
+    bias), as written by ``experiments/train_reward.py`` (``ppojax.reward_training.save_reward_model``)."""
+    from ppojax.reward_training import load_reward_model as load
 
-    import ppojax
-    from ppojax import rewards
-
-    head_file = Path(path) / "reward_head.json"
-    if not head_file.exists():
-        raise ValueError(f"{path} is not a reward model directory (no reward_head.json)")
-    config, params = ppojax.load_pretrained(path)
-    head = json.loads(head_file.read_text())
-    rm_params = {"transformer": params["transformer"],
-                 "head": {"kernel": jnp.asarray(head["kernel"], jnp.float32).reshape(-1, 1),
-                          "bias": jnp.asarray(head["bias"], jnp.float32).reshape(1)}}
-    return rewards.reward_model(config, rm_params, gain=head.get("gain", 1.0), bias=head.get("bias_norm", 0.0))
+    return load(path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -248,6 +248,16 @@ def run(args: argparse.Namespace) -> int:
 
     import jax
 
+    from ppojax import distributed, parallel
+
+    # Multi-host start-up and the mesh come first: both fail fast, before anything compiles.
+    try:
+        distributed.initialize(distributed.DistributedConfig.from_env(
+            args.coordinator, args.num_processes, args.process_id, args.distributed_timeout))
+        mesh = parallel.make_mesh(args.mesh or parallel.env_mesh() or cfg.mesh)
+        parallel.check_batch(cfg.ppo, cfg.optimizer, mesh)
+    except (distributed.DistributedError, parallel.MeshError) as e:
+        raise RunError(str(e)) from None
     is_main = jax.process_index() == 0
     resuming = prepare_run_dir(run_dir, cfg, is_main)
 
@@ -281,6 +291,7 @@ def run(args: argparse.Namespace) -> int:
     state = create_train_state(model_config, actor_params, ppo=ppo_cfg, reward=reward,
                                key=jax.random.key(cfg.seed), optimizer=cfg.optimizer,
                                total_iterations=cfg.iterations)
+    state = parallel.shard_state(state, mesh)  # params over `fsdp`, replicated over `data`
     loader = PromptLoader(prompt_ids, prompt_mask, ppo_cfg.batch_size, cfg.seed, cfg.prompts.shuffle,
                           jax.process_index(), jax.process_count())
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep)
@@ -293,7 +304,7 @@ def run(args: argparse.Namespace) -> int:
     if is_main:
         configlib.save_yaml(run_dir / "config.yaml", cfg)
     if args.export_checkpoint is not None:
-        return _export_checkpoint(args.export_checkpoint, ckpt, state, run_dir, tokenizer)
+        return _export_checkpoint(args.export_checkpoint, ckpt, state, run_dir, tokenizer, is_main)
     if start >= cfg.iterations:
         print(f"[ppojax] {run_dir} already has {start} of {cfg.iterations} iterations; nothing to do",
               file=sys.stderr)
@@ -313,13 +324,14 @@ def run(args: argparse.Namespace) -> int:
         for it in range(start, cfg.iterations):
             t0 = time.time()
             ids_np, mask_np = loader.batch(it)
-            ids, mask = jax.numpy.asarray(ids_np), jax.numpy.asarray(mask_np)
+            ids, mask = parallel.shard_batch(mesh, ids_np, mask_np)  # this process's rows -> global arrays
             if host_reward is None:
-                state, metrics = ppo.ppo_iteration(state, ids, mask)
+                state, metrics = parallel.ppo_iteration(state, ids, mask, mesh)
             else:
-                state_after_rollout, batch = ppo.rollout(state, ids, mask)
-                scores = host_reward(jax.device_get(batch.tokens), jax.device_get(batch.mask))
-                state, metrics = ppo.update(state_after_rollout, batch, scores)
+                state_after_rollout, batch = parallel.rollout(state, ids, mask, mesh)
+                tokens_np, resp_mask_np = parallel.to_host((batch.tokens, batch.mask))
+                scores = host_reward(tokens_np, resp_mask_np)  # every process scores the global batch
+                state, metrics = parallel.update(state_after_rollout, batch, scores, mesh)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             metrics["time_s"] = time.time() - t0
             try:
@@ -333,7 +345,7 @@ def run(args: argparse.Namespace) -> int:
             logger.log_metrics(it + 1, metrics)
             done = it + 1
             if cfg.logging.samples_every and (done % cfg.logging.samples_every == 0 or done == 1):
-                logger.log_samples(done, _sample_rows(state, ids, mask, tokenizer, cfg, host_reward))
+                logger.log_samples(done, _sample_rows(state, ids, mask, tokenizer, cfg, host_reward, mesh))
             if done % cfg.checkpoint.every == 0 or done == cfg.iterations or stop.signal is not None:
                 ckpt.save(done, _arrays(state), {"iteration": done, "data_position": done * ppo_cfg.batch_size,
                                                  "time": time.time()})
@@ -346,23 +358,27 @@ def run(args: argparse.Namespace) -> int:
     finally:
         logger.close()
         ckpt.close()
-    if exit_code == 0 and stop.signal is None and cfg.export and is_main:
-        out = ppojax.save_pretrained(run_dir / "export", model_config, state.params["actor"])
-        tokenizer.save_pretrained(out)
-        print(f"[ppojax] exported the policy to {out}", file=sys.stderr, flush=True)
+    if exit_code == 0 and stop.signal is None and cfg.export:
+        actor = parallel.to_host(state.params["actor"])  # collective: every process gathers, process 0 writes
+        if is_main:
+            out = ppojax.save_pretrained(run_dir / "export", model_config, actor)
+            tokenizer.save_pretrained(out)
+            print(f"[ppojax] exported the policy to {out}", file=sys.stderr, flush=True)
     return exit_code
 
 
-def _sample_rows(state, ids, mask, tokenizer, cfg, host_reward):
-    """A fresh rollout of the current policy for the sample table (seeded from the state; the state is unchanged)."""
+def _sample_rows(state, ids, mask, tokenizer, cfg, host_reward, mesh):
+    """A fresh rollout of the current policy for the sample table (seeded from the state; the state is unchanged).
+    Collective in a multi-process run: every process calls it, the logger writes on process 0."""
     import jax
 
-    from ppojax import ppo
+    from ppojax import parallel, ppo
 
-    _, batch = ppo.rollout(state, ids, mask)
-    b = jax.device_get(batch)
+    _, batch = parallel.rollout(state, ids, mask, mesh)
+    b = parallel.to_host(batch)
     if host_reward is None:
-        scores = jax.device_get(jax.jit(ppo.compute_scores)(state, batch))
+        with jax.set_mesh(mesh):
+            scores = parallel.to_host(jax.jit(ppo.compute_scores)(state, batch))
     else:
         scores = host_reward(b.tokens, b.mask)
     return _decode_samples(tokenizer, b.prompt_ids, b.prompt_mask, b.tokens, b.mask, scores, cfg.logging.num_samples)
@@ -378,15 +394,18 @@ def _with_arrays(state, arrays):
     return state.replace(**arrays)
 
 
-def _export_checkpoint(step, ckpt, state, run_dir, tokenizer) -> int:
+def _export_checkpoint(step, ckpt, state, run_dir, tokenizer, is_main=True) -> int:
     import ppojax
+    from ppojax import parallel
 
     if step not in ckpt.all_steps():
         raise RunError(f"{run_dir / 'checkpoints'} has no checkpoint {step}; available: {ckpt.all_steps()}")
     _, restored, _ = ckpt.restore(_arrays(state), step=step)
-    out = ppojax.save_pretrained(run_dir / f"export-{step}", state.setup.model, restored["params"]["actor"])
-    tokenizer.save_pretrained(out)
-    print(f"[ppojax] exported checkpoint {step} to {out}", file=sys.stderr)
+    actor = parallel.to_host(restored["params"]["actor"])
+    if is_main:
+        out = ppojax.save_pretrained(run_dir / f"export-{step}", state.setup.model, actor)
+        tokenizer.save_pretrained(out)
+        print(f"[ppojax] exported checkpoint {step} to {out}", file=sys.stderr)
     ckpt.close()
     return 0
 
