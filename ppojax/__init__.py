@@ -5,7 +5,7 @@ The model (``GPT2Config``, ``forward``, ``generate``), Hugging Face weights in a
 ``ppojax.kl``, rewards in ``ppojax.rewards``) and the iteration (``create_train_state``, ``ppo_iteration``).
 """
 
-from ppojax import kl, losses, rewards
+from ppojax import distributed, kl, losses, parallel, preferences, reward_training, rewards
 from ppojax.checkpoint import CheckpointCorruptError, Checkpointer, CheckpointMismatchError
 from ppojax.gae import gae, masked_mean, whiten
 from ppojax.hub import CheckpointError, HubUnreachableError, load_pretrained, save_pretrained
@@ -61,6 +61,7 @@ __all__ = [
     "init_cache",
     "init_params",
     "init_value_params",
+    "distributed",
     "kl",
     "kl_estimate",
     "lexicon_reward",
@@ -69,6 +70,9 @@ __all__ = [
     "load_tokenizer",
     "losses",
     "masked_mean",
+    "parallel",
+    "preferences",
+    "reward_training",
     "ppo_iteration",
     "rewards",
     "rollout",

@@ -193,7 +193,7 @@ def lexicon_valence_table(
       tokenizer: a Hugging Face tokenizer (needs ``len()``, ``convert_ids_to_tokens`` and ``all_special_ids``).
       lexicon: word -> valence in [-4, 4]; default :func:`vader_lexicon`.
       vocab_size: length of the table (the model's vocabulary); default ``len(tokenizer)``. It may be smaller than
-        the tokenizer only by special tokens added past the model's vocabulary (ppojax's ``<|pad|>``).
+        the tokenizer only by the pad token added past the model's vocabulary (ppojax's ``<|pad|>``).
     """
     if lexicon is None:
         lexicon = vader_lexicon()
@@ -201,12 +201,12 @@ def lexicon_valence_table(
     if vocab_size is None:
         vocab_size = n_tokens
     if vocab_size < n_tokens:
-        special = set(getattr(tokenizer, "all_special_ids", ()))
-        beyond = [i for i in range(vocab_size, n_tokens) if i not in special]
+        # Only ppojax's pad token may lie past the model's vocabulary: the model never has to produce it.
+        beyond = [i for i in range(vocab_size, n_tokens) if i != getattr(tokenizer, "pad_token_id", None)]
         if beyond:
             raise ValueError(
                 f"vocab_size={vocab_size} is smaller than the tokenizer's {n_tokens} tokens, and ids {beyond[:5]} are "
-                "ordinary tokens the model cannot produce; use a model whose vocabulary covers the tokenizer"
+                "tokens the model cannot produce; use a model whose vocabulary covers the tokenizer"
             )
         n_tokens = vocab_size
     table = np.zeros((vocab_size,), np.float32)

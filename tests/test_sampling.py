@@ -168,3 +168,14 @@ def test_right_padded_or_mismatched_prompts_are_refused(tiny, left_padded_batch)
         ppojax.generate(config, params, ids, mask[:, ::-1], jax.random.key(0), max_new_tokens=2)
     with pytest.raises(ValueError, match="prompt_mask shape"):
         ppojax.generate(config, params, ids, mask[:, 1:], jax.random.key(0), max_new_tokens=2)
+
+
+@pytest.mark.parametrize("k", [1, 7, 50, 999])
+def test_top_k_threshold_is_the_exact_kth_value_with_ties(k):
+    from ppojax.sampling import _kth_largest
+
+    x = np.round(np.random.RandomState(k).randn(4, 1000) * 4)  # many ties
+    kth = np.sort(x, axis=-1)[:, ::-1][:, k - 1:k]
+    np.testing.assert_array_equal(np.asarray(_kth_largest(jnp.asarray(x), k)), kth)
+    kept = np.asarray(ppojax.filter_logits(jnp.asarray(x, jnp.float32), top_k=k)) > np.finfo(np.float32).min
+    np.testing.assert_array_equal(kept, x >= kth)
