@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import time
 import platform
 import sys
 from importlib import metadata
@@ -82,6 +83,37 @@ def load_sample() -> dict:
         "cores": cores,
         "busy": one > BUSY_LOAD_FRACTION * cores,
     }
+
+
+def _system_busy_seconds() -> float:
+    """CPU seconds all processes have spent busy since boot (/proc/stat: everything but idle and iowait)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class OtherLoad:
+    """How many cores OTHER processes kept busy while a benchmark ran: total busy CPU time minus this process's.
+
+    The load average after a run counts the benchmark itself (a 2-core benchmark on 2 cores ends near 2), so it
+    cannot tell a quiet machine from a shared one; this can.
+    """
+
+    def __init__(self):
+        self.t0, self.sys0, self.own0 = time.time(), _system_busy_seconds(), _own_cpu_seconds()
+
+    def cores(self) -> float:
+        wall = max(time.time() - self.t0, 1e-9)
+        other = (_system_busy_seconds() - self.sys0) - (_own_cpu_seconds() - self.own0)
+        return round(max(other, 0.0) / wall, 3)
 
 
 def warn_if_busy(sample: dict, *, stream=sys.stderr) -> None:

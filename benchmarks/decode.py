@@ -93,6 +93,7 @@ def main(argv=None) -> dict | None:
     started = _env.now_utc()
     load_before = _env.load_sample()
     _env.warn_if_busy(load_before)
+    others = _env.OtherLoad()
 
     if args.single_thread:  # read by XLA when jax initialises its backend, so set before the import
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
@@ -145,6 +146,7 @@ def main(argv=None) -> dict | None:
             times["torch", k].append(time_call(lambda: run_torch(k)))
     med = {key: statistics.median(v) for key, v in times.items()}
     load_after = _env.load_sample()
+    others_cores = others.cores()
 
     def side(name, extra):
         total, prefill = med[name, n], med[name, 1]
@@ -188,7 +190,10 @@ def main(argv=None) -> dict | None:
         "versions": _env.versions(),
         "load_before": load_before,
         "load_after": load_after,
-        "trustworthy": not (load_before["busy"] or load_after["busy"]),
+        "other_processes_cores": others_cores,
+        # The load average lags (it still counts a run that just ended) and, after the run, includes the benchmark
+        # itself; the CPU time other processes used DURING the run is the direct measure of a shared machine.
+        "trustworthy": others_cores < 0.25,
     }
     print_summary(result)
     if args.out is not None:
@@ -201,7 +206,8 @@ def print_summary(r: dict) -> None:
     print(f"decode: GPT-2 {m['n_layer']}L/{m['n_embd']}d/vocab {m['vocab_size']}, batch {r['batch']}, "
           f"prompt {r['prompt_len']}, {r['new_tokens']} new tokens, median of {r['reps']}")
     print(f"machine: {r['machine']['cpu_model']}, {r['machine']['cores']} cores; "
-          f"load {r['load_before']['load_1min']} before, {r['load_after']['load_1min']} after")
+          f"load {r['load_before']['load_1min']} before, {r['load_after']['load_1min']} after (itself included); "
+          f"other processes kept {r.get('other_processes_cores', 'n/a')} cores busy during the run")
     print(f"{'':8}{'tok/s':>9}{'median s':>10}{'min s':>8}{'ms/step':>9}{'prefill ms':>12}{'decode ms/step':>16}"
           f"{'first call s':>14}")
     for name in ("ppojax", "torch"):
@@ -211,7 +217,7 @@ def print_summary(r: dict) -> None:
     print(f"ppojax / torch tokens/s: {r['ratio_tokens_per_s_ppojax_over_torch']:.2f}; "
           f"ppojax compile ~{r['ppojax']['compile_s']:.2f} s; torch threads {r['torch']['num_threads']}")
     if not r["trustworthy"]:
-        print("WARNING: the machine was busy (see load_before/load_after); rerun on a quiet machine.")
+        print("WARNING: the machine was busy (load before, or other processes during the run); rerun when quiet.")
 
 
 def markdown_table(r: dict) -> str:
