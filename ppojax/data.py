@@ -18,17 +18,22 @@ class PromptError(ValueError):
     """A prompt source that cannot be used; the message names the file, the line and the fix."""
 
 
+def read_text_file(path: Path, what: str, expected: str, error: type = ValueError) -> str:
+    """The UTF-8 text of a data file, or one ``error`` naming ``what`` it is and what is wrong with it."""
+    if not path.exists():
+        raise error(f"{what} {path} does not exist")
+    if path.is_dir():
+        raise error(f"{what} {path} is a directory; expected {expected}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{what} {path} is not UTF-8 text ({e.reason})") from None
+
+
 def read_prompts(path: str | Path, field: str = "prompt") -> List[str]:
     """Prompts from a text file (one per line, blank lines skipped) or a JSONL file (``field`` of each object)."""
     path = Path(path)
-    if not path.exists():
-        raise PromptError(f"prompt file {path} does not exist")
-    if path.is_dir():
-        raise PromptError(f"prompt file {path} is a directory; expected a .txt or .jsonl file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise PromptError(f"prompt file {path} is not UTF-8 text ({e})") from None
+    text = read_text_file(path, "prompt file", "a .txt or .jsonl file", PromptError)
     prompts: List[str] = []
     if path.suffix == ".jsonl":
         for n, line in enumerate(text.splitlines(), 1):

@@ -48,6 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ppojax.data import read_text_file
+
 __all__ = [
     "Comparison",
     "PreferenceBatch",
@@ -143,14 +145,7 @@ def read_preferences(path: str | os.PathLike, *, require_choice: bool = True) ->
       require_choice: refuse rows whose ``choice`` is null (training needs labels; labeling does not).
     """
     path = Path(path)
-    if not path.exists():
-        raise PreferenceError(f"preference file {path} does not exist")
-    if path.is_dir():
-        raise PreferenceError(f"preference file {path} is a directory; expected a .jsonl file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise PreferenceError(f"preference file {path} is not UTF-8 text ({e.reason})") from None
+    text = read_text_file(path, "preference file", "a .jsonl file", PreferenceError)
     rows: list[Comparison] = []
     k_expected, first_line = None, None
     for n, line in enumerate(text.splitlines(), 1):
