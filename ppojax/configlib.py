@@ -359,7 +359,10 @@ def _build(cls: type[T], data: Any, path: str, base: Any) -> T:
     try:
         return cls(**kwargs)
     except ValueError as e:  # A __post_init__ check: say which part of the config it is about.
-        raise ConfigError(f"{path or cls.__name__}: {e}") from e
+        message = str(e)
+        if path and message.startswith(f"{path}."):  # the check already names its field by the full path
+            raise ConfigError(message) from e
+        raise ConfigError(f"{path or cls.__name__}: {message}") from e
 
 
 def _convert(tp: Any, value: Any, path: str, base: Any = None) -> Any:
