@@ -270,25 +270,31 @@ def _update(state: TrainState, rollout: Rollout, scores: jax.Array):
         # every global minibatch.
         data = jax.tree.map(lambda x: jax.lax.all_gather(x, axis, tiled=True), data)
 
-    def epoch(st, epoch_key):
+    # The scans carry only what the updates change (params, optimizer state): the reference and reward-model params
+    # are read-only inputs, not loop state that XLA would have to copy through every step.
+    def epoch(carry, epoch_key):
         perm = jax.random.permutation(epoch_key, batch * n_dev).reshape(n_mb, mb_size)
         if axis is not None:  # this device's slice of each global minibatch
             local = mb_size // n_dev
             perm = jax.lax.dynamic_slice_in_dim(perm, jax.lax.axis_index(axis) * local, local, axis=1)
 
-        def minibatch(s, idx):
+        def minibatch(c, idx):
             mb, adv, ret = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), data)
             if axis is None:
                 mb, adv, ret = constrain_rows((mb, adv, ret))
-            return _minibatch_update(s, mb, adv, ret)
+            s, metrics = _minibatch_update(state.replace(params=c[0], opt_state=c[1]), mb, adv, ret)
+            return (s.params, s.opt_state), metrics
 
-        return jax.lax.scan(minibatch, st, perm)
+        return jax.lax.scan(minibatch, carry, perm)
 
     state = state.replace(key=key)
-    new_state, stats = jax.lax.scan(epoch, state, jax.random.split(shuffle_key, cfg.ppo_epochs))  # [epochs, n_mb]
+    (params, opt_state), stats = jax.lax.scan(epoch, (state.params, state.opt_state),
+                                              jax.random.split(shuffle_key, cfg.ppo_epochs))  # stats: [epochs, n_mb]
     # A non-finite score poisons every update: keep the old params so the last good state stays usable.
     ok = n_nonfinite == 0
-    new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+    keep = lambda new, old: jnp.where(ok, new, old)
+    new_state = state.replace(params=jax.tree.map(keep, params, state.params),
+                              opt_state=jax.tree.map(keep, opt_state, state.opt_state))
 
     # KL controller on the mean KL per response (nats, summed over tokens), n_steps = episodes in the batch.
     kl_per_seq = kl.sum(-1)
