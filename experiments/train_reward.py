@@ -120,7 +120,6 @@ def _calibration(args, rm, train, config, params, tokenizer):
 def run(args: argparse.Namespace) -> dict:
     _check_args(args)
     import jax
-    import numpy as np
 
     from ppojax import preferences, reward_training
     from ppojax.checkpoint import Checkpointer, check_writable

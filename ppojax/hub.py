@@ -30,14 +30,13 @@ import tempfile
 import urllib.parse
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import numpy as np
 
 from ppojax.models.gpt2 import GPT2Config
 
 HUB_GPT2_IDS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 # (HF name inside a block, ppojax name, leaf) for the per-layer tensors.
 _BLOCK_KEYS = (

@@ -18,8 +18,7 @@ results do not depend on the number of devices.
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Dict, Optional
+from typing import Dict, Optional
 
 import chex
 import flax.struct
@@ -31,7 +30,7 @@ from ppojax import rewards as rewards_lib
 from ppojax.parallel import constrain_rows
 from ppojax.gae import gae, masked_mean, whiten
 from ppojax.kl import update_kl_state
-from ppojax.losses import LossInputs, explained_variance, kl_estimate
+from ppojax.losses import LossInputs, explained_variance
 from ppojax.models.gpt2 import GPT2Config, forward_hidden, unembed, value_forward
 from ppojax.sampling import sample
 from ppojax.state import PPOSetup, TrainState
@@ -360,6 +359,10 @@ def ppo_iteration(state: TrainState, prompt_ids, prompt_mask):
     per-device share inside ``shard_map``). Metrics are scalar arrays; pull them once per iteration.
     """
     return _ppo_iteration_jit(state, prompt_ids, prompt_mask)
+
+
+score_rollout = jax.jit(compute_scores)
+"""``compute_scores`` jitted: the scores of a rollout under the state's jittable reward."""
 
 
 def rollout(state: TrainState, prompt_ids, prompt_mask):

@@ -15,14 +15,11 @@ compiles, so a bad input costs a second and one error line.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import os
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "offline.yaml"
@@ -276,7 +273,7 @@ def run(args: argparse.Namespace) -> int:
             f"prompts.max_prompt_tokens={cfg.prompts.max_prompt_tokens} + ppo.response_length="
             f"{cfg.ppo.response_length} = {total} exceeds the model's context of {model_config.n_positions} tokens"
         )
-    if prompt_ids.max() >= model_config.vocab_size and (prompt_mask * (prompt_ids >= model_config.vocab_size)).any():
+    if ((prompt_mask > 0) & (prompt_ids >= model_config.vocab_size)).any():
         raise RunError(f"tokenizer {cfg.tokenizer!r} produces ids beyond the model's vocabulary of "
                        f"{model_config.vocab_size}")
     reward, host_reward = build_reward(cfg, tokenizer, model_config, config_dir)
@@ -378,7 +375,7 @@ def _sample_rows(state, ids, mask, tokenizer, cfg, host_reward, mesh):
     b = parallel.to_host(batch)
     if host_reward is None:
         with jax.set_mesh(mesh):
-            scores = parallel.to_host(jax.jit(ppo.compute_scores)(state, batch))
+            scores = parallel.to_host(ppo.score_rollout(state, batch))  # compiled once, not per table
     else:
         scores = host_reward(b.tokens, b.mask)
     return _decode_samples(tokenizer, b.prompt_ids, b.prompt_mask, b.tokens, b.mask, scores, cfg.logging.num_samples)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 from typing import Optional
 
-import chex
 import flax.struct
 import jax
 import jax.numpy as jnp

@@ -51,7 +51,7 @@ def test_pad_id_outside_vocabulary_is_harmless(tiny_hf_dir, left_padded_batch):
 def test_cached_decoding_equals_full_forward_at_every_step(tiny_hf_dir, left_padded_batch):
     ids, mask = left_padded_batch
     config, params = ppojax.load_pretrained(tiny_hf_dir)
-    prompt_len, extra = 5, 4
+    prompt_len = 5
     full_ids, full_mask = jnp.asarray(ids), jnp.asarray(mask)
     full = np.asarray(ppojax.forward(config, params, full_ids, full_mask))
     cache = ppojax.init_cache(config, 3, ids.shape[1])

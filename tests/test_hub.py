@@ -14,7 +14,6 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 import ppojax
-from ppojax import hub
 
 
 def _logits(model, ids, mask):

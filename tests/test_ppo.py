@@ -1,7 +1,5 @@
 """The PPO iteration end to end on tiny random models, against references written here."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
