@@ -3,6 +3,7 @@
 The loop stops early once every row has emitted EOS. Randomness is per example: the key of row ``b`` at step ``i``
 is ``fold_in(fold_in(key, example_id[b]), i)``, so a row's sample does not depend on which other rows share its
 batch or device (``example_ids`` default to ``arange(batch)``; a data-parallel shard passes global indices).
+Each step draws one uniform per row and inverts the CDF of the filtered softmax (``categorical_inverse_cdf``).
 """
 
 from __future__ import annotations
@@ -76,20 +77,111 @@ def _kth_largest(x: jax.Array, k: int, iterations: int = 48) -> jax.Array:
     return jnp.min(jnp.where(x >= lo, x, jnp.inf), axis=-1, keepdims=True)
 
 
+_CDF_BLOCK = 256  # vocabulary block of the two-level inverse CDF: 50,257 -> 197 block sums, then one 256-wide block
+
+
+def categorical_inverse_cdf(key_per_row: jax.Array, logits: jax.Array, *, block: int = _CDF_BLOCK) -> jax.Array:
+    """One draw per row from ``softmax(logits)`` by inverse-CDF sampling: ONE uniform per row.
+
+    ``key_per_row [batch]`` keys, ``logits [batch, vocab]`` -> tokens ``[batch]`` int32. Row ``b`` uses only
+    ``key_per_row[b]`` and ``logits[b]``, so its token does not depend on the other rows. ``jax.random.categorical``
+    (Gumbel-max) needs ``vocab`` uniforms per row instead, which dominates a CPU decode step at GPT-2's 50,257.
+
+    With ``u_b = uniform(key_per_row[b])`` in ``[0, 1)`` the token is ``_inverse_cdf(u, logits)``; see there for the
+    formula. Entries at ``-inf`` or ``finfo.min`` (what ``filter_logits`` writes) have probability 0 and are never
+    returned, whatever the rounding.
+    """
+    return _inverse_cdf(_row_uniforms(key_per_row), logits, block=block)
+
+
+def _row_uniforms(key_per_row):
+    """One float32 uniform in ``[0, 1)`` per key: ``[batch]``."""
+    return jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(key_per_row)
+
+
+def _inverse_cdf(u: jax.Array, logits: jax.Array, *, block: int = _CDF_BLOCK) -> jax.Array:
+    """The token ``[batch]`` int32 at quantile ``u [batch]`` (in ``[0, 1)``) of ``softmax(logits [batch, vocab])``.
+
+    Two levels, so no cumulative sum runs over the whole vocabulary. Per row, with ``B = block``:
+
+        e_v = exp(z_v - max z)                         (0 for z_v = -inf / finfo.min, and on the padding of the
+                                                        vocabulary up to a multiple of B)
+        S_j = sum_{v in block j} e_v,   C_j = S_0 + ... + S_j,   t = u * C_last
+        j*  = min{ j : C_j > t and S_j > 0 }           (none: the last j with S_j > 0)
+        r   = t - (C_j* - S_j*),   c_i = e_{j*B} + ... + e_{j*B+i}
+        i*  = min{ i : c_i > r and e_{j*B+i} > 0 }     (none: the last i with e_{j*B+i} > 0)
+        token = j* B + i*
+
+    In exact arithmetic ``C`` is nondecreasing and ``j*`` is the number of blocks with ``C_j <= t``, so
+    ``P(token = v) = e_v / sum e = softmax(z)_v``; the ``S_j > 0`` / ``e > 0`` conditions and the fallbacks change
+    nothing there but guarantee that a zero-probability token is never returned under float rounding (``u * C``
+    rounding up to ``C``, a block sum disagreeing with its within-block cumsum, ...). A row with no finite logit
+    returns 0.
+    """
+    tokens, _, _ = _inverse_cdf_with_mass(u, logits, block=block)
+    return tokens
+
+
+def _inverse_cdf_with_mass(u, logits, *, block=_CDF_BLOCK):
+    """``_inverse_cdf`` plus the row max ``m [batch]`` and total ``sum_v exp(z_v - m) [batch]`` it computed."""
+    logits = logits.astype(jnp.float32)
+    batch, vocab = logits.shape
+    n_blocks = -(-vocab // block)
+    m = jnp.max(logits, axis=-1)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    # Pad the logits (not e) with -inf: exp(-inf - m) = 0. The padded copy costs one pass; summing a ragged tail
+    # block separately instead measured no faster on CPU.
+    padded = jnp.pad(logits, ((0, 0), (0, n_blocks * block - vocab)), constant_values=-jnp.inf)
+    blocks = padded.reshape(batch, n_blocks, block)
+    block_sums = jnp.sum(jnp.exp(blocks - m[:, None, None]), axis=-1)  # S [batch, n_blocks]
+    cum = jnp.cumsum(block_sums, axis=-1)  # C
+    total = cum[:, -1]
+    target = u.astype(jnp.float32) * total  # t
+
+    j = _first_above_or_last_positive(cum, target, block_sums)
+    chosen = jnp.take_along_axis(blocks, j[:, None, None], axis=1)[:, 0]  # [batch, block] logits
+    e = jnp.exp(chosen - m[:, None])
+    before = jnp.take_along_axis(cum - block_sums, j[:, None], axis=-1)[:, 0]  # C_j* - S_j*
+    i = _first_above_or_last_positive(jnp.cumsum(e, axis=-1), target - before, e)
+    return (j * block + i).astype(jnp.int32), m, total
+
+
+def _first_above_or_last_positive(cum, target, weights):
+    """Per row, ``min{ i : cum_i > target and weights_i > 0 }``, else the last ``i`` with ``weights_i > 0`` (else 0)."""
+    hit = (cum > target[:, None]) & (weights > 0)
+    idx = jnp.arange(weights.shape[-1], dtype=jnp.int32)
+    last_positive = jnp.max(jnp.where(weights > 0, idx, 0), axis=-1)
+    return jnp.where(jnp.any(hit, axis=-1), jnp.argmax(hit, axis=-1).astype(jnp.int32), last_positive)
+
+
+def _logprob_at(z, tokens, max_z=None, total=None):
+    """``log_softmax(z)[tokens] = z[tokens] - logsumexp(z)``, without materialising another ``[batch, vocab]`` array.
+
+    ``max_z`` and ``total = sum exp(z - max_z)`` can be passed in when already computed.
+    """
+    if total is None:
+        max_z = jax.lax.stop_gradient(jnp.max(z, axis=-1))
+        total = jnp.sum(jnp.exp(z - max_z[:, None]), axis=-1)
+    chosen = jnp.take_along_axis(z, tokens[:, None], axis=-1)[:, 0]
+    return chosen - max_z - jnp.log(total)
+
+
 def _sample_step(logits, row_keys, step, *, temperature, top_k, top_p):
     """Next token ``[batch]`` and its log-prob under the tempered, unfiltered distribution."""
     logits = logits.astype(jnp.float32)
     if temperature == 0.0:
-        tokens = jnp.argmax(logits, axis=-1)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-    else:
-        scaled = logits / temperature
-        filtered = filter_logits(scaled, top_k=top_k, top_p=top_p)
-        step_keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
-        tokens = jax.vmap(jax.random.categorical)(step_keys, filtered)
-        logp = jax.nn.log_softmax(scaled, axis=-1)
-    tokens = tokens.astype(jnp.int32)
-    return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return tokens, _logprob_at(logits, tokens)
+    scaled = logits / temperature
+    step_keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
+    u = _row_uniforms(step_keys)
+    unfiltered = (not top_k or top_k >= logits.shape[-1]) and top_p >= 1.0
+    if unfiltered:
+        # The sampler's max and exp-sum over the (unfiltered) tempered logits are logsumexp's: share them.
+        tokens, max_z, total = _inverse_cdf_with_mass(u, scaled)
+        return tokens, _logprob_at(scaled, tokens, max_z, total)
+    tokens = _inverse_cdf(u, filter_logits(scaled, top_k=top_k, top_p=top_p))
+    return tokens, _logprob_at(scaled, tokens)
 
 
 @flax.struct.dataclass

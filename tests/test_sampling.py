@@ -26,14 +26,17 @@ def test_greedy_matches_transformers_generate(tiny, tiny_hf_model, left_padded_b
     np.testing.assert_array_equal(np.asarray(out.mask), 1)
 
 
-def test_logprobs_are_tempered_logprobs_of_the_full_forward(tiny, left_padded_batch):
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 0, 1.0), (0.7, 4, 1.0), (1.3, 0, 0.5), (0.0, 0, 1.0)])
+def test_logprobs_are_tempered_logprobs_of_the_full_forward(tiny, left_padded_batch, temperature, top_k, top_p):
+    # The unfiltered tempered log-softmax (plain logits at temperature 0), whatever the filters sampled from.
     config, params = tiny
     ids, mask = left_padded_batch
-    out = ppojax.generate(config, params, ids, mask, jax.random.key(3), max_new_tokens=6, temperature=0.7)
+    out = ppojax.generate(config, params, ids, mask, jax.random.key(3), max_new_tokens=6, temperature=temperature,
+                          top_k=top_k, top_p=top_p)
     full_ids = np.concatenate([ids, np.asarray(out.tokens)], 1)
     full_mask = np.concatenate([mask, np.asarray(out.mask)], 1)
     logits = np.asarray(ppojax.forward(config, params, jnp.asarray(full_ids), jnp.asarray(full_mask)), np.float64)
-    logits = logits[:, ids.shape[1] - 1:-1] / 0.7
+    logits = logits[:, ids.shape[1] - 1:-1] / (temperature or 1.0)
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
     expected = np.take_along_axis(logp, np.asarray(out.tokens)[..., None], -1)[..., 0]
     np.testing.assert_allclose(np.asarray(out.logprobs), expected, atol=1e-4)
