@@ -10,6 +10,7 @@ from ppojax.checkpoint import CheckpointCorruptError, Checkpointer, CheckpointMi
 from ppojax.gae import gae, masked_mean, whiten
 from ppojax.hub import CheckpointError, HubUnreachableError, load_pretrained, save_pretrained
 from ppojax.kl import KLControlConfig, KLState
+from ppojax.logprobs import TokenLogProbs, token_logprobs
 from ppojax.losses import LossInputs, LossTerm, combine, kl_estimate
 from ppojax.models.gpt2 import (
     GPT2Config,
@@ -49,6 +50,7 @@ __all__ = [
     "RewardModel",
     "Rollout",
     "SampleOutput",
+    "TokenLogProbs",
     "TrainState",
     "check_metrics",
     "combine",
@@ -77,6 +79,7 @@ __all__ = [
     "rewards",
     "rollout",
     "save_pretrained",
+    "token_logprobs",
     "update",
     "value_forward",
     "whiten",

@@ -162,6 +162,12 @@ class PPOConfig:
     """Subtract this from the score of responses with no EOS (TRL's missing_eos_penalty)."""
     rollout_chunk_size: Optional[int] = None
     """Rows per forward when recomputing rollout log-probs/values; None means minibatch_size."""
+    vocab_chunk_size: int = 4096
+    """Token log-probs and entropies walk the vocabulary in chunks of this many rows (``ppojax.token_logprobs``):
+    no ``[tokens, vocab]`` log-softmax passes over memory. >= the vocabulary size means one chunk."""
+    recompute_logits: bool = False
+    """Update only: recompute each vocabulary chunk's logits in the backward pass (one more vocabulary matmul) instead
+    of keeping them from the forward pass (``[minibatch x response, vocab]`` f32). Set it when memory is short."""
     kl: KLControlConfig = dataclasses.field(default_factory=KLControlConfig)
     """KL coefficient control."""
     extra_loss_terms: tuple[ExtraLossTerm, ...] = ()
@@ -204,6 +210,9 @@ class PPOConfig:
             raise ValueError(f"ppo.top_k must be an int >= 0, got {self.top_k!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"ppo.top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.vocab_chunk_size, int) or isinstance(self.vocab_chunk_size, bool) \
+                or self.vocab_chunk_size < 1:
+            raise ValueError(f"ppo.vocab_chunk_size must be a positive int, got {self.vocab_chunk_size!r}")
         if self.kl_estimator not in ("k1", "k2", "k3"):
             raise ValueError(f"ppo.kl_estimator must be 'k1', 'k2' or 'k3', got {self.kl_estimator!r}")
         if self.truncate_after < 0 or self.truncate_after >= self.response_length:
