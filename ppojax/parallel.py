@@ -217,32 +217,32 @@ def constrain_rows(tree, leading: int = 0):
 _JITS: dict = {}
 
 
-def _jitted(kind: str, state, mesh: jax.sharding.Mesh):
+def _jitted(kind: str, state, mesh: jax.sharding.Mesh, donate: bool = False):
     from ppojax import ppo
 
-    key = (kind, state.setup, mesh)
+    key = (kind, state.setup, mesh, donate)
     fn = _JITS.get(key)
     if fn is None:
         shardings = state_shardings(state, mesh)
         replicated = NamedSharding(mesh, P())
         rows = batch_sharding(mesh)
         # Inputs arrive laid out (shard_state / shard_batch); the outputs keep the state's layout, so the next
-        # iteration reuses this executable.
-        if kind == "iteration":
-            fn = jax.jit(ppo._iteration, out_shardings=(shardings, replicated))
-        elif kind == "rollout":
-            fn = jax.jit(ppo._rollout, out_shardings=(shardings, rows))
-        else:
-            fn = jax.jit(ppo._update, out_shardings=(shardings, replicated))
+        # iteration reuses this executable. Only the fields a phase changes leave the jit (ppo.jit_state_fn).
+        fn_, changes, out = {"iteration": (ppo._iteration, ppo.UPDATE_CHANGES, replicated),
+                             "rollout": (ppo._rollout, ppo.ROLLOUT_CHANGES, rows),
+                             "update": (ppo._update, ppo.UPDATE_CHANGES, replicated)}[kind]
+        changed = {k: getattr(shardings, k) for k in changes}
+        fn = ppo.jit_state_fn(fn_, changes, donate=donate, out_shardings=(changed, out))
         _JITS[key] = fn
     return fn
 
 
-def ppo_iteration(state, prompt_ids, prompt_mask, mesh: jax.sharding.Mesh):
+def ppo_iteration(state, prompt_ids, prompt_mask, mesh: jax.sharding.Mesh, *, donate: bool = False):
     """``ppojax.ppo.ppo_iteration`` over ``mesh``: the state keeps its ``state_shardings`` layout, prompts are row
-    sharded (``shard_batch``), metrics come back replicated (readable on every process)."""
+    sharded (``shard_batch``), metrics come back replicated (readable on every process). ``donate`` as in
+    ``ppojax.ppo.ppo_iteration``."""
     with jax.set_mesh(mesh):
-        return _jitted("iteration", state, mesh)(state, prompt_ids, prompt_mask)
+        return _jitted("iteration", state, mesh, donate)(state, prompt_ids, prompt_mask)
 
 
 def rollout(state, prompt_ids, prompt_mask, mesh: jax.sharding.Mesh):
@@ -251,13 +251,13 @@ def rollout(state, prompt_ids, prompt_mask, mesh: jax.sharding.Mesh):
         return _jitted("rollout", state, mesh)(state, prompt_ids, prompt_mask)
 
 
-def update(state, rollout_batch, scores, mesh: jax.sharding.Mesh):
+def update(state, rollout_batch, scores, mesh: jax.sharding.Mesh, *, donate: bool = False):
     """``ppojax.ppo.update`` over ``mesh``; ``scores`` is a host array of the global batch (same on every process)
-    or a row-sharded array."""
+    or a row-sharded array. ``donate`` as in ``ppojax.ppo.ppo_iteration``."""
     if not isinstance(scores, jax.Array):
         scores = replicate(mesh, np.asarray(scores, np.float32))
     with jax.set_mesh(mesh):
-        return _jitted("update", state, mesh)(state, rollout_batch, scores)
+        return _jitted("update", state, mesh, donate)(state, rollout_batch, scores)
 
 
 def shard_map_iteration(state, prompt_ids, prompt_mask, mesh: jax.sharding.Mesh, check_vma: bool = False):

@@ -31,7 +31,8 @@ from ppojax.parallel import constrain_rows
 from ppojax.gae import gae, masked_mean, whiten
 from ppojax.kl import update_kl_state
 from ppojax.losses import LossInputs, explained_variance
-from ppojax.models.gpt2 import GPT2Config, forward_hidden, unembed, value_forward
+from ppojax.logprobs import token_logprobs
+from ppojax.models.gpt2 import GPT2Config, forward_hidden, value_forward
 from ppojax.sampling import sample
 from ppojax.state import PPOSetup, TrainState
 
@@ -57,19 +58,19 @@ class Rollout:
 # Forward helpers shared by rollout and update: one code path, so the first ratio is exactly 1.
 
 
-def _response_logprobs(model: GPT2Config, params, ids, mask, prompt_len: int, temperature: float):
+def _response_logprobs(setup: PPOSetup, params, ids, mask, prompt_len: int, recompute: bool = False):
     """Log-prob of each response token and the entropy of the tempered distribution, ``[batch, response]``.
 
-    ``ids``/``mask`` are prompt + response; the logits predicting response token t sit at position P - 1 + t, so
-    only those positions go through the vocabulary projection.
+    ``ids``/``mask`` are prompt + response; the hidden state predicting response token t sits at position P - 1 + t,
+    so only those positions meet the vocabulary, in chunks (``token_logprobs``: no ``[batch, response, vocab]``
+    logits in memory).
     """
+    model, cfg = setup.model, setup.ppo
     hidden = forward_hidden(model, params, ids, mask)[:, prompt_len - 1:-1]  # [batch, resp, width]
-    logits = unembed(model, params, hidden) / temperature  # [batch, resp, vocab]
-    logp_all = jax.nn.log_softmax(logits, axis=-1)
     tokens = jnp.where(mask[:, prompt_len:] > 0, ids[:, prompt_len:], 0)  # pad ids may lie outside the vocabulary
-    logp = jnp.take_along_axis(logp_all, tokens[..., None], axis=-1)[..., 0]
-    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
-    return logp, entropy
+    out = token_logprobs(hidden, params["transformer"]["wte"]["embedding"], tokens, temperature=cfg.temperature,
+                         chunk_size=cfg.vocab_chunk_size, recompute=recompute, compute_dtype=model.compute_dtype)
+    return out.logprobs, out.entropy
 
 
 def _response_values(model: GPT2Config, critic_params, ids, mask, prompt_len: int):
@@ -125,10 +126,9 @@ def _rollout(state: TrainState, prompt_ids, prompt_mask, example_ids=None):
     chunk = min(cfg.rollout_chunk_size or cfg.minibatch_size, batch)
     while batch % chunk:  # a local (per-device) batch smaller than the configured chunk
         chunk -= 1
-    T = cfg.temperature
-    logp, entropy = _chunked(lambda i, m: _response_logprobs(model, state.params["actor"], i, m, prompt_len, T),
+    logp, entropy = _chunked(lambda i, m: _response_logprobs(setup, state.params["actor"], i, m, prompt_len),
                              chunk, ids, full_mask)
-    ref_logp, _ = _chunked(lambda i, m: _response_logprobs(model, state.ref_params, i, m, prompt_len, T),
+    ref_logp, _ = _chunked(lambda i, m: _response_logprobs(setup, state.ref_params, i, m, prompt_len),
                            chunk, ids, full_mask)
     values = _chunked(lambda i, m: _response_values(model, state.params["critic"], i, m, prompt_len),
                       chunk, ids, full_mask)
@@ -165,7 +165,7 @@ def _loss(params, state: TrainState, mb: Rollout, advantages, returns, n_tokens)
     setup = state.setup
     ids, mask = _concat(mb.prompt_ids, mb.prompt_mask, mb.tokens, mb.mask)
     P = mb.prompt_ids.shape[1]
-    logp, entropy = _response_logprobs(setup.model, params["actor"], ids, mask, P, setup.ppo.temperature)
+    logp, entropy = _response_logprobs(setup, params["actor"], ids, mask, P, recompute=setup.ppo.recompute_logits)
     values = _response_values(setup.model, params["critic"], ids, mask, P)
     inputs = LossInputs.create(
         mask=mb.mask, n_tokens=n_tokens, logprobs=logp, old_logprobs=mb.logprobs, ref_logprobs=mb.ref_logprobs,
@@ -287,13 +287,17 @@ def _update(state: TrainState, rollout: Rollout, scores: jax.Array):
         return jax.lax.scan(minibatch, carry, perm)
 
     state = state.replace(key=key)
-    (params, opt_state), stats = jax.lax.scan(epoch, (state.params, state.opt_state),
-                                              jax.random.split(shuffle_key, cfg.ppo_epochs))  # stats: [epochs, n_mb]
-    # A non-finite score poisons every update: keep the old params so the last good state stays usable.
-    ok = n_nonfinite == 0
-    keep = lambda new, old: jnp.where(ok, new, old)
-    new_state = state.replace(params=jax.tree.map(keep, params, state.params),
-                              opt_state=jax.tree.map(keep, opt_state, state.opt_state))
+    epoch_keys = jax.random.split(shuffle_key, cfg.ppo_epochs)
+    train = lambda carry: jax.lax.scan(epoch, carry, epoch_keys)  # stats: [epochs, n_mb]
+
+    def skip(carry):  # the update's metrics are NaN: not computed
+        stats_shape = jax.eval_shape(train, carry)[1]
+        return carry, jax.tree.map(lambda x: jnp.full(x.shape, jnp.nan, x.dtype), stats_shape)
+
+    # A non-finite score would poison every update: skip it and keep the old params and optimizer state, so the
+    # last good state stays usable (decided before the loop, so no select over the whole state afterwards).
+    (params, opt_state), stats = jax.lax.cond(n_nonfinite == 0, train, skip, (state.params, state.opt_state))
+    new_state = state.replace(params=params, opt_state=opt_state)
 
     # KL controller on the mean KL per response (nats, summed over tokens), n_steps = episodes in the batch.
     kl_per_seq = kl.sum(-1)
@@ -347,18 +351,93 @@ def _iteration(state: TrainState, prompt_ids, prompt_mask):
     return _update(state, rollout, scores)
 
 
-_ppo_iteration_jit = jax.jit(_iteration)
-_rollout_jit = jax.jit(_rollout)
-_update_jit = jax.jit(_update)
+ROLLOUT_CHANGES = ("key",)
+UPDATE_CHANGES = ("params", "opt_state", "kl", "key", "step")
+_FROZEN = ("ref_params", "reward")
 
 
-def ppo_iteration(state: TrainState, prompt_ids, prompt_mask):
+def jit_state_fn(fn, changes: tuple, *, donate: bool = False, out_shardings=None):
+    """``jax.jit`` of ``fn(state, *args) -> (state, out)`` where only the ``changes`` fields of the state cross the
+    jit boundary on the way out.
+
+    A jitted function that returned the whole state would make XLA write a fresh copy of every array it passes
+    through unchanged (the reference policy and the reward model on every update; everything, optimizer state
+    included, on every rollout). The returned callable instead takes ``(state, *args)``, sends the state in as its
+    changing and frozen fields, and rebuilds it with the new ``changes`` around the unchanged arrays.
+
+    ``donate=True`` donates the changing fields' input buffers, so XLA updates the parameters and optimizer state in
+    place: the state passed in must not be used afterwards. ``out_shardings``: a ``state_shardings``-like pytree for
+    the ``changes`` (a dict) and the sharding of ``out``, for jit over a mesh.
+    """
+    frozen_names = tuple(f for f in ("params", "opt_state", "kl", "key", "step") + _FROZEN if f not in changes)
+
+    def inner(setup, changing, frozen, *args):
+        state = TrainState(setup=setup, **changing, **frozen)
+        new, out = fn(state, *args)
+        return {k: getattr(new, k) for k in changes}, out
+
+    jitted = jax.jit(inner, static_argnums=0, donate_argnums=(1,) if donate else (),
+                     **({} if out_shardings is None else {"out_shardings": out_shardings}))
+
+    def call(state: TrainState, *args):
+        changing = {k: getattr(state, k) for k in changes}
+        frozen = {k: getattr(state, k) for k in frozen_names}
+        if donate:
+            changing = _distinct_buffers(changing, frozen)
+        new, out = jitted(state.setup, changing, frozen, *args)
+        return state.replace(**new), out
+
+    call.jitted = jitted
+    return call
+
+
+def _distinct_buffers(donated, others):
+    """Copy the donated arrays whose device buffers another input also uses (the critic starts as the actor's trunk;
+    a reward model may share it; ``device_put`` may wrap one buffer in two arrays): XLA cannot donate one buffer
+    twice, nor one that another argument reads."""
+
+    def buffers(x):
+        try:
+            return {s.data.unsafe_buffer_pointer() for s in x.addressable_shards}
+        except Exception:  # not a plain device array (e.g. a PRNG key on some backends): compare by identity
+            return {("id", id(x))}
+
+    seen = set()
+    for x in jax.tree.leaves(others):
+        if isinstance(x, jax.Array):
+            seen |= buffers(x)
+
+    def own(x):
+        if not isinstance(x, jax.Array):
+            return x
+        b = buffers(x)
+        if b & seen:
+            x = jnp.copy(x)
+            b = buffers(x)
+        seen.update(b)
+        return x
+
+    return jax.tree.map(own, donated)
+
+
+_JITTED = {
+    ("iteration", False): jit_state_fn(_iteration, UPDATE_CHANGES),
+    ("iteration", True): jit_state_fn(_iteration, UPDATE_CHANGES, donate=True),
+    ("rollout", False): jit_state_fn(_rollout, ROLLOUT_CHANGES),
+    ("update", False): jit_state_fn(_update, UPDATE_CHANGES),
+    ("update", True): jit_state_fn(_update, UPDATE_CHANGES, donate=True),
+}
+
+
+def ppo_iteration(state: TrainState, prompt_ids, prompt_mask, *, donate: bool = False):
     """One PPO iteration in one jit: ``(state, prompts [batch, P]) -> (state, metrics)``.
 
     Prompts are left-padded token ids with their mask; ``batch`` is ``state.setup.ppo.batch_size`` (or the
     per-device share inside ``shard_map``). Metrics are scalar arrays; pull them once per iteration.
+    ``donate=True`` updates the parameters and optimizer state in place (half the memory of the update; the state
+    passed in is consumed and must not be used again).
     """
-    return _ppo_iteration_jit(state, prompt_ids, prompt_mask)
+    return _JITTED["iteration", bool(donate)](state, prompt_ids, prompt_mask)
 
 
 score_rollout = jax.jit(compute_scores)
@@ -366,14 +445,16 @@ score_rollout = jax.jit(compute_scores)
 
 
 def rollout(state: TrainState, prompt_ids, prompt_mask):
-    """The first half of an iteration: ``(state, prompts) -> (state, Rollout)``, jitted."""
-    return _rollout_jit(state, prompt_ids, prompt_mask)
+    """The first half of an iteration: ``(state, prompts) -> (state, Rollout)``, jitted. Only the RNG key of the
+    returned state is new."""
+    return _JITTED["rollout", False](state, prompt_ids, prompt_mask)
 
 
-def update(state: TrainState, rollout_batch: Rollout, scores):
+def update(state: TrainState, rollout_batch: Rollout, scores, *, donate: bool = False):
     """The second half: ``(state, rollout, scores [batch]) -> (state, metrics)``, jitted. Use it with host rewards:
-    ``state, r = rollout(state, p, m); scores = host_fn(np.asarray(r.tokens), np.asarray(r.mask)); update(...)``."""
-    return _update_jit(state, rollout_batch, jnp.asarray(scores, jnp.float32))
+    ``state, r = rollout(state, p, m); scores = host_fn(np.asarray(r.tokens), np.asarray(r.mask)); update(...)``.
+    ``donate`` as in ``ppo_iteration``."""
+    return _JITTED["update", bool(donate)](state, rollout_batch, jnp.asarray(scores, jnp.float32))
 
 
 def check_metrics(metrics: Metrics, iteration: Optional[int] = None) -> None:

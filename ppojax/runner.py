@@ -323,12 +323,12 @@ def run(args: argparse.Namespace) -> int:
             ids_np, mask_np = loader.batch(it)
             ids, mask = parallel.shard_batch(mesh, ids_np, mask_np)  # this process's rows -> global arrays
             if host_reward is None:
-                state, metrics = parallel.ppo_iteration(state, ids, mask, mesh)
+                state, metrics = parallel.ppo_iteration(state, ids, mask, mesh, donate=True)
             else:
                 state_after_rollout, batch = parallel.rollout(state, ids, mask, mesh)
                 tokens_np, resp_mask_np = parallel.to_host((batch.tokens, batch.mask))
                 scores = host_reward(tokens_np, resp_mask_np)  # every process scores the global batch
-                state, metrics = parallel.update(state_after_rollout, batch, scores, mesh)
+                state, metrics = parallel.update(state_after_rollout, batch, scores, mesh, donate=True)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             metrics["time_s"] = time.time() - t0
             try:

@@ -154,6 +154,8 @@ def test_nan_scores_stop_cleanly_and_keep_params():
     new, metrics = ppo.ppo_iteration(state, *_prompts(16))
     assert int(metrics["nonfinite_scores"]) == 16
     jax.tree.map(np.testing.assert_array_equal, state.params, new.params)
+    jax.tree.map(np.testing.assert_array_equal, state.opt_state, new.opt_state)
+    assert np.isnan(float(metrics["policy_loss"]))  # the update did not run: its metrics are not numbers
     with pytest.raises(FloatingPointError, match="non-finite scores"):
         ppo.check_metrics(jax.device_get(metrics))
 
@@ -283,3 +285,35 @@ def test_reward_model_scores_last_token_and_normalizes():
     state = _state(reward=normed)
     _, m = ppo.ppo_iteration(state, *_prompts(16))
     assert np.isfinite(m["score_mean"])
+
+
+def test_donated_iteration_equals_plain_and_consumes_only_the_changing_state():
+    """donate=True updates params and optimizer state in place: same numbers as without donation; the reference and
+    the reward model are not donated (they stay readable), and the actor/critic trunk shared at creation is fine."""
+    prompts = _prompts(16)
+    plain, m_plain = ppo.ppo_iteration(_state(seed=3), *prompts)
+    state = _state(seed=3)
+    donated, m_donated = ppo.ppo_iteration(state, *prompts, donate=True)
+    jax.tree.map(np.testing.assert_array_equal, plain.params, donated.params)
+    jax.tree.map(np.testing.assert_array_equal, plain.opt_state, donated.opt_state)
+    for k in m_plain:
+        np.testing.assert_array_equal(m_plain[k], m_donated[k], err_msg=k)
+    assert all(x.is_deleted() for x in jax.tree.leaves(state.opt_state) if isinstance(x, jax.Array) and x.size > 1)
+    assert not any(x.is_deleted() for x in jax.tree.leaves(state.ref_params))
+    again, _ = ppo.ppo_iteration(donated, *prompts, donate=True)  # the returned state feeds the next donation
+    assert np.isfinite(float(jax.tree.leaves(again.params)[0].sum()))
+
+
+def test_rollout_and_update_pass_unchanged_arrays_through_without_copies():
+    """Only the fields a phase changes leave its jit: the rollout returns the very same parameter buffers, the
+    update the same reference and reward arrays (no per-iteration copy of the state)."""
+    state = _state(seed=4)
+    after_rollout, batch = ppo.rollout(state, *_prompts(16))
+    for a, b in zip(jax.tree.leaves((state.params, state.opt_state)), jax.tree.leaves((after_rollout.params,
+                                                                                       after_rollout.opt_state))):
+        assert a is b
+    after_update, _ = ppo.update(after_rollout, batch, jnp.zeros(16))
+    for a, b in zip(jax.tree.leaves((state.ref_params, state.reward)),
+                    jax.tree.leaves((after_update.ref_params, after_update.reward))):
+        assert a is b
+    assert int(after_update.step) == 1
