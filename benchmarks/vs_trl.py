@@ -70,13 +70,16 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="smoke run on a tiny model; writes only if --out is given")
     p.add_argument("--out", type=Path, default=None, help=f"result JSON (default {DEFAULT_OUT}, none with --tiny)")
     p.add_argument("--sides", default="ppojax,trl", help="comma-separated subset of ppojax,trl")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu (default): TRL with use_cpu=True, fp32; cuda: TRL on the GPU (use_cpu=False, bf16 "
+                        "autocast, tf32) and ppojax on jax's default backend (must be a GPU) with bf16 compute")
     p.add_argument("--table", type=Path, metavar="JSON", help="print the README table from a result JSON and exit")
     p.add_argument("--child", choices=("ppojax", "trl"), help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.out is None and not args.tiny:
-        args.out = DEFAULT_OUT
+        args.out = DEFAULT_OUT if args.device == "cpu" else DEFAULT_OUT.with_name(f"vs_trl_{args.device}.json")
     return args
 
 
@@ -132,12 +135,13 @@ def make_prompts(tok, n: int, length: int):
     return np.asarray(ids[: n * length], np.int64).reshape(n, length)
 
 
-def matmul_peak_jax(n=2048, reps=5) -> float:
+def matmul_peak_jax(n=2048, reps=5, dtype=None) -> float:
     import jax
     import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    dtype = jnp.float32 if dtype is None else dtype
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     f = jax.jit(jnp.dot)
     f(a, b).block_until_ready()
     ts = []
@@ -148,15 +152,18 @@ def matmul_peak_jax(n=2048, reps=5) -> float:
     return 2 * n**3 / min(ts)
 
 
-def matmul_peak_torch(n=2048, reps=5) -> float:
+def matmul_peak_torch(n=2048, reps=5, device="cpu", dtype=None) -> float:
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     torch.mm(a, b)
+    sync()
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
         torch.mm(a, b)
+        sync()
         ts.append(time.perf_counter() - t0)
     return 2 * n**3 / min(ts)
 
@@ -177,7 +184,7 @@ def summarize(iter_s: list, phases: dict, j: dict) -> dict:
 # ppojax side
 
 
-def run_ppojax(j: dict, ckpt: str, iterations: int) -> dict:
+def run_ppojax(j: dict, ckpt: str, iterations: int, device: str = "cpu") -> dict:
     import numpy as np
     import jax
     import jax.numpy as jnp
@@ -186,9 +193,15 @@ def run_ppojax(j: dict, ckpt: str, iterations: int) -> dict:
     from ppojax.kl import KLControlConfig
     from ppojax.ppo import compute_scores
 
-    peak = matmul_peak_jax()
+    if device == "cuda" and jax.default_backend() != "gpu":
+        raise RuntimeError(f"--device cuda: jax's default backend is {jax.default_backend()!r}, not 'gpu' "
+                           "(install jax[cuda12] on a machine with an NVIDIA GPU)")
+    # On the GPU: bf16 compute with f32 params (as TRL's bf16 autocast), against a bf16 matmul peak.
+    peak = matmul_peak_jax() if device == "cpu" else matmul_peak_jax(8192, dtype=jnp.bfloat16)
     tok = ppojax.load_tokenizer("gpt2")
     config, params = ppojax.load_pretrained(ckpt)
+    if device == "cuda":
+        config = config.replace(dtype="bfloat16")
     head = np.load(os.path.join(ckpt, "reward_head.npy"))  # [1, d], torch score.weight
     rm_params = ppojax.init_value_params(config, params)
     rm_params = {"transformer": rm_params["transformer"],
@@ -216,7 +229,7 @@ def run_ppojax(j: dict, ckpt: str, iterations: int) -> dict:
         scores = score_fn(state, r)
         jax.block_until_ready(scores)
         t2 = time.perf_counter()
-        state, metrics = ppojax.update(state, r, scores)
+        state, metrics = ppojax.update(state, r, scores, donate=True)  # in place, as the runner does
         jax.block_until_ready((state, metrics))
         t3 = time.perf_counter()
         assert int(r.mask.sum()) == j["batch"] * j["response"], "ppojax stopped early"
@@ -243,6 +256,11 @@ def run_ppojax(j: dict, ckpt: str, iterations: int) -> dict:
     out["rollout_forwards_median_s"] = out["rollout_median_s"] - out["generation_median_s"]
     out["matmul_peak_flops"] = peak
     out["devices"] = [str(d) for d in jax.devices()]
+    if device != "cpu":
+        stats = jax.devices()[0].memory_stats() or {}
+        out.update(device=device, device_kind=jax.devices()[0].device_kind,
+                   precision="bf16 compute, f32 params; matmul peak: bf16 8192^3",
+                   peak_device_mib=stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None)
     return out
 
 
@@ -250,7 +268,10 @@ def run_ppojax(j: dict, ckpt: str, iterations: int) -> dict:
 # TRL side
 
 
-def run_trl(j: dict, ckpt: str, iterations: int) -> dict:
+def run_trl(j: dict, ckpt: str, iterations: int, device: str = "cpu") -> dict:
+    if device == "cuda":
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # ppojax (the tokenizer) imports jax: keep it off the GPU
+        os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"  # PPOTrainer builds its own Accelerator(), which reads this
     import numpy as np
     import torch
     import transformers
@@ -260,7 +281,10 @@ def run_trl(j: dict, ckpt: str, iterations: int) -> dict:
 
     import ppojax
 
-    peak = matmul_peak_torch()
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device cuda: torch {torch.__version__} sees no CUDA device")
+    peak = matmul_peak_torch() if device == "cpu" else matmul_peak_torch(8192, device="cuda", dtype=torch.bfloat16)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)  # CUDA kernels run asynchronously
     tok = ppojax.load_tokenizer("gpt2")  # GPT2TokenizerFast from the BPE files, pad <|pad|> = 50257, left padding
     policy = transformers.GPT2LMHeadModel.from_pretrained(ckpt)
     ref = transformers.GPT2LMHeadModel.from_pretrained(ckpt)
@@ -280,7 +304,8 @@ def run_trl(j: dict, ckpt: str, iterations: int) -> dict:
     ds = Dataset.from_dict({"input_ids": prompts.tolist()})
     tmp = tempfile.mkdtemp()
     cfg = PPOConfig(
-        output_dir=tmp, use_cpu=True, bf16=False, report_to="none", save_strategy="no", logging_steps=1000,
+        output_dir=tmp, use_cpu=device == "cpu", bf16=device == "cuda", report_to="none", save_strategy="no",
+        logging_steps=1000,
         # TRL 1.12: rollout batch = per_device_train_batch_size x gradient_accumulation_steps; each of the
         # num_mini_batches minibatches (batch / num_mini_batches episodes) is one optimizer step.
         per_device_train_batch_size=j["batch"], gradient_accumulation_steps=1,
@@ -289,6 +314,7 @@ def run_trl(j: dict, ckpt: str, iterations: int) -> dict:
         local_rollout_forward_batch_size=j["batch"], num_sample_generations=0, learning_rate=LR,
         adam_epsilon=ADAM_EPS, kl_coef=KL_COEF, kl_estimator="k1", vf_coef=VF_COEF, cliprange=CLIP,
         cliprange_value=CLIP, gamma=1.0, lam=0.95, seed=0, dataloader_drop_last=True,
+        **({"tf32": True} if device == "cuda" else {}),
     )
 
     timers = {"generation": 0.0, "scoring": 0.0}
@@ -296,9 +322,12 @@ def run_trl(j: dict, ckpt: str, iterations: int) -> dict:
     def timed(fn, name=None):
         def wrapper(*a, **k):
             key = name or ("scoring" if not torch.is_grad_enabled() else None)
+            if key:
+                sync()
             t0 = time.perf_counter()
             out = fn(*a, **k)
             if key:
+                sync()
                 timers[key] += time.perf_counter() - t0
             return out
         return wrapper
@@ -315,6 +344,7 @@ def run_trl(j: dict, ckpt: str, iterations: int) -> dict:
             marks.append(time.perf_counter())
 
         def on_step_end(self, *a, **k):
+            sync()
             now = time.perf_counter()
             it = now - marks[-1]
             marks.append(now)
@@ -333,6 +363,14 @@ def run_trl(j: dict, ckpt: str, iterations: int) -> dict:
     out = summarize(iter_s, phases, j)
     out["matmul_peak_flops"] = peak
     out["num_threads"] = torch.get_num_threads()
+    if device != "cpu":
+        out.update(device=device, device_name=torch.cuda.get_device_name(),
+                   mixed_precision=str(trainer.accelerator.mixed_precision),
+                   tf32=bool(torch.backends.cuda.matmul.allow_tf32),
+                   precision="bf16 autocast (accelerate) on the prepared policy+value wrapper, i.e. the training "
+                             "forward; generation and the no-grad ref/value/reward forwards call the unwrapped "
+                             "modules (fp32 with tf32 matmuls); matmul peak: bf16 8192^3",
+                   peak_device_mib=torch.cuda.max_memory_allocated() / 2**20)
     out["phase_note"] = ("generation = batch_generation; scoring = ref forward + value and reward get_reward under "
                          "no_grad; update = iteration - both (includes rewards/GAE/whitening, small)")
     return out
@@ -343,7 +381,7 @@ def child_main(args) -> None:
     others = _env.OtherLoad()
     t0 = time.time()
     fn = run_ppojax if args.child == "ppojax" else run_trl
-    res = fn(j, args.ckpt, args.iterations)
+    res = fn(j, args.ckpt, args.iterations, **({} if args.device == "cpu" else {"device": args.device}))
     res["wall_s"] = time.time() - t0
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
     res["other_processes_cores"] = others.cores()
@@ -364,7 +402,8 @@ def run_job(name: str, args) -> dict:
         for side in args.sides.split(","):
             out = os.path.join(tmp, f"{side}.json")
             cmd = [sys.executable, __file__, "--child", side, "--job", name, "--iterations", str(iterations),
-                   "--ckpt", tmp, "--child-out", out] + (["--tiny"] if args.tiny else [])
+                   "--ckpt", tmp, "--child-out", out] + (["--tiny"] if args.tiny else []) \
+                + (["--device", args.device] if args.device != "cpu" else [])
             print(f"== job {name}: {side} ({iterations} iterations)", flush=True)
             subprocess.run(cmd, check=True)
             r = json.loads(Path(out).read_text())
