@@ -74,8 +74,9 @@ def token_logprobs(hidden: jax.Array, embedding: jax.Array, tokens: jax.Array, *
     lead = tokens.shape
     dtype = jnp.dtype(hidden.dtype if compute_dtype is None else compute_dtype)
     h = hidden.reshape(-1, hidden.shape[-1])
-    logp, entropy = _token_logprobs(float(temperature), min(chunk_size, embedding.shape[0]), dtype, bool(recompute),
-                                    h, embedding, tokens.reshape(-1).astype(jnp.int32))
+    with jax.named_scope("token_logprobs"):  # names its ops in profiles (benchmarks/profile_iteration.py)
+        logp, entropy = _token_logprobs(float(temperature), min(chunk_size, embedding.shape[0]), dtype,
+                                        bool(recompute), h, embedding, tokens.reshape(-1).astype(jnp.int32))
     return TokenLogProbs(logp.reshape(lead), entropy.reshape(lead))
 
 
@@ -136,6 +137,11 @@ def _fwd(temperature, chunk, dtype, recompute, h, W, tokens):
 
 
 def _bwd(temperature, chunk, dtype, recompute, residuals, cotangents):
+    with jax.named_scope("token_logprobs_bwd"):
+        return _bwd_body(temperature, chunk, dtype, residuals, cotangents)
+
+
+def _bwd_body(temperature, chunk, dtype, residuals, cotangents):
     h, W, tokens, lse, mean_z, logits = residuals
     a, b = cotangents  # d loss / d logp, d loss / d entropy: [n]
     n_full, tail_start, tail = _chunks(W.shape[0], chunk)

@@ -175,6 +175,7 @@ def test_reward_with_wrong_shape_or_dtype_is_refused(bad):
         (dict(batch_size=20, minibatch_size=8), "minibatch_size"),
         (dict(batch_size=16, minibatch_size=4), "minibatch_size"),
         (dict(vf_coef=-0.1), "vf_coef"),
+        (dict(vocab_chunk_size=0), "vocab_chunk_size"),
         (dict(entropy_coef=-1.0), "entropy_coef"),
         (dict(gamma=1.5), "gamma"),
         (dict(lam=-0.1), "lam"),
