@@ -1,6 +1,9 @@
 """Shared fixtures: tiny random GPT-2 checkpoints written by transformers itself (the independent reference)."""
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 # Tests never touch the network: the hub is unreachable on CI machines anyway, and this makes it fail fast.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -49,3 +52,22 @@ def left_padded_batch():
         ids[b, 9 - n:] = rng.randint(0, 100, n)
         mask[b, 9 - n:] = 1
     return ids, mask
+
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """``load_benchmark('gpu')``: a script of ``benchmarks/`` imported as a module. The scripts import ``_env`` and
+    each other from their own folder, so that folder joins ``sys.path`` for the session."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.append(str(BENCHMARKS))
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

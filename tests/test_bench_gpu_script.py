@@ -3,25 +3,12 @@
 Fast: nothing here trains, compiles or starts a subprocess (the no-GPU exit is checked with the probe stubbed out).
 """
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 @pytest.fixture(scope="module")
-def gpu():
-    sys.path.insert(0, str(BENCH))  # gpu.py imports _env and vs_trl from its own directory
-    try:
-        spec = importlib.util.spec_from_file_location("bench_gpu", BENCH / "gpu.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        sys.path.remove(str(BENCH))
+def gpu(load_benchmark):
+    return load_benchmark("gpu")
 
 
 def test_update_flops_match_a_hand_count(gpu):

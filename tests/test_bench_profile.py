@@ -1,24 +1,11 @@
 """benchmarks/profile_iteration.py's op grouping, on op names and metadata as XLA:CPU writes them."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 @pytest.fixture(scope="module")
-def prof():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_profile", BENCH / "profile_iteration.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        sys.path.remove(str(BENCH))
+def prof(load_benchmark):
+    return load_benchmark("profile_iteration")
 
 
 HLO = """
