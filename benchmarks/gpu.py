@@ -461,7 +461,7 @@ def run_size(spec: dict) -> dict:
     steady = log.since(marks["steady"]) if "steady" in marks else {"compiles": None, "compiled": []}
     cache_sizes = {}
     for key, fn in (("rollout", ppo_lib._JITTED["rollout", False].jitted), ("score", ppo_lib.score_rollout),
-                    ("update", ppo_lib._JITTED["update", False].jitted)):
+                    ("update", ppo_lib._JITTED["update", True].jitted)):  # the donating update used above
         try:
             cache_sizes[key] = fn._cache_size()
         except Exception:
