@@ -86,10 +86,10 @@ def _chunks(vocab: int, chunk: int):
     return n_full, n_full * chunk, vocab - n_full * chunk
 
 
-def _chunk_logits(h, W, start, size, temperature, dtype):
-    Wc = jax.lax.dynamic_slice_in_dim(W, start, size, axis=0)
+def _chunk_logits(h, Wc, temperature, dtype):
+    """Tempered logits ``[n, size]`` of one chunk ``Wc = W[start:start + size]``."""
     z = jnp.einsum("nd,vd->nv", h.astype(dtype), Wc.astype(dtype), preferred_element_type=jnp.float32)
-    return z / temperature, Wc
+    return z / temperature
 
 
 def _forward(temperature, chunk, dtype, h, W, tokens, keep_logits: bool):
@@ -106,14 +106,14 @@ def _forward(temperature, chunk, dtype, h, W, tokens, keep_logits: bool):
         return m_new, s * scale + jnp.sum(e, axis=-1), t * scale + jnp.sum(e * z, axis=-1)
 
     def body(carry, i):
-        z, _ = _chunk_logits(h, W, i * chunk, chunk, temperature, dtype)
+        z = _chunk_logits(h, jax.lax.dynamic_slice_in_dim(W, i * chunk, chunk, axis=0), temperature, dtype)
         return accumulate(carry, z), (z if keep_logits else None)
 
     init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32))
     carry, z_full = jax.lax.scan(body, init, jnp.arange(n_full))
     z_tail = None
     if tail:
-        z_tail, _ = _chunk_logits(h, W, tail_start, tail, temperature, dtype)
+        z_tail = _chunk_logits(h, W[tail_start:], temperature, dtype)
         carry = accumulate(carry, z_tail)
     m, s, t = carry
     lse = m + jnp.log(s)
@@ -149,8 +149,8 @@ def _bwd_body(temperature, chunk, dtype, residuals, cotangents):
 
     def chunk_grads(start, size, z, dh, dW):
         Wc = jax.lax.dynamic_slice_in_dim(W, start, size, axis=0)
-        if z is None:
-            z, _ = _chunk_logits(h, W, start, size, temperature, dtype)
+        if z is None:  # recompute=True: the forward pass kept no logits
+            z = _chunk_logits(h, Wc, temperature, dtype)
         p = jnp.exp(z - lse[:, None])
         g = -p * (a[:, None] + b[:, None] * (z - mean_z[:, None])) * inv_t  # dense part of dL/d(h W^T)
         g = g.astype(dtype)

@@ -369,7 +369,7 @@ def jit_state_fn(fn, changes: tuple, *, donate: bool = False, out_shardings=None
     place: the state passed in must not be used afterwards. ``out_shardings``: a ``state_shardings``-like pytree for
     the ``changes`` (a dict) and the sharding of ``out``, for jit over a mesh.
     """
-    frozen_names = tuple(f for f in ("params", "opt_state", "kl", "key", "step") + _FROZEN if f not in changes)
+    frozen_names = tuple(f for f in UPDATE_CHANGES + _FROZEN if f not in changes)  # every other TrainState field
 
     def inner(setup, changing, frozen, *args):
         state = TrainState(setup=setup, **changing, **frozen)
