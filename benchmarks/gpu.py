@@ -395,7 +395,6 @@ def run_size(spec: dict) -> dict:
 
     import ppojax
     from ppojax import ppo as ppo_lib
-    from ppojax.kl import KLControlConfig
 
     log = CompileLog()
     dev = jax.devices()[0]
@@ -412,12 +411,8 @@ def run_size(spec: dict) -> dict:
     rm_params = ppojax.init_value_params(config, params, head_init_std=1.0 / (shape["n_embd"] + 1) ** 0.5,
                                          key=jax.random.key(1))
     reward = ppojax.rewards.reward_model(config, rm_params)
-    ppo = ppojax.PPOConfig(batch_size=B, minibatch_size=B // spec["minibatches"], ppo_epochs=spec["epochs"],
-                           response_length=R, temperature=vs_trl.TEMPERATURE, eos_token_id=None,
-                           vf_coef=vs_trl.VF_COEF, clip_eps=vs_trl.CLIP, value_clip_eps=vs_trl.CLIP, gamma=1.0,
-                           lam=0.95, kl=KLControlConfig(kind="fixed", init_coef=vs_trl.KL_COEF))
-    opt = ppojax.OptimizerConfig(learning_rate=vs_trl.LR, eps=vs_trl.ADAM_EPS, max_grad_norm=None,
-                                 grad_accum_steps=spec["grad_accum"])
+    ppo, opt = vs_trl.ppojax_configs(dict(batch=B, minibatches=spec["minibatches"], epochs=spec["epochs"],
+                                          response=R), grad_accum_steps=spec["grad_accum"])
     state = ppojax.create_train_state(config, params, ppo=ppo, reward=reward, key=jax.random.key(2),
                                       optimizer=opt, total_iterations=iterations)
     del params, rm_params

@@ -126,7 +126,6 @@ def main(argv=None):
 
     import ppojax
     import vs_trl
-    from ppojax.kl import KLControlConfig
 
     j = dict(vs_trl.JOBS[args.job])
     if args.epochs:
@@ -137,12 +136,7 @@ def main(argv=None):
                                n_head=j["n_head"])
     params = ppojax.init_params(config, jax.random.key(0))
     rm = ppojax.init_value_params(config, params, head_init_std=(j["n_embd"] + 1) ** -0.5, key=jax.random.key(1))
-    ppo = ppojax.PPOConfig(batch_size=j["batch"], minibatch_size=j["batch"] // j["minibatches"],
-                           ppo_epochs=j["epochs"], response_length=j["response"], temperature=vs_trl.TEMPERATURE,
-                           eos_token_id=None, vf_coef=vs_trl.VF_COEF, clip_eps=vs_trl.CLIP,
-                           value_clip_eps=vs_trl.CLIP, gamma=1.0, lam=0.95,
-                           kl=KLControlConfig(kind="fixed", init_coef=vs_trl.KL_COEF))
-    opt = ppojax.OptimizerConfig(learning_rate=vs_trl.LR, eps=vs_trl.ADAM_EPS, max_grad_norm=None)
+    ppo, opt = vs_trl.ppojax_configs(j)
     state = ppojax.create_train_state(config, params, ppo=ppo, reward=ppojax.rewards.reward_model(config, rm),
                                       key=jax.random.key(0), optimizer=opt, total_iterations=10)
     rng = np.random.default_rng(0)

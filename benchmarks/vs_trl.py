@@ -184,14 +184,27 @@ def summarize(iter_s: list, phases: dict, j: dict) -> dict:
 # ppojax side
 
 
+def ppojax_configs(j: dict, grad_accum_steps: int = 1):
+    """ppojax's ``(PPOConfig, OptimizerConfig)`` for job ``j`` with the hyperparameters matched to TRL's (the module
+    docstring lists them); shared by this script, ``gpu.py`` and ``profile_iteration.py``."""
+    import ppojax
+    from ppojax.kl import KLControlConfig
+
+    ppo = ppojax.PPOConfig(batch_size=j["batch"], minibatch_size=j["batch"] // j["minibatches"],
+                           ppo_epochs=j["epochs"], response_length=j["response"], temperature=TEMPERATURE,
+                           eos_token_id=None, vf_coef=VF_COEF, clip_eps=CLIP, value_clip_eps=CLIP,
+                           gamma=1.0, lam=0.95, kl=KLControlConfig(kind="fixed", init_coef=KL_COEF))
+    opt = ppojax.OptimizerConfig(learning_rate=LR, eps=ADAM_EPS, max_grad_norm=None,
+                                 grad_accum_steps=grad_accum_steps)
+    return ppo, opt
+
+
 def run_ppojax(j: dict, ckpt: str, iterations: int, device: str = "cpu") -> dict:
     import numpy as np
     import jax
     import jax.numpy as jnp
 
     import ppojax
-    from ppojax.kl import KLControlConfig
-    from ppojax.ppo import compute_scores
 
     if device == "cuda" and jax.default_backend() != "gpu":
         raise RuntimeError(f"--device cuda: jax's default backend is {jax.default_backend()!r}, not 'gpu' "
@@ -207,16 +220,11 @@ def run_ppojax(j: dict, ckpt: str, iterations: int, device: str = "cpu") -> dict
     rm_params = {"transformer": rm_params["transformer"],
                  "head": {"kernel": jnp.asarray(head.T), "bias": jnp.zeros((1,), jnp.float32)}}
     reward = ppojax.rewards.reward_model(config, rm_params)
-    ppo = ppojax.PPOConfig(batch_size=j["batch"], minibatch_size=j["batch"] // j["minibatches"],
-                           ppo_epochs=j["epochs"], response_length=j["response"], temperature=TEMPERATURE,
-                           eos_token_id=None, vf_coef=VF_COEF, clip_eps=CLIP, value_clip_eps=CLIP,
-                           gamma=1.0, lam=0.95, kl=KLControlConfig(kind="fixed", init_coef=KL_COEF))
+    ppo, opt = ppojax_configs(j)
     assert ppo.pad_token_id is None and tok.pad_token_id == config.vocab_size  # distinct pad = 50257
-    opt = ppojax.OptimizerConfig(learning_rate=LR, eps=ADAM_EPS, max_grad_norm=None)
     state = ppojax.create_train_state(config, params, ppo=ppo, reward=reward, key=jax.random.key(0), optimizer=opt,
                                       total_iterations=iterations)
     prompts = make_prompts(tok, j["batch"] * iterations, j["query"]).astype(np.int32)
-    score_fn = jax.jit(compute_scores)
 
     iter_s, phases = [], {"rollout": [], "scoring": [], "update": []}
     for it in range(iterations):
@@ -226,7 +234,7 @@ def run_ppojax(j: dict, ckpt: str, iterations: int, device: str = "cpu") -> dict
         state, r = ppojax.rollout(state, p, m)
         jax.block_until_ready(r)
         t1 = time.perf_counter()
-        scores = score_fn(state, r)
+        scores = ppojax.ppo.score_rollout(state, r)
         jax.block_until_ready(scores)
         t2 = time.perf_counter()
         state, metrics = ppojax.update(state, r, scores, donate=True)  # in place, as the runner does
