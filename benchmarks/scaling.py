@@ -35,9 +35,10 @@ def child(n: int, mesh_text: str, iters: int) -> dict:
     import numpy as np
 
     import ppojax
-    from ppojax import parallel, rewards
-    from ppojax.kl import KLControlConfig
-    from ppojax.state import OptimizerConfig, PPOConfig, create_train_state
+    from ppojax import parallel
+    from ppojax.rl import rewards
+    from ppojax.rl.kl import KLControlConfig
+    from ppojax.rl.state import OptimizerConfig, PPOConfig, create_train_state
 
     model = ppojax.GPT2Config(vocab_size=1024, n_positions=64, n_embd=128, n_layer=2, n_head=4)
     cfg = PPOConfig(batch_size=32, minibatch_size=16, ppo_epochs=2, response_length=16, temperature=1.0,

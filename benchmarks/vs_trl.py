@@ -188,7 +188,7 @@ def ppojax_configs(j: dict, grad_accum_steps: int = 1):
     """ppojax's ``(PPOConfig, OptimizerConfig)`` for job ``j`` with the hyperparameters matched to TRL's (the module
     docstring lists them); shared by this script, ``gpu.py`` and ``profile_iteration.py``."""
     import ppojax
-    from ppojax.kl import KLControlConfig
+    from ppojax.rl.kl import KLControlConfig
 
     ppo = ppojax.PPOConfig(batch_size=j["batch"], minibatch_size=j["batch"] // j["minibatches"],
                            ppo_epochs=j["epochs"], response_length=j["response"], temperature=TEMPERATURE,

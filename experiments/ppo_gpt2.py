@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from ppojax.runner import main  # noqa: E402
+from ppojax.train.runner import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

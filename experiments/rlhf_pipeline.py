@@ -96,7 +96,7 @@ def build_word_tokenizer(out_dir: Path, prompts: Path, *, n_sentiment: int = 128
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from ppojax.rewards import vader_lexicon
+    from ppojax.rl.rewards import vader_lexicon
 
     text = prompts.read_text(encoding="utf-8").lower()
     words = sorted(set(re.findall(r"\w+|[^\w\s]+", text)) - set(_PUNCTUATION))
@@ -165,7 +165,7 @@ def _evaluate(policy: str, reward_dir: Path, scorer, queries, preset, sampling, 
     import jax.numpy as jnp
     import numpy as np
 
-    from ppojax import preferences, reward_training
+    from ppojax.rl import preferences, reward_training
 
     ns = argparse.Namespace(n_layer=1, n_head=1, n_embd=1, n_positions=1, vocab_size=1, init_seed=0)
     config, params = sample_for_labels.load_model(policy, ns)
@@ -188,8 +188,9 @@ def _evaluate(policy: str, reward_dir: Path, scorer, queries, preset, sampling, 
 
 
 def run(args: argparse.Namespace) -> dict:
-    from ppojax import preferences, runner
-    from ppojax.data import read_prompts
+    from ppojax.rl import preferences
+    from ppojax.train import runner
+    from ppojax.io.data import read_prompts
 
     out = Path(args.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)

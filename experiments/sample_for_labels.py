@@ -60,8 +60,8 @@ def load_model(spec: str, args: argparse.Namespace):
     """``(GPT2Config, params)`` for a model spec; raises UsageError with one line."""
     import types
 
-    from ppojax.config import ModelConfig
-    from ppojax.runner import RunError, build_model
+    from ppojax.train.config import ModelConfig
+    from ppojax.train.runner import RunError, build_model
 
     try:
         model = ModelConfig(name_or_path=spec, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
@@ -137,8 +137,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from ppojax import preferences
-    from ppojax.data import PromptError, read_prompts
+    from ppojax.rl import preferences
+    from ppojax.io.data import PromptError, read_prompts
 
     if args.k < 2:
         raise UsageError(f"--k must be >= 2, got {args.k}")
@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> dict:
 
     import jax
 
-    from ppojax.sampling import check_sampling_args
+    from ppojax.generate.sampling import check_sampling_args
 
     config, params = load_model(args.policy, args)
     tokenizer = load_tokenizer_for(args.policy, args.tokenizer, config.vocab_size)

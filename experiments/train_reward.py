@@ -95,7 +95,7 @@ def _calibration(args, rm, train, config, params, tokenizer):
         pick = rng.permutation(tokens.shape[0])[:n]
         return q_ids[pick], q_mask[pick], tokens[pick], mask[pick]
     # reference: samples of the reference policy on the training queries (cycled to n rows).
-    from ppojax.sampling import generate
+    from ppojax.generate.sampling import generate
 
     if args.reference is not None and args.reference != args.init:
         config, params = load_model(args.reference, args)
@@ -121,9 +121,9 @@ def run(args: argparse.Namespace) -> dict:
     _check_args(args)
     import jax
 
-    from ppojax import preferences, reward_training
-    from ppojax.checkpoint import Checkpointer, check_writable
-    from ppojax.rewards import reward_model
+    from ppojax.rl import preferences, reward_training
+    from ppojax.io.checkpoint import Checkpointer, check_writable
+    from ppojax.rl.rewards import reward_model
 
     t_start = time.time()
     # Inputs first, each checked before anything compiles.

@@ -21,9 +21,9 @@ import numpy as np  # noqa: E402
 
 import ppojax  # noqa: E402
 from ppojax import distributed, parallel, ppo, rewards  # noqa: E402
-from ppojax.data import PromptLoader  # noqa: E402
-from ppojax.kl import KLControlConfig  # noqa: E402
-from ppojax.state import OptimizerConfig, PPOConfig, create_train_state  # noqa: E402
+from ppojax.io.data import PromptLoader  # noqa: E402
+from ppojax.rl.kl import KLControlConfig  # noqa: E402
+from ppojax.rl.state import OptimizerConfig, PPOConfig, create_train_state  # noqa: E402
 
 VOCAB, BATCH = 48, 16
 
@@ -102,7 +102,7 @@ def devices_mode(n):
     out["fsdp_specs"] = sorted({str(x.sharding.spec) for x in jax.tree.leaves(state.params)})
 
     # Checkpoint written on the FSDP mesh, restored onto a data-only mesh of 4 devices.
-    from ppojax.checkpoint import Checkpointer
+    from ppojax.io.checkpoint import Checkpointer
 
     arrays = {"params": state.params, "opt_state": state.opt_state, "key": state.key}
     with Checkpointer(sys.argv[3], keep=1) as ck:

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from ppojax.checkpoint import CheckpointCorruptError, Checkpointer, CheckpointMismatchError, check_writable
+from ppojax.io.checkpoint import CheckpointCorruptError, Checkpointer, CheckpointMismatchError, check_writable
 
 
 @flax.struct.dataclass
@@ -248,7 +248,7 @@ def test_bad_inputs_fail_before_writing(tmp_path):
 _MULTI_DEVICE = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
-from ppojax.checkpoint import Checkpointer
+from ppojax.io.checkpoint import Checkpointer
 assert jax.device_count() == 4
 mesh4 = jax.make_mesh((4,), ("data",))
 state = {"w": jax.device_put(jnp.arange(32.0).reshape(8, 4), NamedSharding(mesh4, P("data"))),

@@ -10,8 +10,8 @@ from typing import Literal, Optional
 
 import pytest
 
-from ppojax import configlib
-from ppojax.configlib import ConfigError
+from ppojax.io import configlib
+from ppojax.io.configlib import ConfigError
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

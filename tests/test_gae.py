@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from ppojax.gae import gae, masked_mean, masked_var, whiten
+from ppojax.rl.advantages import gae, masked_mean, masked_var, whiten
 
 # Rows: all real; right padding; left padding; holes in the middle; one real token; no real token.
 MASK = np.array(
@@ -159,7 +159,7 @@ def test_whiten_under_shard_map_on_two_cpu_devices():
         """
         import functools, jax, jax.numpy as jnp, numpy as np
         from jax.sharding import PartitionSpec as P
-        from ppojax.gae import whiten
+        from ppojax.rl.advantages import whiten
         assert jax.device_count() == 2
         rng = np.random.default_rng(0)
         x = rng.normal(size=(4, 6)).astype(np.float32)

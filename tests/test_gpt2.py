@@ -139,7 +139,7 @@ def test_forward_rejects_bad_shapes(tiny_hf_dir):
 def test_hidden_then_unembed_equals_forward(tiny_hf_dir, left_padded_batch):
     ids, mask = left_padded_batch
     config, params = ppojax.load_pretrained(tiny_hf_dir)
-    hidden = gpt2.forward_hidden(config, params, jnp.asarray(ids), jnp.asarray(mask))
-    np.testing.assert_allclose(np.asarray(gpt2.unembed(config, params, hidden[:, 4:])),
+    hidden = ppojax.forward_hidden(config, params, jnp.asarray(ids), jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(ppojax.unembed(config, params, hidden[:, 4:])),
                                np.asarray(ppojax.forward(config, params, jnp.asarray(ids), jnp.asarray(mask)))[:, 4:],
                                atol=1e-5)

@@ -114,11 +114,12 @@ def test_shape_mismatch_is_named(tiny_hf_dir, tmp_path):
 
 
 def test_other_architecture_is_refused(tmp_path):
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=4)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
-    with pytest.raises(ppojax.CheckpointError, match="model_type is 'llama'"):
-        ppojax.load_pretrained(tmp_path / "llama")
+    cfg = transformers.GPTNeoXConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=4)
+    transformers.GPTNeoXForCausalLM(cfg).save_pretrained(tmp_path / "neox")
+    # One line that names the family it got and the ones it supports.
+    with pytest.raises(ppojax.CheckpointError, match=r"model_type 'gpt_neox' is not supported; ppojax loads .*gpt2"):
+        ppojax.load_pretrained(tmp_path / "neox")
 
 
 def test_missing_path_and_missing_files(tmp_path):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ppojax.kl import KLControlConfig, KLState, init_kl_state, update_kl_state
+from ppojax.rl.kl import KLControlConfig, KLState, init_kl_state, update_kl_state
 
 
 def test_init():

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ppojax.logger import RunLogger, format_console_line, plot_curves, read_metrics, read_samples
+from ppojax.io.logger import RunLogger, format_console_line, plot_curves, read_metrics, read_samples
 
 
 def _metrics(i):
@@ -326,7 +326,7 @@ def test_console_tqdm_forced(tmp_path):
 
 
 def test_module_imports_neither_jax_nor_numpy():
-    source = str(Path(__file__).parents[1] / "ppojax" / "logger.py")
+    source = str(Path(__file__).parents[1] / "ppojax" / "io" / "logger.py")
     code = (
         "import importlib.util, sys\n"
         f"spec = importlib.util.spec_from_file_location('logger', {source!r})\n"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from ppojax.losses import (
+from ppojax.rl.losses import (
     LossInputs,
     LossTerm,
     combine,
@@ -18,10 +18,13 @@ from ppojax.losses import (
     kl_estimate,
     kl_loss,
     ppo_clip_loss,
-    ppo_terms,
     resolve_term,
     value_loss,
 )
+
+PPO_TERMS = [LossTerm("policy", ppo_clip_loss, 1.0, {"clip_eps": 0.2}),
+             LossTerm("value", value_loss, 0.1, {"clip_eps": 0.2}),
+             LossTerm("entropy", entropy_loss, 0.01)]
 
 MASK = np.array(
     [
@@ -296,7 +299,7 @@ class CombineTest(chex.TestCase):
 
         def counted(inputs, weights):
             traces.append(1)
-            return combine(ppo_terms(entropy_coef=0.01))(inputs, weights)
+            return combine(PPO_TERMS)(inputs, weights)
 
         fn = jax.jit(counted)
         inputs = _inputs(a)
@@ -307,7 +310,7 @@ class CombineTest(chex.TestCase):
             np.testing.assert_allclose(total, want, rtol=1e-5)
         assert len(traces) == 1
         with pytest.raises(ValueError, match="nope"):
-            combine(ppo_terms())(inputs, {"nope": 1.0})
+            combine(PPO_TERMS)(inputs, {"nope": 1.0})
 
     def test_gradient_flows_through_combined_loss(self):
         a = _arrays(12)

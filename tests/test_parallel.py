@@ -16,8 +16,9 @@ import jax
 import numpy as np
 import pytest
 
-from ppojax import distributed, parallel
-from ppojax.state import OptimizerConfig, PPOConfig
+from ppojax import parallel
+from ppojax.parallel import distributed
+from ppojax.rl.state import OptimizerConfig, PPOConfig
 
 WORKER = Path(__file__).with_name("_parallel_worker.py")
 REPO = WORKER.parent.parent
@@ -165,7 +166,7 @@ def test_distributed_settings_are_checked(monkeypatch):
 
 
 def test_runner_rejects_a_bad_mesh_before_compiling(tmp_path, capsys):
-    from ppojax import runner
+    from ppojax.train import runner
 
     code = runner.main(["--config", str(REPO / "configs" / "tiny.yaml"), "--run-dir", str(tmp_path / "run"),
                         "--mesh", "data=3"])

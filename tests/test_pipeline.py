@@ -45,7 +45,7 @@ def test_ppo_against_the_learned_reward_raises_the_true_score(pipeline):
 
 def test_stages_wrote_their_outputs(pipeline):
     out, report = pipeline
-    from ppojax import preferences
+    from ppojax.rl import preferences
 
     rows = preferences.read_preferences(out / "labels.jsonl")  # every row labeled
     assert len(rows) == report["comparisons"] and all(r.k == 4 and "scores" in r.extra for r in rows)
@@ -57,7 +57,7 @@ def test_stages_wrote_their_outputs(pipeline):
 
 
 def test_ppo_runner_refuses_a_bad_reward_model_path(pipeline, capsys):
-    from ppojax import runner
+    from ppojax.train import runner
 
     out, _ = pipeline
     argv = ["--config", str(REPO / "configs" / "tiny.yaml"), "--run-dir", str(out / "bad_run"),

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ppojax import preferences
-from ppojax.preferences import Comparison, PreferenceError
+from ppojax.rl import preferences
+from ppojax.rl.preferences import Comparison, PreferenceError
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "experiments"))
@@ -145,7 +145,7 @@ def test_label_comparisons_and_labeler_specs(tok):
     vader = preferences.text_scorer("vader")
     assert vader(["This is wonderful and great!"])[0] > 0.5 > vader(["terrible, awful"])[0]
     # lexicon: the mean valence of the text's tokens, as the jittable LexiconReward computes it on those tokens.
-    from ppojax import rewards
+    from ppojax.rl import rewards
 
     texts = [" good happy day", " the table sad", " xyzzy"]
     lexicon = preferences.text_scorer("lexicon", tok, vocab_size=50257)

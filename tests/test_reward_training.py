@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import ppojax
-from ppojax import preferences, reward_training, rewards
+from ppojax.rl import preferences, reward_training, rewards
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "experiments"))
@@ -101,7 +101,7 @@ def test_normalize_gives_mean_0_std_1_on_the_calibration_set():
 
 
 def test_save_load_round_trip_gives_identical_scores(tmp_path):
-    from ppojax import runner
+    from ppojax.train import runner
 
     lm = ppojax.init_params(MODEL, jax.random.key(0))
     params = ppojax.init_value_params(MODEL, lm, head_init_std=0.3, key=jax.random.key(3))

@@ -14,7 +14,7 @@ import transformers
 from absl.testing import parameterized
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-from ppojax import rewards
+from ppojax.rl import rewards
 
 GPT2_VOCAB = 50257
 EOS = 50256

@@ -174,7 +174,7 @@ def test_right_padded_or_mismatched_prompts_are_refused(tiny, left_padded_batch)
 
 @pytest.mark.parametrize("k", [1, 7, 50, 999])
 def test_top_k_threshold_is_the_exact_kth_value_with_ties(k):
-    from ppojax.sampling import _kth_largest
+    from ppojax.generate.sampling import _kth_largest
 
     x = np.round(np.random.RandomState(k).randn(4, 1000) * 4)  # many ties
     kth = np.sort(x, axis=-1)[:, ::-1][:, k - 1:k]

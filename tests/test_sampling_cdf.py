@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 import ppojax
-from ppojax.sampling import _CDF_BLOCK, _inverse_cdf, categorical_inverse_cdf
+from ppojax.generate.sampling import _CDF_BLOCK, _inverse_cdf, categorical_inverse_cdf
 
 NEG = np.finfo(np.float32).min
 U_MAX = float(np.nextafter(np.float32(1.0), np.float32(0.0)))  # the largest float32 below 1

@@ -5,7 +5,7 @@ import json
 import pytest
 
 import ppojax
-from ppojax import tokenizer as tok_module
+from ppojax.io import tokenizer as tok_module
 
 
 def test_hello_world_offline():

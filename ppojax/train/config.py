@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, Optional
 
-from ppojax.kl import KLControlConfig
-from ppojax.state import OptimizerConfig, PPOConfig
+from ppojax.rl.kl import KLControlConfig
+from ppojax.rl.state import OptimizerConfig, PPOConfig
 
 _DTYPES = ("float32", "bfloat16", "float16")
 

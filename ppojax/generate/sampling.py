@@ -15,7 +15,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from ppojax.models.gpt2 import GPT2Config, Params, init_cache, next_token_logits
+from ppojax.models import Params, init_cache, next_token_logits, ModelConfig
 
 
 @flax.struct.dataclass
@@ -41,12 +41,13 @@ def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> j
 
     top-k keeps the ``k`` largest logits (ties at the k-th value kept); top-p keeps the smallest prefix of the sorted
     distribution whose mass reaches ``top_p`` (the most likely token always survives). ``logits [..., vocab]``.
+    ``top_p`` may be a (traced) array, e.g. the train state's; a Python 1.0 skips the filter.
     """
     neg_inf = jnp.finfo(logits.dtype).min
     if top_k and top_k < logits.shape[-1]:
         kth = _kth_largest(logits, top_k)
         logits = jnp.where(logits < kth, neg_inf, logits)
-    if top_p < 1.0:
+    if _top_p_on(top_p):
         sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
         probs = jax.nn.softmax(sorted_logits, axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs
@@ -54,6 +55,11 @@ def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> j
         threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < threshold, neg_inf, logits)
     return logits
+
+
+def _top_p_on(top_p) -> bool:
+    """Whether the nucleus filter runs: always for an array, for a number only below 1."""
+    return not (isinstance(top_p, (int, float)) and top_p >= 1.0)
 
 
 def _kth_largest(x: jax.Array, k: int, iterations: int = 48) -> jax.Array:
@@ -167,15 +173,16 @@ def _logprob_at(z, tokens, max_z=None, total=None):
 
 
 def _sample_step(logits, row_keys, step, *, temperature, top_k, top_p):
-    """Next token ``[batch]`` and its log-prob under the tempered, unfiltered distribution."""
+    """Next token ``[batch]`` and its log-prob under the tempered, unfiltered distribution. ``temperature`` and
+    ``top_p`` may be traced arrays (the PPO state's hyperparameters); a Python temperature of 0 means greedy."""
     logits = logits.astype(jnp.float32)
-    if temperature == 0.0:
+    if isinstance(temperature, (int, float)) and temperature == 0.0:
         tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         return tokens, _logprob_at(logits, tokens)
     scaled = logits / temperature
     step_keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
     u = _row_uniforms(step_keys)
-    unfiltered = (not top_k or top_k >= logits.shape[-1]) and top_p >= 1.0
+    unfiltered = (not top_k or top_k >= logits.shape[-1]) and not _top_p_on(top_p)
     if unfiltered:
         # The sampler's max and exp-sum over the (unfiltered) tempered logits are logsumexp's: share them.
         tokens, max_z, total = _inverse_cdf_with_mass(u, scaled)
@@ -195,10 +202,13 @@ class _DecodeState:
     done: jax.Array  # [batch] bool: EOS already emitted
 
 
-def sample(config: GPT2Config, params: Params, prompt_ids, prompt_mask, key, *, max_new_tokens: int,
+def sample(config: ModelConfig, params: Params, prompt_ids, prompt_mask, key, *, max_new_tokens: int,
            temperature: float, top_k: int, top_p: float, eos_token_id: Optional[int], pad_token_id: int,
            example_ids=None) -> SampleOutput:
-    """The traceable body of ``generate`` (no validation, no jit): call it inside other jitted code."""
+    """The traceable body of ``generate`` (no validation, no jit): call it inside other jitted code.
+
+    ``temperature`` and ``top_p`` may be traced arrays (a Python ``top_p`` of 1 compiles no nucleus filter; an
+    array always filters). ``example_ids [batch]`` seed each row's randomness."""
     batch, prompt_len = prompt_ids.shape
     n = max_new_tokens
     if example_ids is None:
@@ -254,7 +264,7 @@ _sample_jit = jax.jit(
 )
 
 
-def check_sampling_args(config: GPT2Config, prompt_shape, *, max_new_tokens, temperature, top_k, top_p,
+def check_sampling_args(config: ModelConfig, prompt_shape, *, max_new_tokens, temperature, top_k, top_p,
                         eos_token_id=None, pad_token_id=None) -> None:
     """Raise one clear ValueError for a bad sampling setting (before anything compiles)."""
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
@@ -271,14 +281,14 @@ def check_sampling_args(config: GPT2Config, prompt_shape, *, max_new_tokens, tem
     if len(prompt_shape) != 2:
         raise ValueError(f"prompt_ids must be [batch, prompt_len], got shape {tuple(prompt_shape)}")
     total = prompt_shape[1] + max_new_tokens
-    if total > config.n_positions:
+    if total > config.max_positions:
         raise ValueError(
             f"prompt of {prompt_shape[1]} tokens + {max_new_tokens} new tokens = {total} exceeds the model's context of"
-            f" {config.n_positions} positions; truncate the prompts or lower max_new_tokens"
+            f" {config.max_positions} positions; truncate the prompts or lower max_new_tokens"
         )
 
 
-def generate(config: GPT2Config, params: Params, prompt_ids, prompt_mask, key, *, max_new_tokens: int,
+def generate(config: ModelConfig, params: Params, prompt_ids, prompt_mask, key, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id: Optional[int] = None,
              pad_token_id: Optional[int] = None, example_ids=None) -> SampleOutput:
     """Sample ``max_new_tokens`` continuations of left-padded prompts in one jit.

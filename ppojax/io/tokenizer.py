@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from ppojax.hub import HUB_GPT2_IDS, HubUnreachableError, hub_reachable, warn_once
+from ppojax.io.hub import HUB_GPT2_IDS, HubUnreachableError, hub_reachable, warn_once
 
 PAD_TOKEN = "<|pad|>"
 

@@ -1,7 +1,7 @@
-"""Parallelism: a named ``(data, fsdp)`` device mesh, sharding rules, and the PPO iteration jitted over it.
+"""The device mesh, the sharding rules and the collectives: the layer BELOW the iteration.
 
-Design. The iteration is written once, for one global batch (``ppojax.ppo``); this module runs it with
-``jax.jit`` and ``NamedSharding`` (GSPMD) rather than inside ``shard_map``:
+Design. The iteration (``ppojax.rl.iteration``) is written once, for one global batch; ``ppojax.parallel.step``
+runs it with ``jax.jit`` and ``NamedSharding`` (GSPMD) over a named ``(data, fsdp)`` mesh:
 
 - The prompt batch, hence every rollout array, is sharded by rows over *both* mesh axes (``data`` and ``fsdp``:
   FSDP is data parallelism whose parameters are also sharded).
@@ -12,12 +12,11 @@ Design. The iteration is written once, for one global batch (``ppojax.ppo``); th
   reduce over the whole batch, and each epoch's minibatch permutation is a permutation of the global batch.
 - Gradients become global where the row-sharded loss meets the fsdp-sharded parameters: XLA inserts one
   all-reduce over ``data`` (a reduce-scatter over ``fsdp``) for the gradient of each parameter, and all-gathers
-  a layer's fsdp-sharded weights before they are used. ``ppojax.ppo._minibatch_update`` marks the spot.
+  a layer's fsdp-sharded weights before they are used (``Collectives.gradients`` marks the spot).
 
-Why not ``shard_map`` here: with sharded parameters ``shard_map`` needs hand-written all-gathers per layer (or a
-partially-manual mesh), while sharding annotations give FSDP, the global permutation and multi-host arrays for
-free. The ``shard_map`` route stays available for code that wants explicit collectives: ``ppo``'s functions take
-``PPOSetup.axis_name`` and then ``psum`` statistics and gradients themselves (``shard_map_iteration`` below).
+The ``shard_map`` route stays supported for code that wants explicit collectives (``ppojax.parallel.step.
+shard_map_iteration``): the state's setup then carries ``Collectives(axis_name)``, the one object through which the
+iteration makes statistics and gradients global.
 """
 
 from __future__ import annotations
@@ -105,6 +104,10 @@ def check_batch(ppo, optimizer, mesh: jax.sharding.Mesh) -> None:
     where = f"the {n} batch shards of mesh {dict(mesh.shape)}"
     if ppo.batch_size % n:
         raise MeshError(f"ppo.batch_size={ppo.batch_size} does not split over {where}")
+    prompts = ppo.batch_size // ppo.samples_per_prompt
+    if prompts % n:
+        raise MeshError(f"the {prompts} prompts of an iteration (ppo.batch_size / ppo.samples_per_prompt) do not "
+                        f"split over {where}")
     if ppo.minibatch_size % n:
         raise MeshError(f"ppo.minibatch_size={ppo.minibatch_size} does not split over {where}")
     micro, accum = ppo.minibatch_size // (optimizer.grad_accum_steps or 1), optimizer.grad_accum_steps
@@ -212,72 +215,56 @@ def constrain_rows(tree, leading: int = 0):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The iteration over a mesh
-
-_JITS: dict = {}
+# Collectives: the one place where statistics and gradients become global
 
 
-def _jitted(kind: str, state, mesh: jax.sharding.Mesh, donate: bool = False):
-    from ppojax import ppo
+@dataclasses.dataclass(frozen=True)
+class Collectives:
+    """How the iteration makes a value global over the devices that share the batch.
 
-    key = (kind, state.setup, mesh, donate)
-    fn = _JITS.get(key)
-    if fn is None:
-        shardings = state_shardings(state, mesh)
-        replicated = NamedSharding(mesh, P())
-        rows = batch_sharding(mesh)
-        # Inputs arrive laid out (shard_state / shard_batch); the outputs keep the state's layout, so the next
-        # iteration reuses this executable. Only the fields a phase changes leave the jit (ppo.jit_state_fn).
-        fn_, changes, out = {"iteration": (ppo._iteration, ppo.UPDATE_CHANGES, replicated),
-                             "rollout": (ppo._rollout, ppo.ROLLOUT_CHANGES, rows),
-                             "update": (ppo._update, ppo.UPDATE_CHANGES, replicated)}[kind]
-        changed = {k: getattr(shardings, k) for k in changes}
-        fn = ppo.jit_state_fn(fn_, changes, donate=donate, out_shardings=(changed, out))
-        _JITS[key] = fn
-    return fn
+    ``axis_name=None`` (the default, and what jit + ``NamedSharding`` uses): the program is the global one, so every
+    reduction is already global and each method is the identity. With ``axis_name`` set, the iteration runs inside
+    ``jax.shard_map`` over that mesh axis with the batch's rows split over it, and each method is the collective
+    that makes a per-device value global. The iteration calls these, never ``psum`` directly.
+    """
 
+    axis_name: Optional[str] = None
 
-def ppo_iteration(state, prompt_ids, prompt_mask, mesh: jax.sharding.Mesh, *, donate: bool = False):
-    """``ppojax.ppo.ppo_iteration`` over ``mesh``: the state keeps its ``state_shardings`` layout, prompts are row
-    sharded (``shard_batch``), metrics come back replicated (readable on every process). ``donate`` as in
-    ``ppojax.ppo.ppo_iteration``."""
-    with jax.set_mesh(mesh):
-        return _jitted("iteration", state, mesh, donate)(state, prompt_ids, prompt_mask)
+    def sum(self, x):
+        """Sum over devices (a per-device share of a global sum becomes the global sum)."""
+        return x if self.axis_name is None else jax.lax.psum(x, self.axis_name)
 
+    def mean(self, x):
+        """Mean over devices of per-device means of equal-size shards: the global mean."""
+        return x if self.axis_name is None else jax.lax.pmean(x, self.axis_name)
 
-def rollout(state, prompt_ids, prompt_mask, mesh: jax.sharding.Mesh):
-    """``ppojax.ppo.rollout`` over ``mesh`` (the rollout stays row-sharded)."""
-    with jax.set_mesh(mesh):
-        return _jitted("rollout", state, mesh)(state, prompt_ids, prompt_mask)
+    def max(self, x):
+        return x if self.axis_name is None else jax.lax.pmax(x, self.axis_name)
 
+    def gather_rows(self, tree):
+        """Every device's rows, concatenated in device order (the global batch on every device)."""
+        if self.axis_name is None:
+            return tree
+        return jax.tree.map(lambda x: jax.lax.all_gather(x, self.axis_name, tiled=True), tree)
 
-def update(state, rollout_batch, scores, mesh: jax.sharding.Mesh, *, donate: bool = False):
-    """``ppojax.ppo.update`` over ``mesh``; ``scores`` is a host array of the global batch (same on every process)
-    or a row-sharded array. ``donate`` as in ``ppojax.ppo.ppo_iteration``."""
-    if not isinstance(scores, jax.Array):
-        scores = replicate(mesh, np.asarray(scores, np.float32))
-    with jax.set_mesh(mesh):
-        return _jitted("update", state, mesh, donate)(state, rollout_batch, scores)
+    def device_count(self):
+        return 1 if self.axis_name is None else jax.lax.axis_size(self.axis_name)
 
+    def device_index(self):
+        return 0 if self.axis_name is None else jax.lax.axis_index(self.axis_name)
 
-def shard_map_iteration(state, prompt_ids, prompt_mask, mesh: jax.sharding.Mesh, check_vma: bool = False):
-    """The same iteration written with explicit collectives: ``jax.shard_map`` over the mesh's ``data`` axis
-    (parameters replicated; ``state.setup.axis_name`` must be ``'data'``). ``ppo`` then ``psum``-s statistics and
-    gradients itself. Kept as the reference that the GSPMD path is tested against."""
-    from ppojax import ppo
+    def local_gradients(self, params):
+        """Mark replicated params device-varying before differentiating: with ``check_vma=True`` the gradient of a
+        device-invariant parameter comes out already summed over the axis, and :meth:`gradients`'s psum would then
+        multiply it by the device count."""
+        return params if self.axis_name is None else jax.lax.pcast(params, self.axis_name, to="varying")
 
-    if state.setup.axis_name != "data":
-        raise ValueError("shard_map_iteration needs a state created with axis_name='data'")
-    if mesh.shape["fsdp"] != 1:
-        raise MeshError("shard_map_iteration replicates parameters: use a mesh with fsdp=1")
-    key = ("shard_map", state.setup, mesh, check_vma)
-    fn = _JITS.get(key)
-    if fn is None:
-        rows = P("data")
-        fn = jax.jit(jax.shard_map(ppo._iteration, mesh=mesh, in_specs=(P(), rows, rows), out_specs=(P(), P()),
-                                   check_vma=check_vma))
-        _JITS[key] = fn
-    return fn(state, prompt_ids, prompt_mask)
+    def gradients(self, grads):
+        """The global gradient. Each device's loss is its share of the global mean (a sum over local tokens divided
+        by the global count), so the global gradient is the SUM over devices: psum, not pmean. Under jit +
+        NamedSharding (axis None) XLA inserts the all-reduce over ``data`` (reduce-scatter over ``fsdp``) itself,
+        where the row-sharded loss meets the fsdp-sharded parameters."""
+        return self.sum(grads)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -314,13 +301,10 @@ __all__ = [
     "constrain_rows",
     "make_mesh",
     "param_spec",
-    "ppo_iteration",
     "replicate",
-    "rollout",
     "shard_batch",
-    "shard_map_iteration",
     "shard_state",
     "state_shardings",
     "to_host",
-    "update",
+    "Collectives",
 ]

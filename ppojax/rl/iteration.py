@@ -1,23 +1,27 @@
 """The PPO-RLHF iteration, one jit read top to bottom.
 
-    sample responses (KV-cache decode, temperature)
+    sample k responses per prompt (KV-cache decode, temperature)
       -> optional truncation at a stop token
-      -> recompute actor and reference log-probs and critic values with the training forward path
+      -> recompute actor and reference log-probs (and critic values, when the estimator needs a critic) with the
+         training forward path
       -> scores (jittable reward or reward model; a host reward comes in between ``rollout`` and ``update``)
-      -> penalties, per-token KL-shaped rewards, GAE, whitening
+      -> penalties, per-token KL-shaped rewards, the advantage estimator (GAE, GRPO, RLOO, ... or a user's own),
+         whitening
       -> ppo_epochs x minibatches of updates: nested ``lax.scan``, a fresh permutation each epoch
       -> KL controller update
 
 ``ppo_iteration(state, prompt_ids, prompt_mask)`` runs all of it in one jit. ``rollout`` and ``update`` are the two
-halves, also jitted, for rewards that must run on the host (text-based scorers) between them.
+halves, also jitted, for rewards that must run on the host (text-based scorers) between them. Every hyperparameter
+that a sweep or ``set_hparams`` may change is read from ``state.hparams``, so none of them recompiles.
 
-Data parallelism: with ``state.setup.axis_name`` set and the functions run inside ``shard_map`` over that mesh
-axis, every statistic (whitening, token counts, metrics) is reduced over the axis and gradients are ``psum``-ed, so
-results do not depend on the number of devices.
+Data parallelism is not written here: the program is the global one (jit + ``NamedSharding``, see
+``ppojax.parallel``), or, inside ``shard_map``, every statistic and gradient goes through
+``state.setup.collectives``, which makes them global.
 """
 
 from __future__ import annotations
 
+import collections
 from typing import Dict, Optional
 
 import chex
@@ -26,22 +30,23 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ppojax import rewards as rewards_lib
-from ppojax.parallel import constrain_rows
-from ppojax.gae import gae, masked_mean, whiten
-from ppojax.kl import update_kl_state
-from ppojax.losses import LossInputs, explained_variance
-from ppojax.logprobs import token_logprobs
-from ppojax.models.gpt2 import GPT2Config, forward_hidden, value_forward
-from ppojax.sampling import sample
-from ppojax.state import PPOSetup, TrainState
+from ppojax.generate.logprobs import token_logprobs
+from ppojax.generate.sampling import sample
+from ppojax.models import forward_hidden, lm_head, value_forward
+from ppojax.parallel.sharding import constrain_rows
+from ppojax.rl import rewards as rewards_lib
+from ppojax.rl.advantages import AdvantageInputs, masked_mean, run_estimator, whiten
+from ppojax.rl.kl import update_kl_state
+from ppojax.rl.losses import LossInputs, explained_variance
+from ppojax.rl.state import InState, PPOSetup, TrainState, learning_rate_at, make_optimizer, update_count
 
 Metrics = Dict[str, jax.Array]
 
 
 @flax.struct.dataclass
 class Rollout:
-    """One batch of experience. Response arrays are ``[batch, response_length]``, prompt arrays ``[batch, P]``."""
+    """One batch of experience. Response arrays are ``[batch, response_length]``, prompt arrays ``[batch, P]``
+    (each prompt repeated ``samples_per_prompt`` times: rows ``g*k .. g*k+k-1`` share one)."""
 
     prompt_ids: jax.Array
     prompt_mask: jax.Array
@@ -49,7 +54,7 @@ class Rollout:
     mask: jax.Array  # int32, 1 on real response tokens
     logprobs: jax.Array  # actor, tempered, recomputed with the training forward
     ref_logprobs: jax.Array  # reference, tempered
-    values: jax.Array  # critic V(s_t), the value before emitting token t
+    values: Optional[jax.Array]  # critic V(s_t), the value before emitting token t; None without a critic
     entropy: jax.Array  # per-token entropy of the tempered actor distribution
     found_stop: jax.Array  # [batch] bool: truncate token found (True when truncation is off)
 
@@ -58,7 +63,7 @@ class Rollout:
 # Forward helpers shared by rollout and update: one code path, so the first ratio is exactly 1.
 
 
-def _response_logprobs(setup: PPOSetup, params, ids, mask, prompt_len: int, recompute: bool = False):
+def _response_logprobs(setup: PPOSetup, params, ids, mask, prompt_len: int, temperature, recompute: bool = False):
     """Log-prob of each response token and the entropy of the tempered distribution, ``[batch, response]``.
 
     ``ids``/``mask`` are prompt + response; the hidden state predicting response token t sits at position P - 1 + t,
@@ -68,14 +73,14 @@ def _response_logprobs(setup: PPOSetup, params, ids, mask, prompt_len: int, reco
     model, cfg = setup.model, setup.ppo
     hidden = forward_hidden(model, params, ids, mask)[:, prompt_len - 1:-1]  # [batch, resp, width]
     tokens = jnp.where(mask[:, prompt_len:] > 0, ids[:, prompt_len:], 0)  # pad ids may lie outside the vocabulary
-    out = token_logprobs(hidden, params["transformer"]["wte"]["embedding"], tokens, temperature=cfg.temperature,
+    out = token_logprobs(hidden, lm_head(model, params), tokens, temperature=temperature,
                          chunk_size=cfg.vocab_chunk_size, recompute=recompute, compute_dtype=model.compute_dtype)
     return out.logprobs, out.entropy
 
 
-def _response_values(model: GPT2Config, critic_params, ids, mask, prompt_len: int):
+def _response_values(setup: PPOSetup, critic_params, ids, mask, prompt_len: int):
     """Critic values ``V(s_t)`` for each response position (the hidden state before token t)."""
-    return value_forward(model, critic_params, ids, mask)[:, prompt_len - 1:-1]
+    return value_forward(setup.model, critic_params, ids, mask)[:, prompt_len - 1:-1]
 
 
 def _concat(prompt_ids, prompt_mask, tokens, mask):
@@ -93,27 +98,35 @@ def _chunked(fn, chunk: int, *arrays):
     return jax.tree.map(lambda x: x.reshape(rows, *x.shape[2:]), out)
 
 
-def _pmean(x, axis_name):
-    return x if axis_name is None else jax.lax.pmean(x, axis_name)
+def _top_p(setup: PPOSetup, hp):
+    """The nucleus mass to sample with: the state's array when the setup filters, else the 1.0 that compiles none."""
+    return hp.top_p if isinstance(setup.ppo.top_p, InState) else 1.0
+
+
+def _constrain(setup: PPOSetup, tree, leading: int = 0):
+    """Under a ``(data, fsdp)`` mesh, keep the rows of every array split over the devices (not inside shard_map)."""
+    return constrain_rows(tree, leading) if setup.axis_name is None else tree
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Phase 1: rollout
 
 
-def _rollout(state: TrainState, prompt_ids, prompt_mask, example_ids=None):
+def _rollout(state: TrainState, prompt_ids, prompt_mask):
     setup: PPOSetup = state.setup
-    cfg, model = setup.ppo, setup.model
+    cfg, hp, coll = setup.ppo, state.hparams, setup.collectives
     chex.assert_rank([prompt_ids, prompt_mask], 2)
+    k = cfg.samples_per_prompt
+    if k > 1:  # rows g*k .. g*k+k-1 answer prompt g, each with its own randomness (its own row index)
+        prompt_ids, prompt_mask = jnp.repeat(prompt_ids, k, axis=0), jnp.repeat(prompt_mask, k, axis=0)
     key, sample_key = jax.random.split(state.key)
     batch, prompt_len = prompt_ids.shape
-    if example_ids is None:
-        example_ids = jnp.arange(batch)
-        if setup.axis_name is not None:  # global example index: samples do not depend on the device count
-            example_ids = example_ids + jax.lax.axis_index(setup.axis_name) * batch
+    # Global row index: a row's sample does not depend on the device count.
+    example_ids = jnp.arange(batch) + coll.device_index() * batch
+    actor = setup.roles.actor(state.params, state.frozen)
 
-    out = sample(model, state.params["actor"], prompt_ids, prompt_mask, sample_key,
-                 max_new_tokens=cfg.response_length, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+    out = sample(setup.model, actor, prompt_ids, prompt_mask, sample_key, max_new_tokens=cfg.response_length,
+                 temperature=hp.temperature, top_k=cfg.top_k, top_p=_top_p(setup, hp),
                  eos_token_id=cfg.eos_token_id, pad_token_id=setup.pad_token_id, example_ids=example_ids)
     tokens, mask = out.tokens, out.mask
     found = jnp.ones((batch,), bool)
@@ -126,27 +139,31 @@ def _rollout(state: TrainState, prompt_ids, prompt_mask, example_ids=None):
     chunk = min(cfg.rollout_chunk_size or cfg.minibatch_size, batch)
     while batch % chunk:  # a local (per-device) batch smaller than the configured chunk
         chunk -= 1
-    logp, entropy = _chunked(lambda i, m: _response_logprobs(setup, state.params["actor"], i, m, prompt_len),
-                             chunk, ids, full_mask)
-    ref_logp, _ = _chunked(lambda i, m: _response_logprobs(setup, state.ref_params, i, m, prompt_len),
-                           chunk, ids, full_mask)
-    values = _chunked(lambda i, m: _response_values(model, state.params["critic"], i, m, prompt_len),
-                      chunk, ids, full_mask)
+    logprobs = lambda params: _chunked(
+        lambda i, m: _response_logprobs(setup, params, i, m, prompt_len, hp.temperature), chunk, ids, full_mask)
+    logp, entropy = logprobs(actor)
+    ref_logp, _ = logprobs(setup.roles.reference(state.params, state.frozen))
+    values = None
+    if setup.has_critic:
+        critic = setup.roles.critic(state.params, state.frozen)
+        values = _chunked(lambda i, m: _response_values(setup, critic, i, m, prompt_len), chunk, ids, full_mask)
     real = mask > 0
     rollout = Rollout(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask.astype(jnp.int32), tokens=tokens, mask=mask.astype(jnp.int32),
         logprobs=jnp.where(real, logp, 0.0), ref_logprobs=jnp.where(real, ref_logp, 0.0),
-        values=jnp.where(real, values, 0.0), entropy=jnp.where(real, entropy, 0.0), found_stop=found,
+        values=None if values is None else jnp.where(real, values, 0.0), entropy=jnp.where(real, entropy, 0.0),
+        found_stop=found,
     )
-    if setup.axis_name is None:
-        rollout = constrain_rows(rollout)  # under a (data, fsdp) mesh: rows stay split over the devices
-    return state.replace(key=key), rollout
+    return state.replace(key=key), _constrain(setup, rollout)
 
 
 def compute_scores(state: TrainState, rollout: Rollout) -> jax.Array:
     """Scores ``[batch]`` from the state's jittable reward: response-only rewards get ``(tokens, mask)``; reward
     models (``reward.uses_prompt``) get the prompt + response sequence."""
     reward = state.reward
+    if reward is None:
+        raise ValueError("this state has no jittable reward (reward=None: a host reward); score the rollout on the "
+                         "host and call ppojax.update(state, rollout, scores)")
     if getattr(reward, "uses_prompt", False):
         ids, mask = _concat(rollout.prompt_ids, rollout.prompt_mask, rollout.tokens, rollout.mask)
         scores = reward(ids, mask)
@@ -160,50 +177,46 @@ def compute_scores(state: TrainState, rollout: Rollout) -> jax.Array:
 # Phase 2: update
 
 
-def _loss(params, state: TrainState, mb: Rollout, advantages, returns, n_tokens):
-    """The combined loss on one (micro)batch: forward actor and critic, then the composed terms."""
+def _loss(params, state: TrainState, mb: Rollout, advantages, returns, n_tokens, n_seqs):
+    """The combined loss on one (micro)batch: forward actor (and critic), then the composed terms."""
     setup = state.setup
     ids, mask = _concat(mb.prompt_ids, mb.prompt_mask, mb.tokens, mb.mask)
     P = mb.prompt_ids.shape[1]
-    logp, entropy = _response_logprobs(setup, params["actor"], ids, mask, P, recompute=setup.ppo.recompute_logits)
-    values = _response_values(setup.model, params["critic"], ids, mask, P)
+    actor = setup.roles.actor(params, state.frozen)
+    logp, entropy = _response_logprobs(setup, actor, ids, mask, P, state.hparams.temperature,
+                                       recompute=setup.ppo.recompute_logits)
+    values = None
+    if setup.has_critic:
+        values = _response_values(setup, setup.roles.critic(params, state.frozen), ids, mask, P)
     inputs = LossInputs.create(
-        mask=mb.mask, n_tokens=n_tokens, logprobs=logp, old_logprobs=mb.logprobs, ref_logprobs=mb.ref_logprobs,
-        entropy=entropy, values=values, old_values=mb.values, advantages=advantages, returns=returns,
-        tokens=mb.tokens)
-    total, metrics = setup.loss_fn(inputs)
-    return total, metrics
+        mask=mb.mask, n_tokens=n_tokens, n_seqs=n_seqs, logprobs=logp, old_logprobs=mb.logprobs,
+        ref_logprobs=mb.ref_logprobs, entropy=entropy, values=values, old_values=mb.values, advantages=advantages,
+        returns=returns, tokens=mb.tokens, aggregation=setup.ppo.loss_aggregation)
+    return setup.loss_fn(inputs, state.hparams)
 
 
 def _minibatch_update(state: TrainState, mb: Rollout, advantages, returns):
     """One optimizer update on a minibatch (optionally in micro-batches whose gradients are summed)."""
     setup = state.setup
-    axis = setup.axis_name
-    # Masked means divide by the minibatch's global token count: exact across micro-batches and devices.
-    n_tokens = jnp.maximum(jnp.sum(mb.mask).astype(jnp.float32), 1.0)
-    if axis is not None:
-        n_tokens = jax.lax.psum(n_tokens, axis)
+    coll = setup.collectives
+    # Masked means divide by the minibatch's global token (sequence) count: exact across micro-batches and devices.
+    n_tokens = jnp.maximum(coll.sum(jnp.sum(mb.mask).astype(jnp.float32)), 1.0)
+    n_seqs = coll.sum(jnp.float32(mb.mask.shape[0]))
     grad_fn = jax.value_and_grad(_loss, has_aux=True)
-    params = state.params
-    if axis is not None:
-        # Inside shard_map with check_vma=True, the gradient of a replicated (device-invariant) parameter comes out
-        # already summed over the axis; the psum below would then multiply it by the device count. Marking the
-        # params device-varying keeps each device's gradient local, so that psum is the one collective.
-        params = jax.lax.pcast(params, axis, to="varying")
+    params = coll.local_gradients(state.params)
     accum = setup.optimizer.grad_accum_steps
     if accum == 1:
-        (_, metrics), grads = grad_fn(params, state, mb, advantages, returns, n_tokens)
+        (_, metrics), grads = grad_fn(params, state, mb, advantages, returns, n_tokens, n_seqs)
     else:
         rows = mb.tokens.shape[0]
         if rows % accum:
             raise ValueError(f"optimizer.grad_accum_steps={accum} must divide the per-device minibatch of {rows}")
         split = lambda x: x.reshape(accum, rows // accum, *x.shape[1:])
         micro = jax.tree.map(split, (mb, advantages, returns))
-        if axis is None:
-            micro = constrain_rows(micro, leading=1)  # each micro-batch split over the devices, not one per device
+        micro = _constrain(setup, micro, leading=1)  # each micro-batch split over the devices, not one per device
 
         def body(acc, xs):
-            (_, m), g = grad_fn(params, state, *xs, n_tokens)
+            (_, m), g = grad_fn(params, state, *xs, n_tokens, n_seqs)
             if acc is None:
                 return (g, m), None
             acc_g, acc_m = acc
@@ -215,34 +228,36 @@ def _minibatch_update(state: TrainState, mb: Rollout, advantages, returns):
         rest = jax.tree.map(lambda x: x[1:], micro)
         init, _ = body(None, first)
         (grads, metrics), _ = jax.lax.scan(body, init, rest)
-    # Gradients become global here. shard_map (axis set): each device's loss is its share of the global mean (sum
-    # over local tokens / global count), so the global gradient is the SUM over devices: psum, not pmean.
-    # jit + NamedSharding (ppojax.parallel, axis None): the program is the global one; XLA inserts the all-reduce
-    # over `data` (reduce-scatter over `fsdp`) of the row-sharded loss's gradient to the parameters' sharding.
-    if axis is not None:
-        grads = jax.lax.psum(grads, axis)
-        metrics = {k: (jax.lax.pmax(v, axis) if k.endswith("_max") else jax.lax.psum(v, axis))
-                   for k, v in metrics.items()}
-    updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+    grads = coll.gradients(grads)
+    metrics = {k: (coll.max(v) if k.endswith("_max") else coll.sum(v)) for k, v in metrics.items()}
+    hp = state.hparams
+    tx = make_optimizer(setup, hp, learning_rate_at(setup, hp, update_count(state.opt_state)))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.global_norm(grads)
     return state.replace(params=params, opt_state=opt_state), metrics
 
 
+def _penalized(setup: PPOSetup, hp, scores, rollout: Rollout):
+    """lm-human-preferences' missing-stop score and TRL's missing-EOS penalty, when the setup has them."""
+    cfg = setup.ppo
+    if cfg.missing_truncate_penalty is not None:
+        scores = rewards_lib.penalize_missing(scores, rollout.found_stop, hp.missing_truncate_penalty)
+    if cfg.missing_eos_penalty is not None:
+        scores = rewards_lib.missing_eos_penalty(scores, rollout.tokens, rollout.mask, cfg.eos_token_id,
+                                                 hp.missing_eos_penalty)
+    return scores
+
+
 def _update(state: TrainState, rollout: Rollout, scores: jax.Array):
     setup = state.setup
-    cfg, axis = setup.ppo, setup.axis_name
+    cfg, hp, coll = setup.ppo, state.hparams, setup.collectives
+    axis = setup.axis_name
     scores = scores.astype(jnp.float32)
     chex.assert_shape(scores, (rollout.tokens.shape[0],))
     raw_scores = scores
-    n_nonfinite = rewards_lib.nonfinite_count(scores)
-    if axis is not None:
-        n_nonfinite = jax.lax.psum(n_nonfinite, axis)
-    if cfg.missing_truncate_penalty is not None:
-        scores = rewards_lib.penalize_missing(scores, rollout.found_stop, cfg.missing_truncate_penalty)
-    if cfg.missing_eos_penalty is not None:
-        scores = rewards_lib.missing_eos_penalty(scores, rollout.tokens, rollout.mask, cfg.eos_token_id,
-                                                 cfg.missing_eos_penalty)
+    n_nonfinite = coll.sum(rewards_lib.nonfinite_count(scores))
+    scores = _penalized(setup, hp, scores, rollout)
 
     # Per-token rewards: -beta * kl_t, plus the score on the last real token.
     rewards, kl = rewards_lib.shape_rewards(scores, rollout.logprobs, rollout.ref_logprobs, rollout.mask,
@@ -250,38 +265,38 @@ def _update(state: TrainState, rollout: Rollout, scores: jax.Array):
     mask = rollout.mask
     if cfg.whiten_rewards:
         rewards = whiten(rewards, mask, shift_mean=False, axis_name=axis)
-    advantages, returns = gae(rewards, rollout.values, mask, gamma=cfg.gamma, lam=cfg.lam)
-    if cfg.whiten_advantages:
+    advantages, returns = run_estimator(setup.estimator, AdvantageInputs(
+        scores=scores, rewards=rewards, kl=kl, mask=mask, values=rollout.values, gamma=hp.gamma, lam=hp.lam,
+        group_size=cfg.samples_per_prompt, axis_name=axis))
+    if setup.whiten_advantages:
         advantages = whiten(advantages, mask, shift_mean=True, axis_name=axis)
 
     # epochs x minibatches: nested scans, a fresh permutation per epoch (split from the state's key). The
-    # permutation is of the GLOBAL batch, so the minibatches are the same whatever the device count.
+    # permutation is of the GLOBAL batch's prompt groups, so the minibatches are the same whatever the device count,
+    # and each holds whole groups.
     batch = rollout.tokens.shape[0]
-    n_dev = 1 if axis is None else jax.lax.axis_size(axis)
-    n_mb = cfg.num_minibatches
+    n_dev = coll.device_count()
+    n_mb, k = cfg.num_minibatches, cfg.samples_per_prompt
     if (batch * n_dev) % n_mb or (batch * n_dev // n_mb) % n_dev:
         raise ValueError(f"the batch of {batch * n_dev} does not split into {n_mb} minibatches over {n_dev} devices")
     mb_size = batch * n_dev // n_mb  # global
     key, shuffle_key = jax.random.split(state.key)
-    data = (rollout, advantages, returns)
-    if axis is not None:
-        # shard_map: gather the (small, next to the model) rollout once so that each device can take its slice of
-        # every global minibatch.
-        data = jax.tree.map(lambda x: jax.lax.all_gather(x, axis, tiled=True), data)
+    # shard_map: gather the (small, next to the model) rollout once so that each device can take its slice of every
+    # global minibatch.
+    data = coll.gather_rows((rollout, advantages, returns))
 
-    # The scans carry only what the updates change (params, optimizer state): the reference and reward-model params
-    # are read-only inputs, not loop state that XLA would have to copy through every step.
+    # The scans carry only what the updates change (params, optimizer state): the frozen params, the reward model
+    # and the hyperparameters are read-only inputs, not loop state that XLA would have to copy through every step.
     def epoch(carry, epoch_key):
-        perm = jax.random.permutation(epoch_key, batch * n_dev).reshape(n_mb, mb_size)
+        groups = jax.random.permutation(epoch_key, batch * n_dev // k)
+        perm = (groups[:, None] * k + jnp.arange(k)).reshape(n_mb, mb_size)
         if axis is not None:  # this device's slice of each global minibatch
             local = mb_size // n_dev
-            perm = jax.lax.dynamic_slice_in_dim(perm, jax.lax.axis_index(axis) * local, local, axis=1)
+            perm = jax.lax.dynamic_slice_in_dim(perm, coll.device_index() * local, local, axis=1)
 
         def minibatch(c, idx):
-            mb, adv, ret = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), data)
-            if axis is None:
-                mb, adv, ret = constrain_rows((mb, adv, ret))
-            s, metrics = _minibatch_update(state.replace(params=c[0], opt_state=c[1]), mb, adv, ret)
+            mb = _constrain(setup, jax.tree.map(lambda x: jnp.take(x, idx, axis=0), data))
+            s, metrics = _minibatch_update(state.replace(params=c[0], opt_state=c[1]), *mb)
             return (s.params, s.opt_state), metrics
 
         return jax.lax.scan(minibatch, carry, perm)
@@ -300,49 +315,41 @@ def _update(state: TrainState, rollout: Rollout, scores: jax.Array):
     new_state = state.replace(params=params, opt_state=opt_state)
 
     # KL controller on the mean KL per response (nats, summed over tokens), n_steps = episodes in the batch.
-    kl_per_seq = kl.sum(-1)
-    mean_kl = _pmean(kl_per_seq.mean(), axis)
-    global_batch = batch if axis is None else batch * jax.lax.psum(1, axis)
-    new_kl = update_kl_state(cfg.kl, state.kl, mean_kl, global_batch)
+    mean_kl = coll.mean(kl.sum(-1).mean())
+    new_kl = update_kl_state(cfg.kl, state.kl, mean_kl, batch * n_dev, target=hp.kl_target, horizon=hp.kl_horizon)
     new_state = new_state.replace(kl=new_kl, step=state.step + 1)
 
     real = mask > 0
     lengths = mask.sum(-1).astype(jnp.float32)
-    score_mean = _pmean(raw_scores.mean(), axis)
+    score_mean = coll.mean(raw_scores.mean())
     metrics = {
         "score_mean": score_mean,
-        "score_std": jnp.sqrt(_pmean(jnp.square(raw_scores - score_mean).mean(), axis)),
-        "score_penalized_mean": _pmean(scores.mean(), axis),
-        "reward": _pmean(jnp.where(real, rewards, 0.0).sum(-1).mean(), axis),
+        "score_std": jnp.sqrt(coll.mean(jnp.square(raw_scores - score_mean).mean())),
+        "score_penalized_mean": coll.mean(scores.mean()),
+        "reward": coll.mean(jnp.where(real, rewards, 0.0).sum(-1).mean()),
         "kl": mean_kl,
         "kl_coef": state.kl.coef,
         "entropy": masked_mean(rollout.entropy, mask, axis_name=axis),
-        "response_length": _pmean(lengths.mean(), axis),
+        "response_length": coll.mean(lengths.mean()),
         "advantage_mean": masked_mean(advantages, mask, axis_name=axis),
-        "value_mean": masked_mean(rollout.values, mask, axis_name=axis),
-        "explained_variance": explained_variance(rollout.values, returns, mask, axis_name=axis),
-        "truncate_found": _pmean(rollout.found_stop.astype(jnp.float32).mean(), axis),
+        "truncate_found": coll.mean(rollout.found_stop.astype(jnp.float32).mean()),
         "nonfinite_scores": n_nonfinite,
-        "learning_rate": _learning_rate(setup, state.opt_state),
+        "learning_rate": learning_rate_at(setup, hp, update_count(state.opt_state)),
     }
-    for k, v in stats.items():  # averaged over epochs x minibatches; a name the rollout already uses gets a prefix
-        metrics[f"update/{k}" if k in metrics else k] = v.max() if k.endswith("_max") else v.mean()
+    if rollout.values is not None:
+        metrics["value_mean"] = masked_mean(rollout.values, mask, axis_name=axis)
+        metrics["explained_variance"] = explained_variance(rollout.values, returns, mask, axis_name=axis)
+    for k_, v in stats.items():  # averaged over epochs x minibatches; a name the rollout already uses gets a prefix
+        metrics[f"update/{k_}" if k_ in metrics else k_] = v.max() if k_.endswith("_max") else v.mean()
     # The first minibatch of the first epoch sees the rollout policy itself: its ratio must be exactly 1.
-    for k in ("approx_kl", "clipfrac", "ratio_max"):
-        if k in stats:
-            metrics[f"first_minibatch/{k}"] = stats[k][0, 0]
+    for k_ in ("approx_kl", "clipfrac", "ratio_max"):
+        if k_ in stats:
+            metrics[f"first_minibatch/{k_}"] = stats[k_][0, 0]
     return new_state, metrics
 
 
-def _learning_rate(setup: PPOSetup, opt_state) -> jax.Array:
-    """The learning rate of the next update: the schedule at the optimizer's update count."""
-    has_count = lambda x: "count" in getattr(x, "_fields", ())  # optax states are NamedTuples
-    counts = [x.count for x in jax.tree.leaves(opt_state, is_leaf=has_count) if has_count(x)]
-    return jnp.asarray(setup.lr_schedule(counts[0] if counts else 0), jnp.float32)
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Public, jitted entry points
+# The phases as functions of the state, and their jitted entry points
 
 
 def _iteration(state: TrainState, prompt_ids, prompt_mask):
@@ -351,32 +358,54 @@ def _iteration(state: TrainState, prompt_ids, prompt_mask):
     return _update(state, rollout, scores)
 
 
+PHASES = {"iteration": _iteration, "rollout": _rollout, "update": _update}
+"""The traceable phases, ``fn(state, *args) -> (state, out)``: what ``ppojax.parallel.step`` jits over a mesh and
+``ppojax.train.sweep`` vmaps over runs."""
+
 ROLLOUT_CHANGES = ("key",)
 UPDATE_CHANGES = ("params", "opt_state", "kl", "key", "step")
-_FROZEN = ("ref_params", "reward")
+CHANGES = {"iteration": UPDATE_CHANGES, "rollout": ROLLOUT_CHANGES, "update": UPDATE_CHANGES}
+"""The state fields each phase changes; the others are read-only inputs of its jit."""
+STATE_FIELDS = ("params", "opt_state", "frozen", "reward", "hparams", "kl", "key", "step")
+
+_TRACES: collections.Counter = collections.Counter()
 
 
-def jit_state_fn(fn, changes: tuple, *, donate: bool = False, out_shardings=None):
+def compile_count(phase: Optional[str] = None) -> int:
+    """How many times the library's jitted phases were traced (each trace is one XLA compilation): for one phase
+    (``'iteration'``, ``'rollout'``, ``'update'``, or a mesh / sweep variant such as ``'mesh/iteration'``), or all
+    of them. Compare it before and after a change to see whether the change recompiled."""
+    if phase is None:
+        return sum(_TRACES.values())
+    return _TRACES[phase]
+
+
+def jit_state_fn(fn, changes: tuple, *, donate: bool = False, out_shardings=None, name: str = "phase",
+                 transform=None):
     """``jax.jit`` of ``fn(state, *args) -> (state, out)`` where only the ``changes`` fields of the state cross the
     jit boundary on the way out.
 
     A jitted function that returned the whole state would make XLA write a fresh copy of every array it passes
     through unchanged (the reference policy and the reward model on every update; everything, optimizer state
     included, on every rollout). The returned callable instead takes ``(state, *args)``, sends the state in as its
-    changing and frozen fields, and rebuilds it with the new ``changes`` around the unchanged arrays.
+    changing and read-only fields, and rebuilds it with the new ``changes`` around the unchanged arrays.
 
     ``donate=True`` donates the changing fields' input buffers, so XLA updates the parameters and optimizer state in
-    place: the state passed in must not be used afterwards. ``out_shardings``: a ``state_shardings``-like pytree for
-    the ``changes`` (a dict) and the sharding of ``out``, for jit over a mesh.
+    place: the state passed in must not be used afterwards. ``out_shardings``: a ``state_shardings``-like dict for
+    the ``changes`` and the sharding of ``out``, for jit over a mesh. ``transform(inner) -> inner'`` wraps the
+    traced function before jit (``jax.vmap`` over a run axis, ``jax.shard_map``); ``name`` counts its traces in
+    :func:`compile_count`.
     """
-    frozen_names = tuple(f for f in UPDATE_CHANGES + _FROZEN if f not in changes)  # every other TrainState field
+    frozen_names = tuple(f for f in STATE_FIELDS if f not in changes)
 
     def inner(setup, changing, frozen, *args):
+        _TRACES[name] += 1  # runs once per trace, never per call
         state = TrainState(setup=setup, **changing, **frozen)
         new, out = fn(state, *args)
         return {k: getattr(new, k) for k in changes}, out
 
-    jitted = jax.jit(inner, static_argnums=0, donate_argnums=(1,) if donate else (),
+    traced = inner if transform is None else transform(inner)
+    jitted = jax.jit(traced, static_argnums=0, donate_argnums=(1,) if donate else (),
                      **({} if out_shardings is None else {"out_shardings": out_shardings}))
 
     def call(state: TrainState, *args):
@@ -387,7 +416,6 @@ def jit_state_fn(fn, changes: tuple, *, donate: bool = False, out_shardings=None
         new, out = jitted(state.setup, changing, frozen, *args)
         return state.replace(**new), out
 
-    call.jitted = jitted
     return call
 
 
@@ -421,21 +449,19 @@ def _distinct_buffers(donated, others):
 
 
 _JITTED = {
-    ("iteration", False): jit_state_fn(_iteration, UPDATE_CHANGES),
-    ("iteration", True): jit_state_fn(_iteration, UPDATE_CHANGES, donate=True),
-    ("rollout", False): jit_state_fn(_rollout, ROLLOUT_CHANGES),
-    ("update", False): jit_state_fn(_update, UPDATE_CHANGES),
-    ("update", True): jit_state_fn(_update, UPDATE_CHANGES, donate=True),
+    (phase, donate): jit_state_fn(PHASES[phase], CHANGES[phase], donate=donate, name=phase)
+    for phase, donate in (("iteration", False), ("iteration", True), ("rollout", False), ("update", False),
+                          ("update", True))
 }
 
 
 def ppo_iteration(state: TrainState, prompt_ids, prompt_mask, *, donate: bool = False):
-    """One PPO iteration in one jit: ``(state, prompts [batch, P]) -> (state, metrics)``.
+    """One PPO iteration in one jit: ``(state, prompts [batch / k, P]) -> (state, metrics)``.
 
-    Prompts are left-padded token ids with their mask; ``batch`` is ``state.setup.ppo.batch_size`` (or the
-    per-device share inside ``shard_map``). Metrics are scalar arrays; pull them once per iteration.
-    ``donate=True`` updates the parameters and optimizer state in place (half the memory of the update; the state
-    passed in is consumed and must not be used again).
+    Prompts are left-padded token ids with their mask: ``ppo.batch_size / ppo.samples_per_prompt`` of them (or the
+    per-device share inside ``shard_map``); each is answered ``samples_per_prompt`` times. Metrics are scalar
+    arrays; pull them once per iteration. ``donate=True`` updates the parameters and optimizer state in place (half
+    the memory of the update; the state passed in is consumed and must not be used again).
     """
     return _JITTED["iteration", bool(donate)](state, prompt_ids, prompt_mask)
 

@@ -63,8 +63,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace):
     """(ExperimentConfig, config_dir) from the YAML, the overrides and the flags."""
-    from ppojax import configlib
-    from ppojax.config import ExperimentConfig
+    from ppojax.io import configlib
+    from ppojax.train.config import ExperimentConfig
 
     path = Path(args.config) if args.config else DEFAULT_CONFIG
     if not path.exists():
@@ -100,8 +100,8 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> List[str]:
 
 def prepare_run_dir(run_dir: Path, cfg, is_main: bool) -> bool:
     """Create / check the run directory. Returns True when it holds a previous run to resume."""
-    from ppojax import configlib
-    from ppojax.checkpoint import check_writable
+    from ppojax.io import configlib
+    from ppojax.io.checkpoint import check_writable
 
     try:
         if is_main:
@@ -125,7 +125,7 @@ def prepare_run_dir(run_dir: Path, cfg, is_main: bool) -> bool:
 
 
 def load_prompts(cfg, config_dir: Path, tokenizer):
-    from ppojax import data
+    from ppojax.io import data
 
     p = cfg.prompts
     try:
@@ -164,23 +164,21 @@ def build_model(cfg):
 
 def build_reward(cfg, tokenizer, model_config, config_dir: Path):
     """(jittable reward pytree or None, host reward or None)."""
-    from ppojax import rewards
+    from ppojax.rl import rewards
 
     r = cfg.reward
     if r.kind == "lexicon":
         table = rewards.lexicon_valence_table(tokenizer, vocab_size=model_config.vocab_size)
         return rewards.lexicon_reward(table, reduce=r.lexicon_reduce), None
     if r.kind == "vader":
-        host = rewards.host_reward_from_text(rewards.vader_text_reward(), tokenizer)
-        # The iteration still needs a jittable reward object; the host scores replace its output.
-        return rewards.FunctionReward(_zero_scores), host
+        return None, rewards.host_reward_from_text(rewards.vader_text_reward(), tokenizer)
     if r.kind == "function":
         try:
             return rewards.FunctionReward.from_spec(r.function), None
         except (ImportError, AttributeError, TypeError, ValueError) as e:
             raise RunError(f"reward.function={r.function!r}: {e}") from None
     if r.kind == "reward_model":
-        from ppojax.data import resolve_path
+        from ppojax.io.data import resolve_path
 
         try:
             return load_reward_model(resolve_path(r.reward_model_path, config_dir)), None
@@ -189,16 +187,10 @@ def build_reward(cfg, tokenizer, model_config, config_dir: Path):
     raise RunError(f"unknown reward.kind {r.kind!r}")
 
 
-def _zero_scores(tokens, mask):
-    import jax.numpy as jnp
-
-    return jnp.zeros(tokens.shape[0], jnp.float32)
-
-
 def load_reward_model(path: Path):
     """A reward model directory: ``config.json`` + ``model.safetensors`` (trunk) + ``reward_head.json`` (head, gain,
     bias), as written by ``experiments/train_reward.py`` (``ppojax.reward_training.save_reward_model``)."""
-    from ppojax.reward_training import load_reward_model as load
+    from ppojax.rl.reward_training import load_reward_model as load
 
     return load(path)
 
@@ -245,7 +237,8 @@ def run(args: argparse.Namespace) -> int:
 
     import jax
 
-    from ppojax import distributed, parallel
+    from ppojax import parallel
+    from ppojax.parallel import distributed
 
     # Multi-host start-up and the mesh come first: both fail fast, before anything compiles.
     try:
@@ -268,28 +261,30 @@ def run(args: argparse.Namespace) -> int:
     texts, prompt_ids, prompt_mask = load_prompts(cfg, config_dir, tokenizer)
     model_config, actor_params = build_model(cfg)
     total = cfg.prompts.max_prompt_tokens + cfg.ppo.response_length
-    if total > model_config.n_positions:
+    if total > model_config.max_positions:
         raise RunError(
             f"prompts.max_prompt_tokens={cfg.prompts.max_prompt_tokens} + ppo.response_length="
-            f"{cfg.ppo.response_length} = {total} exceeds the model's context of {model_config.n_positions} tokens"
+            f"{cfg.ppo.response_length} = {total} exceeds the model's context of {model_config.max_positions} tokens"
         )
     if ((prompt_mask > 0) & (prompt_ids >= model_config.vocab_size)).any():
         raise RunError(f"tokenizer {cfg.tokenizer!r} produces ids beyond the model's vocabulary of "
                        f"{model_config.vocab_size}")
     reward, host_reward = build_reward(cfg, tokenizer, model_config, config_dir)
 
-    from ppojax import configlib, ppo
-    from ppojax.checkpoint import Checkpointer
-    from ppojax.data import PromptLoader
-    from ppojax.logger import RunLogger
-    from ppojax.state import create_train_state
+    from ppojax.rl import iteration as ppo
+    from ppojax.io import configlib
+    from ppojax.io.checkpoint import Checkpointer
+    from ppojax.io.data import PromptLoader
+    from ppojax.io.logger import RunLogger
+    from ppojax.rl.state import create_train_state
+    from ppojax.train.loop import train
 
     ppo_cfg = cfg.ppo
     state = create_train_state(model_config, actor_params, ppo=ppo_cfg, reward=reward,
                                key=jax.random.key(cfg.seed), optimizer=cfg.optimizer,
                                total_iterations=cfg.iterations)
     state = parallel.shard_state(state, mesh)  # params over `fsdp`, replicated over `data`
-    loader = PromptLoader(prompt_ids, prompt_mask, ppo_cfg.batch_size, cfg.seed, cfg.prompts.shuffle,
+    loader = PromptLoader(prompt_ids, prompt_mask, ppo_cfg.prompts_per_iteration, cfg.seed, cfg.prompts.shuffle,
                           jax.process_index(), jax.process_count())
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep)
     start = 0
@@ -315,48 +310,40 @@ def run(args: argparse.Namespace) -> int:
                        console_every=cfg.logging.console_every)
     stop = _Stop()
     stop.install()
-    last_saved = start
-    exit_code = 0
+    outcome = {"last_saved": start, "exit_code": 0}
+
+    def on_iteration(done, state, metrics, prompts):
+        try:
+            ppo.check_metrics(metrics, done)
+        except FloatingPointError as e:
+            logger.log_metrics(done, metrics)
+            print(f"[ppojax] error: {e}. The last good checkpoint (iteration {outcome['last_saved']}) is intact in "
+                  f"{run_dir / 'checkpoints'}.", file=sys.stderr, flush=True)
+            outcome["exit_code"] = 1
+            return True
+        logger.log_metrics(done, metrics)
+        if cfg.logging.samples_every and (done % cfg.logging.samples_every == 0 or done == 1):
+            logger.log_samples(done, _sample_rows(state, *prompts, tokenizer, cfg, host_reward, mesh))
+        if done % cfg.checkpoint.every == 0 or done == cfg.iterations or stop.signal is not None:
+            ckpt.save(done, _arrays(state), {"iteration": done, "data_position": done * ppo_cfg.prompts_per_iteration,
+                                             "time": time.time()})
+            ckpt.wait()
+            outcome["last_saved"] = done
+        if stop.signal is not None:
+            print(f"[ppojax] received signal {stop.signal}: checkpoint saved at iteration {done}; rerun the "
+                  "same command to resume", file=sys.stderr, flush=True)
+            return True
+        return False
+
     try:
-        for it in range(start, cfg.iterations):
-            t0 = time.time()
-            ids_np, mask_np = loader.batch(it)
-            ids, mask = parallel.shard_batch(mesh, ids_np, mask_np)  # this process's rows -> global arrays
-            if host_reward is None:
-                state, metrics = parallel.ppo_iteration(state, ids, mask, mesh, donate=True)
-            else:
-                state_after_rollout, batch = parallel.rollout(state, ids, mask, mesh)
-                tokens_np, resp_mask_np = parallel.to_host((batch.tokens, batch.mask))
-                scores = host_reward(tokens_np, resp_mask_np)  # every process scores the global batch
-                state, metrics = parallel.update(state_after_rollout, batch, scores, mesh, donate=True)
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            metrics["time_s"] = time.time() - t0
-            try:
-                ppo.check_metrics(metrics, it + 1)
-            except FloatingPointError as e:
-                logger.log_metrics(it + 1, metrics)
-                print(f"[ppojax] error: {e}. The last good checkpoint (iteration {last_saved}) is intact in "
-                      f"{run_dir / 'checkpoints'}.", file=sys.stderr, flush=True)
-                exit_code = 1
-                break
-            logger.log_metrics(it + 1, metrics)
-            done = it + 1
-            if cfg.logging.samples_every and (done % cfg.logging.samples_every == 0 or done == 1):
-                logger.log_samples(done, _sample_rows(state, ids, mask, tokenizer, cfg, host_reward, mesh))
-            if done % cfg.checkpoint.every == 0 or done == cfg.iterations or stop.signal is not None:
-                ckpt.save(done, _arrays(state), {"iteration": done, "data_position": done * ppo_cfg.batch_size,
-                                                 "time": time.time()})
-                ckpt.wait()
-                last_saved = done
-            if stop.signal is not None:
-                print(f"[ppojax] received signal {stop.signal}: checkpoint saved at iteration {done}; rerun the "
-                      "same command to resume", file=sys.stderr, flush=True)
-                break
+        state = train(state, loader, iterations=cfg.iterations, start=start, mesh=mesh, host_reward=host_reward,
+                      donate=True, on_iteration=on_iteration)
     finally:
         logger.close()
         ckpt.close()
+    exit_code = outcome["exit_code"]
     if exit_code == 0 and stop.signal is None and cfg.export:
-        actor = parallel.to_host(state.params["actor"])  # collective: every process gathers, process 0 writes
+        actor = parallel.to_host(state.actor_params)  # collective: every process gathers, process 0 writes
         if is_main:
             out = ppojax.save_pretrained(run_dir / "export", model_config, actor)
             tokenizer.save_pretrained(out)
@@ -367,24 +354,16 @@ def run(args: argparse.Namespace) -> int:
 def _sample_rows(state, ids, mask, tokenizer, cfg, host_reward, mesh):
     """A fresh rollout of the current policy for the sample table (seeded from the state; the state is unchanged).
     Collective in a multi-process run: every process calls it, the logger writes on process 0."""
-    import jax
+    from ppojax.train.loop import sample_table
 
-    from ppojax import parallel, ppo
-
-    _, batch = parallel.rollout(state, ids, mask, mesh)
-    b = parallel.to_host(batch)
-    if host_reward is None:
-        with jax.set_mesh(mesh):
-            scores = parallel.to_host(ppo.score_rollout(state, batch))  # compiled once, not per table
-    else:
-        scores = host_reward(b.tokens, b.mask)
+    b, scores = sample_table(state, ids, mask, mesh=mesh, host_reward=host_reward)
     return _decode_samples(tokenizer, b.prompt_ids, b.prompt_mask, b.tokens, b.mask, scores, cfg.logging.num_samples)
 
 
 def _arrays(state):
     """The checkpointed part of the state: every array (the static setup is rebuilt from the config)."""
-    return {"params": state.params, "opt_state": state.opt_state, "ref_params": state.ref_params,
-            "reward": state.reward, "kl": state.kl, "key": state.key, "step": state.step}
+    return {"params": state.params, "opt_state": state.opt_state, "frozen": state.frozen, "reward": state.reward,
+            "hparams": state.hparams, "kl": state.kl, "key": state.key, "step": state.step}
 
 
 def _with_arrays(state, arrays):
@@ -398,7 +377,7 @@ def _export_checkpoint(step, ckpt, state, run_dir, tokenizer, is_main=True) -> i
     if step not in ckpt.all_steps():
         raise RunError(f"{run_dir / 'checkpoints'} has no checkpoint {step}; available: {ckpt.all_steps()}")
     _, restored, _ = ckpt.restore(_arrays(state), step=step)
-    actor = parallel.to_host(restored["params"]["actor"])
+    actor = parallel.to_host(state.setup.roles.actor(restored["params"], restored["frozen"]))
     if is_main:
         out = ppojax.save_pretrained(run_dir / f"export-{step}", state.setup.model, actor)
         tokenizer.save_pretrained(out)
@@ -417,8 +396,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     warnings.formatwarning = _format_warning  # one readable line per warning in a job's log
     args = parse_args(argv)
     if args.help_config:
-        from ppojax import configlib
-        from ppojax.config import ExperimentConfig
+        from ppojax.io import configlib
+        from ppojax.train.config import ExperimentConfig
 
         print(configlib.describe(ExperimentConfig))
         return 0

@@ -54,7 +54,8 @@ def token_logprobs(hidden: jax.Array, embedding: jax.Array, tokens: jax.Array, *
       hidden: ``[..., d]`` final hidden states (after ``ln_f``).
       embedding: ``[V, d]`` the tied LM head (GPT-2's ``wte``).
       tokens: ``[...]`` integer ids in ``[0, V)`` (map pads to a valid id first; their values are ignored by callers).
-      temperature: divides the logits (a Python float > 0).
+      temperature: divides the logits (> 0): a Python float, or a scalar array such as the train state's (it is not
+        differentiated).
       chunk_size: vocabulary rows per chunk; ``>= V`` means one chunk.
       recompute: under differentiation, recompute each chunk's logits in the backward pass (memory
         ``O(tokens x chunk)``, one more vocabulary matmul) instead of keeping them from the forward pass (``[tokens,
@@ -67,7 +68,7 @@ def token_logprobs(hidden: jax.Array, embedding: jax.Array, tokens: jax.Array, *
         raise ValueError(f"hidden {hidden.shape} must be tokens {tokens.shape} + [width]")
     if hidden.shape[-1] != embedding.shape[-1]:
         raise ValueError(f"hidden width {hidden.shape[-1]} differs from the embedding's {embedding.shape}")
-    if not temperature > 0:
+    if isinstance(temperature, (int, float)) and not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
@@ -75,8 +76,9 @@ def token_logprobs(hidden: jax.Array, embedding: jax.Array, tokens: jax.Array, *
     dtype = jnp.dtype(hidden.dtype if compute_dtype is None else compute_dtype)
     h = hidden.reshape(-1, hidden.shape[-1])
     with jax.named_scope("token_logprobs"):  # names its ops in profiles (benchmarks/profile_iteration.py)
-        logp, entropy = _token_logprobs(float(temperature), min(chunk_size, embedding.shape[0]), dtype,
-                                        bool(recompute), h, embedding, tokens.reshape(-1).astype(jnp.int32))
+        logp, entropy = _token_logprobs(min(chunk_size, embedding.shape[0]), dtype, bool(recompute),
+                                        jnp.asarray(temperature, jnp.float32), h, embedding,
+                                        tokens.reshape(-1).astype(jnp.int32))
     return TokenLogProbs(logp.reshape(lead), entropy.reshape(lead))
 
 
@@ -124,21 +126,24 @@ def _forward(temperature, chunk, dtype, h, W, tokens, keep_logits: bool):
     return chosen - lse, lse - mean_z, lse, mean_z, logits
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _token_logprobs(temperature, chunk, dtype, recompute, h, W, tokens):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _token_logprobs(chunk, dtype, recompute, temperature, h, W, tokens):
     logp, entropy, _, _, _ = _forward(temperature, chunk, dtype, h, W, tokens, keep_logits=False)
     return logp, entropy
 
 
-def _fwd(temperature, chunk, dtype, recompute, h, W, tokens):
+def _fwd(chunk, dtype, recompute, temperature, h, W, tokens):
     logp, entropy, lse, mean_z, logits = _forward(temperature, chunk, dtype, h, W, tokens,
                                                   keep_logits=not recompute)
-    return (logp, entropy), (h, W, tokens, lse, mean_z, logits)
+    return (logp, entropy), (temperature, h, W, tokens, lse, mean_z, logits)
 
 
-def _bwd(temperature, chunk, dtype, recompute, residuals, cotangents):
+def _bwd(chunk, dtype, recompute, residuals, cotangents):
     with jax.named_scope("token_logprobs_bwd"):
-        return _bwd_body(temperature, chunk, dtype, residuals, cotangents)
+        temperature = residuals[0]
+        dh, dW = _bwd_body(temperature, chunk, dtype, residuals[1:], cotangents)
+        # The temperature is a hyperparameter, not a parameter: no gradient flows to it.
+        return jnp.zeros_like(temperature), dh, dW, None
 
 
 def _bwd_body(temperature, chunk, dtype, residuals, cotangents):
@@ -173,7 +178,7 @@ def _bwd_body(temperature, chunk, dtype, residuals, cotangents):
     a_t = (a * inv_t)[:, None]
     dh = dh + a_t * W[tokens].astype(jnp.float32)
     dW = dW.at[tokens].add(a_t * h.astype(jnp.float32))
-    return dh.astype(h.dtype), dW.astype(W.dtype), None
+    return dh.astype(h.dtype), dW.astype(W.dtype)
 
 
 _token_logprobs.defvjp(_fwd, _bwd)

@@ -65,23 +65,27 @@ def init_kl_state(cfg: KLControlConfig) -> KLState:
     return KLState(coef=jnp.asarray(cfg.init_coef, jnp.float32))
 
 
-def update_kl_state(cfg: KLControlConfig, state: KLState, kl: jax.Array, n_steps: jax.Array | int) -> KLState:
+def update_kl_state(cfg: KLControlConfig, state: KLState, kl: jax.Array, n_steps: jax.Array | int, *,
+                    target=None, horizon=None) -> KLState:
     """One controller update after a batch (jit-safe; ``kl`` and ``n_steps`` may be traced, ``cfg`` is static).
 
     Args:
-      cfg: the controller configuration.
+      cfg: the controller configuration (only ``kind`` is read when ``target`` and ``horizon`` are given).
       state: current state.
       kl: scalar, mean KL per response of the batch just collected (nats, summed over tokens).
       n_steps: number of episodes in that batch.
+      target, horizon: the adaptive controller's settings as (traced) arrays; default ``cfg``'s.
 
     Returns:
       The new state; unchanged for ``kind == "fixed"``.
     """
     if cfg.kind == "fixed":
         return state
+    target = cfg.target if target is None else target
+    horizon = cfg.horizon if horizon is None else horizon
     kl = jnp.asarray(kl, jnp.float32)
     chex.assert_rank(kl, 0)
     n_steps = jnp.asarray(n_steps, jnp.float32)
-    error = jnp.clip(kl / cfg.target - 1.0, -_ERROR_CLIP, _ERROR_CLIP)
-    coef = state.coef * (1.0 + error * n_steps / cfg.horizon)
+    error = jnp.clip(kl / target - 1.0, -_ERROR_CLIP, _ERROR_CLIP)
+    coef = state.coef * (1.0 + error * n_steps / horizon)
     return state.replace(coef=coef.astype(jnp.float32))

@@ -43,7 +43,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from ppojax.gae import masked_var
+from ppojax.rl.advantages import masked_var
 
 __all__ = [
     "LossInputs",
@@ -51,7 +51,6 @@ __all__ = [
     "TermFn",
     "combine",
     "resolve_term",
-    "ppo_terms",
     "ppo_clip_loss",
     "value_loss",
     "entropy_loss",
@@ -59,6 +58,13 @@ __all__ = [
     "kl_estimate",
     "explained_variance",
     "KL_ESTIMATORS",
+    "LOSS_AGGREGATIONS",
+    "aggregate",
+    "gspo_loss",
+    "get_policy_loss",
+    "policy_losses",
+    "register_policy_loss",
+    "resolve_callable",
 ]
 
 Metrics = dict[str, jax.Array]
@@ -77,6 +83,11 @@ class LossInputs:
     n_tokens: jax.Array
     """Scalar float: the denominator of every masked mean. ``mask.sum()`` by default (see :meth:`create`); the
     trainer may pass the token count of the whole batch so minibatch and device averages stay exact."""
+    n_seqs: jax.Array | None = None
+    """Scalar float: the sequence count the sequence-mean aggregations divide by (``batch`` by default; the
+    trainer passes the global minibatch's, like ``n_tokens``)."""
+    aggregation: str = dataclasses.field(default="token-mean", metadata={"pytree_node": False})
+    """How the policy loss reduces its per-token values (:data:`LOSS_AGGREGATIONS`); metrics are token means."""
     logprobs: jax.Array | None = None
     """Log-probabilities of the taken tokens under the current policy."""
     old_logprobs: jax.Array | None = None
@@ -104,7 +115,11 @@ class LossInputs:
         mask = jnp.asarray(mask, jnp.float32)
         if n_tokens is None:
             n_tokens = mask.sum()
-        return cls(mask=mask, n_tokens=jnp.asarray(n_tokens, jnp.float32), **fields)
+        n_seqs = fields.pop("n_seqs", None)
+        if n_seqs is None:
+            n_seqs = mask.shape[0]
+        return cls(mask=mask, n_tokens=jnp.asarray(n_tokens, jnp.float32), n_seqs=jnp.asarray(n_seqs, jnp.float32),
+                   **fields)
 
 
 def _require(inputs: LossInputs, *names: str) -> list[jax.Array]:
@@ -127,22 +142,72 @@ def _mean(x: jax.Array, inputs: LossInputs) -> jax.Array:
     return jnp.sum(jnp.where(mask > 0, x * mask, 0.0)) / inputs.n_tokens
 
 
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+def _aggregate(x: jax.Array, mask: jax.Array, mode: str, n_tokens, n_seqs) -> jax.Array:
+    """A sum over this shard's rows divided by a global count, so shards and micro-batches add up exactly."""
+    real = mask > 0
+    x = jnp.where(real, x * mask, 0.0)
+    if mode == "token-mean":
+        return jnp.sum(x) / n_tokens
+    if mode == "seq-mean-token-mean":
+        per_seq = jnp.sum(x, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+        return jnp.sum(per_seq) / n_seqs
+    if mode == "seq-mean-token-sum":
+        return jnp.sum(x) / n_seqs
+    if mode == "seq-mean-token-sum-norm":
+        return jnp.sum(x) / (n_seqs * x.shape[-1])
+    raise ValueError(f"loss aggregation must be one of {LOSS_AGGREGATIONS}, got {mode!r}")
+
+
+def aggregate(per_token: jax.Array, mask: jax.Array, mode: str = "token-mean") -> jax.Array:
+    r"""Reduce a per-token loss ``[B, T]`` to a scalar (verl's ``agg_loss``; Tunix ships the same set)::
+
+        token-mean               sum(x m) / sum(m)
+        seq-mean-token-mean      (1/B) sum_b [ sum_t x m / sum_t m ]
+        seq-mean-token-sum       (1/B) sum_b sum_t x m
+        seq-mean-token-sum-norm  sum(x m) / (B T)                      (Dr. GRPO: no length bias)
+
+    ``mask`` is 1 on real tokens; padding values never leak (even inf or nan). A row with no real token counts as a
+    sequence with mean 0.
+    """
+    chex.assert_rank([per_token, mask], 2)
+    chex.assert_equal_shape([per_token, mask])
+    mask = jnp.asarray(mask, jnp.float32)
+    n_tokens = jnp.maximum(mask.sum(), 1.0)
+    return _aggregate(jnp.asarray(per_token, jnp.float32), mask, mode, n_tokens, jnp.float32(mask.shape[0]))
+
+
+def _agg(x: jax.Array, inputs: LossInputs) -> jax.Array:
+    """``inputs.aggregation`` of ``x`` with the inputs' (global) token and sequence counts."""
+    return _aggregate(x, inputs.mask, inputs.aggregation, inputs.n_tokens, inputs.n_seqs)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def ppo_clip_loss(
-    inputs: LossInputs, *, clip_eps: float = 0.2, dual_clip: float | None = None
+    inputs: LossInputs, *, clip_eps: float = 0.2, dual_clip: float | None = None, clip_eps_high: float | None = None
 ) -> tuple[jax.Array, Metrics]:
-    r"""Clipped surrogate policy loss (Schulman et al. 2017, arXiv:1707.06347), optionally dual-clipped.
+    r"""Clipped surrogate policy loss (Schulman et al. 2017, arXiv:1707.06347), optionally dual-clipped and with
+    clip-higher.
 
     With ``ratio = exp(logp - logp_old)`` and advantage ``A``, per token::
 
-        l = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))
+        l = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps_high))   eps_high = eps unless clip_eps_high
+                                                                       (DAPO, Yu et al. 2025: 0.28)
         l = min(l, -c * A)      where A < 0, if dual_clip = c > 1   (Ye et al. 2020, arXiv:1912.09729)
 
-    Loss is the masked mean of ``l``. Metrics: ``policy_loss``, ``clipfrac`` (share of tokens where the clipped
-    branch is taken), ``approx_kl = 0.5 * mean((logp - logp_old)^2)`` (as TRL), ``ratio_mean`` and ``ratio_max``
-    (max over this shard's real tokens; 0 if none).
+    The loss reduces ``l`` by ``inputs.aggregation`` (token mean by default). Metrics (token means): ``policy_loss``,
+    ``clipfrac`` (share of tokens where the clipped branch is taken), ``approx_kl = 0.5 * mean((logp -
+    logp_old)^2)`` (as TRL), ``ratio_mean`` and ``ratio_max`` (max over this shard's real tokens; 0 if none).
+    Hyperparameters may be Python numbers or (traced) arrays from the train state.
     """
-    if dual_clip is not None and not dual_clip > 1.0:
+    if _is_number(dual_clip) and not dual_clip > 1.0:
         raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip!r}")
+    high = clip_eps if clip_eps_high is None else clip_eps_high
     logp, old_logp, adv = _require(inputs, "logprobs", "old_logprobs", "advantages")
     real = inputs.mask > 0
     # Zero the log-ratio at padding before exp, so garbage there gives neither inf nor nan gradients.
@@ -151,12 +216,12 @@ def ppo_clip_loss(
     adv = jnp.where(real, adv, 0.0)
 
     unclipped = -adv * ratio
-    clipped = -adv * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    clipped = -adv * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + high)
     per_token = jnp.maximum(unclipped, clipped)
     if dual_clip is not None:
         per_token = jnp.where(adv < 0, jnp.minimum(per_token, -dual_clip * adv), per_token)
 
-    loss = _mean(per_token, inputs)
+    loss = _agg(per_token, inputs)
     metrics = {
         "policy_loss": loss,
         "clipfrac": _mean((clipped > unclipped).astype(jnp.float32), inputs),
@@ -167,8 +232,85 @@ def ppo_clip_loss(
     return loss, metrics
 
 
+def gspo_loss(
+    inputs: LossInputs, *, clip_eps: float = 0.2, dual_clip: float | None = None, clip_eps_high: float | None = None
+) -> tuple[jax.Array, Metrics]:
+    r"""GSPO's sequence-level clipped surrogate (Zheng et al. 2025, arXiv:2507.18071).
+
+    Per sequence ``i`` with ``|y_i|`` real tokens, the importance ratio is the geometric mean of the token ratios::
+
+        s_i = exp( (1/|y_i|) sum_t (logp_it - logp_old_it) )
+        l_i = max(-A_i s_i, -A_i clip(s_i, 1 - eps, 1 + eps_high))
+
+    written on every token of the sequence as ``s_it = sg(s_i) * exp(logp_it - sg(logp_it))`` (same value; the
+    gradient is the paper's ``s_i / |y_i| * grad sum_t logp_it``), then reduced by ``inputs.aggregation`` (verl
+    recommends ``seq-mean-token-mean``, which weighs each sequence once). ``A_i`` is the advantage on the sequence's
+    tokens (group estimators give every token the same one). ``dual_clip`` as in :func:`ppo_clip_loss`.
+    Metrics: ``policy_loss``, ``clipfrac`` and ``ratio_mean``/``ratio_max`` of the sequence ratios (token means),
+    ``approx_kl`` as in :func:`ppo_clip_loss`.
+    """
+    logp, old_logp, adv = _require(inputs, "logprobs", "old_logprobs", "advantages")
+    real = inputs.mask > 0
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    log_ratio = jnp.where(real, logp - old_logp, 0.0)  # [B, T]
+    lengths = jnp.maximum(jnp.sum(real, axis=-1), 1).astype(jnp.float32)
+    seq_log_ratio = jnp.sum(log_ratio, axis=-1) / lengths  # [B]
+    token_ratio = jnp.exp(jnp.where(real, logp - jax.lax.stop_gradient(logp), 0.0))  # 1, with logp's gradient
+    ratio = jax.lax.stop_gradient(jnp.exp(seq_log_ratio))[:, None] * token_ratio  # [B, T]: s_i on each token
+    adv = jnp.where(real, adv, 0.0)
+    unclipped = -adv * ratio
+    clipped = -adv * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + high)
+    per_token = jnp.maximum(unclipped, clipped)
+    if dual_clip is not None:
+        per_token = jnp.where(adv < 0, jnp.minimum(per_token, -dual_clip * adv), per_token)
+    loss = _agg(per_token, inputs)
+    return loss, {
+        "policy_loss": loss,
+        "clipfrac": _mean((clipped > unclipped).astype(jnp.float32), inputs),
+        "approx_kl": 0.5 * _mean(jnp.square(log_ratio), inputs),
+        "ratio_mean": _mean(ratio, inputs),
+        "ratio_max": jnp.max(jnp.where(real, ratio, 0.0)),
+    }
+
+
+_POLICY_LOSSES: dict[str, TermFn] = {"ppo": ppo_clip_loss, "gspo": gspo_loss}
+
+
+def register_policy_loss(name: str, fn: TermFn | None = None, *, replace: bool = False):
+    """Register ``fn(inputs, *, clip_eps, clip_eps_high, dual_clip) -> (loss, metrics)`` as the policy loss
+    ``name`` (``ppo.policy_loss: name``); usable as a decorator. Its metrics must include ``policy_loss``."""
+
+    def register(f):
+        if not callable(f):
+            raise TypeError(f"policy loss {name!r} must be callable")
+        if name in _POLICY_LOSSES and not replace and _POLICY_LOSSES[name] is not f:
+            raise ValueError(f"a policy loss named {name!r} is already registered (pass replace=True)")
+        _POLICY_LOSSES[name] = f
+        return f
+
+    return register if fn is None else register(fn)
+
+
+def policy_losses() -> dict[str, TermFn]:
+    """The registered policy losses by name."""
+    return dict(_POLICY_LOSSES)
+
+
+def get_policy_loss(spec: str) -> TermFn:
+    """A policy loss by registered name or ``'package.module:function'``."""
+    if isinstance(spec, str) and ":" not in spec:
+        if spec not in _POLICY_LOSSES:
+            import difflib
+
+            close = difflib.get_close_matches(spec, list(_POLICY_LOSSES), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown policy loss {spec!r} (registered: {', '.join(sorted(_POLICY_LOSSES))}){hint}")
+        return _POLICY_LOSSES[spec]
+    return resolve_callable(spec, what="policy loss")
+
+
 def value_loss(inputs: LossInputs, *, clip_eps: float = 0.2) -> tuple[jax.Array, Metrics]:
-    r"""Clipped value loss (as in lm-human-preferences and TRL)::
+    r"""Clipped value loss (as in lm-human-preferences and TRL), reduced by ``inputs.aggregation``::
 
         V_clip = V_old + clip(V - V_old, -eps, eps)
         loss   = 0.5 * mean(max((V - R)^2, (V_clip - R)^2))
@@ -180,7 +322,7 @@ def value_loss(inputs: LossInputs, *, clip_eps: float = 0.2) -> tuple[jax.Array,
     values_clipped = old_values + jnp.clip(values - old_values, -clip_eps, clip_eps)
     unclipped = jnp.square(values - returns)
     clipped = jnp.square(values_clipped - returns)
-    loss = 0.5 * _mean(jnp.maximum(unclipped, clipped), inputs)
+    loss = 0.5 * _agg(jnp.maximum(unclipped, clipped), inputs)
     metrics = {
         "value_loss": loss,
         "value_clipfrac": _mean((clipped > unclipped).astype(jnp.float32), inputs),
@@ -191,8 +333,7 @@ def value_loss(inputs: LossInputs, *, clip_eps: float = 0.2) -> tuple[jax.Array,
 def entropy_loss(inputs: LossInputs) -> tuple[jax.Array, Metrics]:
     """Negative mean entropy: with a positive weight this is an entropy bonus. Metric ``entropy`` (positive)."""
     (entropy,) = _require(inputs, "entropy")
-    mean_entropy = _mean(entropy, inputs)
-    return -mean_entropy, {"entropy": mean_entropy}
+    return -_agg(entropy, inputs), {"entropy": _mean(entropy, inputs)}
 
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -225,8 +366,7 @@ def kl_loss(inputs: LossInputs, *, estimator: str = "k3") -> tuple[jax.Array, Me
     real = inputs.mask > 0
     # Sanitise padding before the estimator's exp.
     kl = kl_estimate(jnp.where(real, logp, 0.0), jnp.where(real, ref_logp, 0.0), estimator)
-    loss = _mean(kl, inputs)
-    return loss, {f"kl_{estimator}": loss}
+    return _agg(kl, inputs), {f"kl_{estimator}": _mean(kl, inputs)}
 
 
 def explained_variance(values: jax.Array, returns: jax.Array, mask: jax.Array, axis_name=None) -> jax.Array:
@@ -251,6 +391,31 @@ _BUILTIN_TERMS: dict[str, TermFn] = {
 }
 
 
+def resolve_callable(spec: str | Callable, *, what: str = "function") -> Callable:
+    """The callable named ``'package.module:function'`` (an attribute path such as ``'pkg.mod:Class.method'``
+    works too), or ``spec`` itself when it is callable. Errors name ``what`` (a reward, a loss term, an
+    estimator...) and say what is wrong: a malformed string (ValueError), a module that does not import
+    (ImportError), a missing attribute (AttributeError), or something not callable (TypeError)."""
+    if callable(spec):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"a {what} is a callable or a 'package.module:function' string, got {type(spec).__name__}")
+    module_name, _, attr_path = spec.partition(":")
+    if not module_name or not attr_path or ":" in attr_path or not all(attr_path.split(".")):
+        raise ValueError(f"{what} {spec!r} must look like 'package.module:function'")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ImportError(f"cannot import module {module_name!r} for {what} {spec!r}: {e}") from e
+    for attr in attr_path.split("."):
+        if not hasattr(obj, attr):
+            raise AttributeError(f"{what} {spec!r}: {getattr(obj, '__name__', obj)!r} has no attribute {attr!r}")
+        obj = getattr(obj, attr)
+    if not callable(obj):
+        raise TypeError(f"{what} {spec!r} resolves to a {type(obj).__name__}, which is not callable")
+    return obj
+
+
 def resolve_term(spec: str | TermFn) -> TermFn:
     """Returns the loss-term function named by ``spec``.
 
@@ -264,30 +429,13 @@ def resolve_term(spec: str | TermFn) -> TermFn:
       AttributeError: the module has no such attribute.
       TypeError: the attribute is not callable, or ``spec`` is neither a string nor callable.
     """
-    if callable(spec):
-        return spec
-    if not isinstance(spec, str):
-        raise TypeError(f"a loss term is a callable or a 'module:function' string, got {type(spec).__name__}")
-    if ":" not in spec:
+    if isinstance(spec, str) and ":" not in spec:
         if spec in _BUILTIN_TERMS:
             return _BUILTIN_TERMS[spec]
         raise ValueError(
             f"loss term {spec!r} is not 'package.module:function' nor a built-in term ({sorted(_BUILTIN_TERMS)})"
         )
-    module_name, _, attr_path = spec.partition(":")
-    if not module_name or not attr_path or ":" in attr_path or not all(attr_path.split(".")):
-        raise ValueError(f"loss term {spec!r} must look like 'package.module:function'")
-    try:
-        obj = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ImportError(f"cannot import module {module_name!r} for loss term {spec!r}: {e}") from e
-    for attr in attr_path.split("."):
-        if not hasattr(obj, attr):
-            raise AttributeError(f"loss term {spec!r}: {getattr(obj, '__name__', obj)!r} has no attribute {attr!r}")
-        obj = getattr(obj, attr)
-    if not callable(obj):
-        raise TypeError(f"loss term {spec!r} resolves to a {type(obj).__name__}, which is not callable")
-    return obj
+    return resolve_callable(spec, what="loss term")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,7 +468,8 @@ def combine(terms: Sequence[LossTerm]) -> Callable[..., tuple[jax.Array, Metrics
 
     ``metrics`` holds every term's own metrics (names must not collide), ``loss/<name>`` (the weighted term) and
     ``loss/total``. ``weights``, if given, maps term names to (possibly traced) weights that override the static
-    ones, e.g. an annealed entropy coefficient kept as an array in the train state.
+    ones, e.g. an annealed entropy coefficient kept as an array in the train state; ``kwargs`` maps term names to
+    keyword arguments that override the bound ones (a clip range from the state's hyperparameters).
     """
     terms = tuple(terms)
     if not terms:
@@ -332,15 +481,17 @@ def combine(terms: Sequence[LossTerm]) -> Callable[..., tuple[jax.Array, Metrics
     if len(set(names)) != len(names):
         raise ValueError(f"loss term names must be unique, got {names}")
 
-    def loss_fn(inputs: LossInputs, weights: Mapping[str, jax.Array] | None = None) -> tuple[jax.Array, Metrics]:
+    def loss_fn(inputs: LossInputs, weights: Mapping[str, jax.Array] | None = None,
+                kwargs: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[jax.Array, Metrics]:
         weights = dict(weights or {})
-        unknown = set(weights) - set(names)
+        kwargs = dict(kwargs or {})
+        unknown = (set(weights) | set(kwargs)) - set(names)
         if unknown:
-            raise ValueError(f"weights given for unknown loss terms {sorted(unknown)}; terms are {names}")
+            raise ValueError(f"weights or kwargs given for unknown loss terms {sorted(unknown)}; terms are {names}")
         total = jnp.zeros((), jnp.float32)
         metrics: Metrics = {}
         for term in terms:
-            out = term.fn(inputs, **term.kwargs)
+            out = term.fn(inputs, **{**term.kwargs, **kwargs.get(term.name, {})})
             if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping)):
                 raise TypeError(f"loss term {term.name!r} must return (loss, metrics_dict)")
             loss, term_metrics = out
@@ -358,24 +509,3 @@ def combine(terms: Sequence[LossTerm]) -> Callable[..., tuple[jax.Array, Metrics
         return total, metrics
 
     return loss_fn
-
-
-def ppo_terms(
-    *,
-    clip_eps: float = 0.2,
-    value_clip_eps: float = 0.2,
-    value_coef: float = 0.1,
-    entropy_coef: float = 0.0,
-    dual_clip: float | None = None,
-) -> list[LossTerm]:
-    """The standard PPO-RLHF loss: policy + value_coef * value (+ entropy bonus if ``entropy_coef`` is nonzero).
-
-    Defaults are lm-human-preferences' (clip 0.2, value clip 0.2, value coefficient 0.1, no entropy bonus).
-    """
-    terms = [
-        LossTerm("policy", ppo_clip_loss, 1.0, {"clip_eps": clip_eps, "dual_clip": dual_clip}),
-        LossTerm("value", value_loss, value_coef, {"clip_eps": value_clip_eps}),
-    ]
-    if entropy_coef:
-        terms.append(LossTerm("entropy", entropy_loss, entropy_coef))
-    return terms

@@ -45,9 +45,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ppojax.models.gpt2 import GPT2Config, Params, init_value_params
-from ppojax.preferences import PreferenceBatch
-from ppojax.rewards import RewardModel, reward_model
+from ppojax.models import Params, init_value_params, ModelConfig
+from ppojax.rl.preferences import PreferenceBatch
+from ppojax.rl.rewards import RewardModel, reward_model
 
 __all__ = [
     "RewardTrainConfig",
@@ -100,7 +100,7 @@ class RewardTrainConfig:
 class _Setup:
     """The static part of a training run (identity-hashed: one setup, one compilation)."""
 
-    model: GPT2Config
+    model: ModelConfig
     tx: optax.GradientTransformation
     axis_name: Optional[str] = None
 
@@ -118,11 +118,11 @@ class RewardTrainState:
     setup: _Setup = flax.struct.field(pytree_node=False)
 
 
-def create_reward_train_state(config: GPT2Config, lm_params: Params, cfg: RewardTrainConfig, *, key: jax.Array,
+def create_reward_train_state(config: ModelConfig, lm_params: Params, cfg: RewardTrainConfig, *, key: jax.Array,
                               axis_name: Optional[str] = None) -> RewardTrainState:
     """A fresh state: the LM's trunk plus a random scalar head (std ``cfg.head_init_std`` or ``1/sqrt(d+1)``)."""
     head_key, key = jax.random.split(key)
-    std = cfg.head_init_std if cfg.head_init_std is not None else 1.0 / math.sqrt(config.n_embd + 1)
+    std = cfg.head_init_std if cfg.head_init_std is not None else 1.0 / math.sqrt(config.width + 1)
     params = init_value_params(config, lm_params, head_init_std=std, key=head_key)
     parts = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm is not None else []
     tx = optax.chain(*parts, optax.adam(cfg.learning_rate))
@@ -177,7 +177,7 @@ def preference_loss(scores: jax.Array, choice: jax.Array, weights: Optional[jax.
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def comparison_scores(config: GPT2Config, params: Params, batch: PreferenceBatch) -> jax.Array:
+def comparison_scores(config: ModelConfig, params: Params, batch: PreferenceBatch) -> jax.Array:
     """Raw reward-model scores ``[n, k]``: each response appended to its left-padded query, read at the last real
     token by :meth:`RewardModel.raw` (the path PPO scores with)."""
     n, k, r = batch.tokens.shape
@@ -245,7 +245,7 @@ def train_epoch(state: RewardTrainState, data: PreferenceBatch, *, batch_size: i
 
 
 @functools.partial(jax.jit, static_argnames=("config", "batch_size"))
-def _evaluate(config: GPT2Config, params: Params, data: PreferenceBatch, weights, *, batch_size: int):
+def _evaluate(config: ModelConfig, params: Params, data: PreferenceBatch, weights, *, batch_size: int):
     n_total = jnp.maximum(jnp.sum(weights), 1.0)
     chunks = data.n // batch_size
     split = jax.tree.map(lambda x: x.reshape(chunks, batch_size, *x.shape[1:]), (data, weights))
@@ -257,7 +257,7 @@ def _evaluate(config: GPT2Config, params: Params, data: PreferenceBatch, weights
     return jax.tree.map(jnp.sum, jax.lax.map(part, split))  # parts are shares of the global mean: they add up
 
 
-def evaluate(config: GPT2Config, params: Params, data: PreferenceBatch, *, batch_size: int = 64) -> dict:
+def evaluate(config: ModelConfig, params: Params, data: PreferenceBatch, *, batch_size: int = 64) -> dict:
     """Loss, accuracy and margin on ``data`` (e.g. the held-out split), as Python floats.
 
     The comparisons go through in chunks of ``batch_size``; the last is padded with zero-weight rows.
@@ -299,7 +299,7 @@ def save_reward_model(path: str | os.PathLike, rm: RewardModel) -> Path:
     and written last (atomically), so an interrupted save leaves a directory that :func:`load_reward_model` refuses
     rather than a trunk paired with another model's head.
     """
-    from ppojax.hub import save_pretrained
+    from ppojax.io.hub import save_pretrained
 
     path = Path(path).expanduser()
     path.mkdir(parents=True, exist_ok=True)
@@ -344,7 +344,7 @@ def load_reward_model(path: str | os.PathLike, **config_overrides) -> RewardMode
     ``config_overrides`` set numerics (``dtype="bfloat16"``...). Raises ``ValueError`` (or ``FileNotFoundError``)
     with one line naming the file and what is wrong.
     """
-    from ppojax.hub import load_pretrained
+    from ppojax.io.hub import load_pretrained
 
     path = Path(path).expanduser()
     if not path.exists():
@@ -363,9 +363,9 @@ def load_reward_model(path: str | os.PathLike, **config_overrides) -> RewardMode
         raise ValueError(f"{head_file}: expected an object with 'kernel', 'bias', 'gain' and 'bias_norm'")
     config, params = load_pretrained(path, **config_overrides)
     kernel = head["kernel"]
-    if (not isinstance(kernel, list) or len(kernel) != config.n_embd
+    if (not isinstance(kernel, list) or len(kernel) != config.width
             or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in kernel)):
-        raise ValueError(f"{head_file}: 'kernel' must be a list of {config.n_embd} finite numbers (the model's width)")
+        raise ValueError(f"{head_file}: 'kernel' must be a list of {config.width} finite numbers (the model's width)")
     dtype = config.storage_dtype
     rm_params = {
         "transformer": params["transformer"],

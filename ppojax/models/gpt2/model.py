@@ -25,15 +25,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-import chex
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 
-Params = Any  # a nested dict of arrays
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+from ppojax.models.base import DTYPES, KVCache, Params, cache_positions_and_bias, empty_cache
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -75,8 +71,8 @@ class GPT2Config:
         if not self.layer_norm_epsilon > 0:
             raise ValueError(f"GPT2Config.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
         for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in _DTYPES:
-                raise ValueError(f"GPT2Config.{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"GPT2Config.{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
 
     @property
     def head_dim(self) -> int:
@@ -87,12 +83,22 @@ class GPT2Config:
         return self.n_inner if self.n_inner is not None else 4 * self.n_embd
 
     @property
+    def width(self) -> int:
+        """Width of the residual stream (the model interface's name for ``n_embd``)."""
+        return self.n_embd
+
+    @property
+    def max_positions(self) -> int:
+        """Context length (the model interface's name for ``n_positions``)."""
+        return self.n_positions
+
+    @property
     def compute_dtype(self):
-        return _DTYPES[self.dtype]
+        return DTYPES[self.dtype]
 
     @property
     def storage_dtype(self):
-        return _DTYPES[self.param_dtype]
+        return DTYPES[self.param_dtype]
 
     def replace(self, **changes) -> "GPT2Config":
         return dataclasses.replace(self, **changes)
@@ -106,37 +112,6 @@ PRESETS = {
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
     "distilgpt2": dict(n_layer=6, n_head=12, n_embd=768),
 }
-
-
-@flax.struct.dataclass
-class KVCache:
-    """Keys and values of every block for incremental decoding.
-
-    ``key``/``value``: ``[n_layer, batch, n_head, max_len, head_dim]`` in the compute dtype.
-    ``mask``: ``[batch, max_len]`` 1 where a slot holds a real token (written or about to be written).
-    ``index``: int32 scalar, the slot the next call writes its first token to.
-    """
-
-    key: jax.Array
-    value: jax.Array
-    mask: jax.Array
-    index: jax.Array
-
-
-def init_cache(config: GPT2Config, batch_size: int, max_len: int) -> KVCache:
-    """An empty cache of ``max_len`` slots (prompt plus new tokens)."""
-    shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
-    return KVCache(
-        key=jnp.zeros(shape, config.compute_dtype),
-        value=jnp.zeros(shape, config.compute_dtype),
-        mask=jnp.zeros((batch_size, max_len), jnp.int32),
-        index=jnp.zeros((), jnp.int32),
-    )
-
-
-def position_ids_from_mask(attention_mask: jax.Array) -> jax.Array:
-    """``positions[b, t] = max(cumsum(mask[b])[t] - 1, 0)``: left padding does not shift the positions."""
-    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
 def _layer_norm(config: GPT2Config, name: str) -> nn.LayerNorm:
@@ -202,12 +177,6 @@ class Block(nn.Module):
         return (x, cache_kv), None
 
 
-def _attention_bias(query_slots, key_slots, key_valid):
-    """Additive attention bias ``[batch, 1, q, k]``: 0 iff key slot <= query slot and the key is a real token."""
-    allowed = (key_slots[None, None, :] <= query_slots[None, :, None]) & (key_valid[:, None, :] > 0)
-    return jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)[:, None, :, :]
-
-
 class GPT2Trunk(nn.Module):
     """Embeddings, the scanned blocks and the final LayerNorm. Returns hidden states ``[batch, time, width]`` (f32)."""
 
@@ -224,20 +193,8 @@ class GPT2Trunk(nn.Module):
         attention_mask = attention_mask.astype(jnp.int32)
         # Pads (any id, even one outside the vocabulary) become token 0; attention never looks at them anyway.
         ids = jnp.where(attention_mask > 0, input_ids, 0)
-
-        if cache is None:
-            positions = position_ids_from_mask(attention_mask)
-            slots = jnp.arange(time)
-            bias = _attention_bias(slots, slots, attention_mask)
-            cache_kv, write_index, kv_mask = None, None, None
-        else:
-            kv_mask = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, cache.index))
-            # Position of each new token = number of real tokens before it in the whole sequence.
-            positions = jnp.maximum(jnp.cumsum(kv_mask, axis=-1) - 1, 0)
-            positions = jax.lax.dynamic_slice_in_dim(positions, cache.index, time, axis=1)
-            query_slots = cache.index + jnp.arange(time)
-            bias = _attention_bias(query_slots, jnp.arange(kv_mask.shape[1]), kv_mask)
-            cache_kv, write_index = (cache.key, cache.value), cache.index
+        positions, bias, kv_mask = cache_positions_and_bias(attention_mask, cache)
+        cache_kv, write_index = (None, None) if cache is None else ((cache.key, cache.value), cache.index)
 
         x = (wte(ids).astype(jnp.float32) + wpe(positions).astype(jnp.float32)).astype(cfg.compute_dtype)
         block = Block
@@ -273,84 +230,8 @@ class GPT2LMHeadModel(nn.Module):
         return logits, cache
 
 
-class GPT2ScalarHeadModel(nn.Module):
-    """Trunk + a linear head to one scalar per token: the critic (head init 0) or a reward model (std 1/sqrt(d+1))."""
-
-    config: GPT2Config
-    head_init_std: float = 0.0
-
-    @nn.compact
-    def __call__(self, input_ids, attention_mask):
-        hidden, _ = GPT2Trunk(self.config, name="transformer")(input_ids, attention_mask)
-        init = nn.initializers.zeros if self.head_init_std == 0 else nn.initializers.normal(self.head_init_std)
-        head = nn.Dense(1, dtype=jnp.float32, param_dtype=self.config.storage_dtype, kernel_init=init, name="head")
-        return head(hidden)[..., 0]  # [batch, time]
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Pure functions over params: the API the rest of ppojax uses.
-
-
-def _check_inputs(config: GPT2Config, input_ids, attention_mask, offset: int = 0):
-    chex.assert_rank([input_ids, attention_mask], 2)
-    if input_ids.shape != attention_mask.shape:
-        raise ValueError(
-            f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} must have the same"
-            " [batch, time] shape"
-        )
-    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
-        raise TypeError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
-    if input_ids.shape[1] + offset > config.n_positions:
-        raise ValueError(
-            f"sequence of {input_ids.shape[1] + offset} tokens exceeds the context of {config.n_positions}"
-            " positions (GPT2Config.n_positions); shorten the prompt or the response"
-        )
-
-
-def forward(config: GPT2Config, params: Params, input_ids, attention_mask) -> jax.Array:
-    """Logits ``[batch, time, vocab]`` (float32) of the causal LM on a (left-)padded batch. Pure; jit it freely."""
-    _check_inputs(config, input_ids, attention_mask)
-    logits, _ = GPT2LMHeadModel(config).apply({"params": params}, input_ids, attention_mask)
-    return logits
-
-
-def forward_hidden(config: GPT2Config, params: Params, input_ids, attention_mask) -> jax.Array:
-    """Final hidden states ``[batch, time, width]`` (float32, after ``ln_f``) of the LM's trunk."""
-    _check_inputs(config, input_ids, attention_mask)
-    hidden, _ = GPT2Trunk(config).apply({"params": params["transformer"]}, input_ids, attention_mask)
-    return hidden
-
-
-def unembed(config: GPT2Config, params: Params, hidden: jax.Array) -> jax.Array:
-    """Logits ``[..., vocab]`` (float32) of hidden states through the tied LM head.
-
-    ``forward == unembed(forward_hidden)``; splitting them lets a caller project only the positions it needs (the
-    vocabulary projection is the largest matmul of a small GPT-2).
-    """
-    dt = config.compute_dtype
-    wte = params["transformer"]["wte"]["embedding"]
-    return jnp.einsum("...d,vd->...v", hidden.astype(dt), wte.astype(dt), preferred_element_type=jnp.float32)
-
-
-def forward_with_cache(config: GPT2Config, params: Params, input_ids, attention_mask, cache: KVCache):
-    """Logits of ``input_ids`` appended at ``cache.index`` (prefill: the whole prompt; decode: one token)."""
-    logits, cache = GPT2LMHeadModel(config).apply({"params": params}, input_ids, attention_mask, cache)
-    return logits, cache
-
-
-def next_token_logits(config: GPT2Config, params: Params, input_ids, attention_mask, cache: KVCache):
-    """Logits ``[batch, vocab]`` after the last of ``input_ids`` (appended at ``cache.index``), and the new cache.
-
-    What a sampler needs: the prefill skips the vocabulary projection of every prompt position but the last.
-    """
-    hidden, cache = GPT2Trunk(config).apply({"params": params["transformer"]}, input_ids, attention_mask, cache)
-    return unembed(config, params, hidden[:, -1]), cache
-
-
-def value_forward(config: GPT2Config, params: Params, input_ids, attention_mask) -> jax.Array:
-    """Per-token scalar outputs ``[batch, time]`` (float32) of a critic / reward model (``init_value_params``)."""
-    _check_inputs(config, input_ids, attention_mask)
-    return GPT2ScalarHeadModel(config).apply({"params": params}, input_ids, attention_mask)
+# The model interface (ppojax.models.base): GPT-2 as a registered family.
 
 
 def init_params(config: GPT2Config, key: jax.Array) -> Params:
@@ -359,22 +240,16 @@ def init_params(config: GPT2Config, key: jax.Array) -> Params:
     return GPT2LMHeadModel(config).init(key, ids, jnp.ones_like(ids))["params"]
 
 
-def init_value_params(config: GPT2Config, lm_params: Params, *, head_init_std: float = 0.0,
-                      key: Optional[jax.Array] = None) -> Params:
-    """Scalar-head model params from LM params: the same trunk, a new head.
-
-    ``head_init_std=0`` (the critic's value head, zeros) needs no key; a reward model uses ``1/sqrt(n_embd + 1)``.
-    """
-    d = config.n_embd
-    dtype = config.storage_dtype
-    if head_init_std == 0:
-        kernel = jnp.zeros((d, 1), dtype)
-    else:
-        if key is None:
-            raise ValueError("init_value_params: a random head (head_init_std > 0) needs a `key`")
-        kernel = (head_init_std * jax.random.normal(key, (d, 1))).astype(dtype)
-    return {"transformer": lm_params["transformer"], "head": {"kernel": kernel, "bias": jnp.zeros((1,), dtype)}}
+def hidden(config: GPT2Config, params: Params, input_ids, attention_mask, cache: Optional[KVCache] = None):
+    """``(hidden [batch, time, n_embd] f32, new cache or None)`` of the trunk (``params['transformer']``)."""
+    return GPT2Trunk(config).apply({"params": params["transformer"]}, input_ids, attention_mask, cache)
 
 
-def count_params(params: Params) -> int:
-    return sum(int(x.size) for x in jax.tree.leaves(params))
+def lm_head(config: GPT2Config, params: Params) -> jax.Array:
+    """GPT-2's LM head is tied: the token embedding ``wte`` ``[vocab, n_embd]``."""
+    return params["transformer"]["wte"]["embedding"]
+
+
+def init_cache(config: GPT2Config, batch_size: int, max_len: int) -> KVCache:
+    """An empty cache of ``max_len`` slots: ``[n_layer, batch, n_head, max_len, head_dim]``."""
+    return empty_cache(config.n_layer, batch_size, config.n_head, max_len, config.head_dim, config.compute_dtype)

@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppojax.data import read_text_file
+from ppojax.io.data import read_text_file
 
 __all__ = [
     "Comparison",
@@ -305,8 +305,8 @@ def sample_comparisons(config, params, tokenizer, queries: Sequence[str], *, k: 
     randomness is seeded by its global index, so the samples do not depend on ``batch_size``. Response text keeps
     special tokens (an emitted EOS reads ``<|endoftext|>``) and drops the padding after it.
     """
-    from ppojax.data import tokenize_prompts
-    from ppojax.sampling import generate
+    from ppojax.io.data import tokenize_prompts
+    from ppojax.generate.sampling import generate
 
     if k < 2:
         raise ValueError(f"k must be >= 2 responses per query, got {k}")
@@ -376,7 +376,7 @@ def text_scorer(name: str, tokenizer: Any = None, *, vocab_size: Optional[int] =
     tokens under ``tokenizer``, the same quantity as ``ppojax.rewards.LexiconReward`` on those tokens; ids at or
     beyond ``vocab_size`` (the pad) count 0.
     """
-    from ppojax import rewards
+    from ppojax.rl import rewards
 
     if name == "vader":
         return rewards.vader_text_reward()

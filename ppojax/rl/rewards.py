@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from ppojax.losses import kl_estimate
+from ppojax.rl.losses import kl_estimate
 
 __all__ = [
     "RewardFn",
@@ -471,7 +471,7 @@ class FunctionReward:
 
     @classmethod
     def from_spec(cls, spec: str) -> "FunctionReward":
-        from ppojax.losses import resolve_term  # the same 'module:function' resolution as loss terms
+        from ppojax.rl.losses import resolve_term  # the same 'module:function' resolution as loss terms
 
         if not isinstance(spec, str) or ":" not in spec:
             raise ValueError(f"a reward function is named 'package.module:function', got {spec!r}")
@@ -496,7 +496,7 @@ class RewardModel:
 
     def raw(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
         """Unnormalised head output at each row's last real token, ``[batch]``."""
-        from ppojax.models.gpt2 import value_forward
+        from ppojax.models import value_forward
 
         values = value_forward(self.config, self.params, ids, mask)  # [batch, time]
         last = last_token_index(mask)

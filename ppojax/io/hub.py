@@ -1,0 +1,243 @@
+"""Hugging Face checkpoints in and out, for every registered model family, through each family's explicit key map.
+
+A checkpoint is a directory with ``config.json`` and ``model.safetensors`` (or shards with
+``model.safetensors.index.json``, or ``pytorch_model.bin`` when torch is installed), or a hub id such as ``gpt2``.
+``config.json``'s ``model_type`` picks the family (``ppojax.models.family_for_model_type``); the family's
+``HFConverter`` maps the tensors, uses every one of them or fails naming the leftovers, and checks every shape.
+The GPT-2 key map is in ``ppojax/models/gpt2/convert.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import urllib.parse
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Tuple
+
+import numpy as np
+
+from ppojax.io.atomic import atomic_directory
+from ppojax.models import CheckpointError, family_for_model_type, family_of
+
+HUB_GPT2_IDS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
+
+
+class HubUnreachableError(OSError):
+    """The Hugging Face hub could not be reached and the files are not in the local cache."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hub access
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub endpoint answers a TCP connect within ``timeout`` seconds (False under HF_HUB_OFFLINE=1).
+
+    Checked up front so an offline machine fails in seconds instead of after the hub client's minute of retries.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    url = urllib.parse.urlparse(endpoint)
+    host = url.hostname or "huggingface.co"
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _offline_hint(name: str) -> str:
+    return (
+        f"To work offline, pass a local directory saved with `save_pretrained` (config.json + model.safetensors), "
+        f"or download '{name}' on a machine with access and copy the Hugging Face cache (HF_HOME) over, then set "
+        "HF_HUB_OFFLINE=1."
+    )
+
+
+def resolve_checkpoint_dir(name_or_path: str | os.PathLike, allow_patterns=None) -> Path:
+    """A local directory holding the checkpoint: the path itself, or a hub snapshot (cache first, then network)."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file; expected a checkpoint directory (config.json + weights)")
+        return path
+    name = str(name_or_path)
+    # Hub ids are "name" or "org/name"; anything else that does not exist is a missing local path.
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(f"checkpoint directory {name} does not exist")
+    from huggingface_hub import snapshot_download
+
+    patterns = allow_patterns or ["config.json", "*.safetensors", "*.json", "*.txt"]
+    try:  # the local cache first: works offline when the files were downloaded before
+        return Path(snapshot_download(name, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass
+    if not hub_reachable():
+        raise HubUnreachableError(
+            f"'{name}' is not a local directory and the Hugging Face hub cannot be reached (no network, or "
+            f"HF_HUB_OFFLINE=1), nor is it in the local cache. {_offline_hint(name)}"
+        )
+    try:
+        return Path(snapshot_download(name, allow_patterns=patterns))
+    except Exception as e:  # repository missing, gated, network dropped mid-way
+        raise CheckpointError(
+            f"could not download '{name}' from the Hugging Face hub: {type(e).__name__}: {e}. "
+            f"Check the id (GPT-2 ids: {', '.join(HUB_GPT2_IDS)}) or pass a local directory."
+        ) from e
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tensors
+
+
+def _read_tensors(directory: Path) -> Tuple[Dict[str, np.ndarray], str]:
+    st = directory / "model.safetensors"
+    if st.exists():
+        return _read_safetensors(st), st.name
+    index = directory / "model.safetensors.index.json"
+    shards = sorted(directory.glob("model-*-of-*.safetensors"))
+    if index.exists() or shards:
+        return _read_shards(directory, index, shards)
+    pt = directory / "pytorch_model.bin"
+    if pt.exists():
+        try:
+            import torch
+        except ImportError:
+            raise CheckpointError(
+                f"{directory} holds only pytorch_model.bin, and reading it needs torch (`pip install torch`); or "
+                "convert it to model.safetensors"
+            ) from None
+        state = torch.load(str(pt), map_location="cpu", weights_only=True)
+        return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}, pt.name
+    raise CheckpointError(
+        f"{directory} has no weights: expected model.safetensors (or pytorch_model.bin), found "
+        f"{sorted(p.name for p in directory.iterdir())}"
+    )
+
+
+def _read_safetensors(path: Path) -> Dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as e:
+        if "bfloat16" in str(e).lower() or "bf16" in str(e).lower():
+            return _read_tensors_torch(path)
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+
+
+def _read_shards(directory: Path, index: Path, shards: list) -> Tuple[Dict[str, np.ndarray], str]:
+    """Sharded safetensors: the files ``model.safetensors.index.json``'s ``weight_map`` names (else every
+    ``model-*-of-*.safetensors``); a tensor the index names must be in the shard it says."""
+    weight_map = None
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index with a 'weight_map' ({type(e).__name__})") from e
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (directory / n).exists()]
+        if missing:
+            raise CheckpointError(f"{index} names shard(s) {missing} that are not in {directory}")
+        shards = [directory / n for n in names]
+    tensors: Dict[str, np.ndarray] = {}
+    for shard in shards:
+        part = _read_safetensors(shard)
+        if weight_map is not None:
+            strays = [k for k in part if weight_map.get(k) != Path(shard).name]
+            if strays:
+                raise CheckpointError(f"{shard}: tensors {strays[:5]} are not mapped to this shard by {index.name}")
+        tensors.update(part)
+    if weight_map is not None:
+        absent = sorted(set(weight_map) - set(tensors))
+        if absent:
+            raise CheckpointError(f"{index}: tensors {absent[:5]} are mapped to shards that do not hold them")
+    return tensors, index.name if weight_map is not None else "model-*-of-*.safetensors"
+
+
+def _read_tensors_torch(path: Path) -> Dict[str, np.ndarray]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise CheckpointError(f"{path} stores bfloat16 tensors; reading them needs torch installed") from None
+    return {k: v.float().numpy() for k, v in load_file(str(path)).items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def read_hf_config(directory: Path) -> Dict[str, Any]:
+    """``config.json`` of a checkpoint directory as a dict (one clear error when missing or not JSON)."""
+    config_file = directory / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(f"{directory} has no config.json; is it a transformers checkpoint directory?")
+    try:
+        hf_config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_file}: not valid JSON ({e})") from e
+    if not isinstance(hf_config, dict):
+        raise CheckpointError(f"{config_file}: expected a JSON object")
+    return hf_config
+
+
+def load_pretrained(name_or_path: str | os.PathLike, **config_overrides):
+    """``(config, params)`` from a hub id (``gpt2``, ...) or a local transformers directory, for any registered
+    family: ``config.json``'s ``model_type`` picks it.
+
+    ``config_overrides`` set numerics fields such as ``dtype="bfloat16"`` or ``remat=True``. Params are stored in
+    ``param_dtype`` (float32 by default).
+    """
+    directory = resolve_checkpoint_dir(name_or_path)
+    hf_config = read_hf_config(directory)
+    source = str(directory / "config.json")
+    family = family_for_model_type(hf_config.get("model_type"), source)
+    if family.hf is None:
+        raise CheckpointError(f"{source}: model family {family.name!r} has no Hugging Face converter")
+    config = family.hf.config_from_hf(hf_config, source=source, **config_overrides)
+    tensors, fname = _read_tensors(directory)
+    params = family.hf.params_from_hf(config, tensors, source=str(directory / fname))
+    return config, params
+
+
+def save_pretrained(path: str | os.PathLike, config: Any, params) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` that ``transformers.AutoModelForCausalLM.from_pretrained``
+    loads, through the family's key map.
+
+    Accepts LM params or scalar-head params (the head is dropped: the export is the LM). The directory is written
+    to a temporary sibling and renamed into place, so a failed save leaves nothing behind; an existing directory is
+    replaced only after the new one is complete.
+    """
+    from safetensors.numpy import save_file
+
+    family = family_of(config)
+    if family.hf is None:
+        raise CheckpointError(f"save_pretrained: model family {family.name!r} has no Hugging Face converter")
+    path = Path(path).expanduser()
+    if not isinstance(params, dict) or "transformer" not in params:
+        raise CheckpointError(f"save_pretrained: params must be a ppojax {family.name} param tree with a "
+                              "'transformer' entry")
+    tensors = family.hf.params_to_hf(config, params)  # fails before anything is written
+    try:
+        with atomic_directory(path) as tmp:
+            (tmp / "config.json").write_text(json.dumps(family.hf.config_to_hf(config), indent=2) + "\n")
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    except OSError as e:
+        raise CheckpointError(f"save_pretrained: cannot write {path}: {e}") from e
+    return path
+
+
+_WARNED: set = set()
+
+
+def warn_once(message: str) -> None:
+    """``warnings.warn`` each distinct message once per process."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=3)
