@@ -406,7 +406,7 @@ class RunLogger:
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:
-                warnings.warn("tensorboard=True but tensorboardX is not installed (pip install 'ppojax[plots]'); "
+                warnings.warn("tensorboard=True but tensorboardX is not installed (pip install tensorboardX); "
                               "logging without TensorBoard.", RuntimeWarning, stacklevel=2)
             else:
                 # purge_step hides events an earlier run wrote for the iterations this one will redo. The suffix

@@ -56,7 +56,6 @@ __all__ = [
     "PreferenceError",
     "choose",
     "label_comparisons",
-    "load_preferences",
     "parse_labeler",
     "read_preferences",
     "sample_comparisons",
@@ -262,14 +261,6 @@ def tokenize_preferences(tokenizer: Any, rows: Sequence[Comparison], *, query_le
         )
     choice = np.asarray([-1 if row.choice is None else row.choice for row in rows], np.int32)
     return PreferenceBatch(query_ids=query_ids, query_mask=query_mask, tokens=tokens, mask=mask, choice=choice)
-
-
-def load_preferences(path: str | os.PathLike, tokenizer: Any, *, query_length: int, response_length: int,
-                     require_choice: bool = True) -> PreferenceBatch:
-    """:func:`read_preferences` then :func:`tokenize_preferences`."""
-    rows = read_preferences(path, require_choice=require_choice)
-    return tokenize_preferences(tokenizer, rows, query_length=query_length, response_length=response_length,
-                                source=str(path))
 
 
 def split_preferences(batch: PreferenceBatch, val_fraction: float, seed: int) -> tuple[PreferenceBatch,

@@ -61,7 +61,6 @@ __all__ = [
     "preference_loss",
     "save_reward_model",
     "train_epoch",
-    "train_step",
 ]
 
 HEAD_FILE = "reward_head.json"
@@ -215,12 +214,6 @@ def _update(state: RewardTrainState, batch: PreferenceBatch, weights) -> tuple[R
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.global_norm(grads)
     return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
-
-
-@jax.jit
-def train_step(state: RewardTrainState, batch: PreferenceBatch) -> tuple[RewardTrainState, dict]:
-    """One Adam update on one minibatch of comparisons (all rows count)."""
-    return _update(state, batch, jnp.ones((batch.n,), jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size",))

@@ -13,9 +13,6 @@ from typing import Literal, Optional
 from ppojax.rl.kl import KLControlConfig
 from ppojax.rl.state import OptimizerConfig, PPOConfig
 
-_DTYPES = ("float32", "bfloat16", "float16")
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """The policy (actor), the reference (a frozen copy) and the critic (same trunk, zero value head)."""
