@@ -394,7 +394,6 @@ def run_size(spec: dict) -> dict:
     import jax.numpy as jnp
 
     import ppojax
-    from ppojax import ppo as ppo_lib
 
     log = CompileLog()
     dev = jax.devices()[0]
@@ -407,7 +406,7 @@ def run_size(spec: dict) -> dict:
     config = ppojax.GPT2Config(vocab_size=VOCAB, n_positions=N_POSITIONS, **shape, dtype=spec["dtype"],
                                param_dtype=spec["param_dtype"], remat=spec["remat"])
     params = jax.jit(ppojax.init_params, static_argnums=0)(config, jax.random.key(0))
-    n_params = ppojax.models.gpt2.count_params(params)
+    n_params = ppojax.models.count_params(params)
     rm_params = ppojax.init_value_params(config, params, head_init_std=1.0 / (shape["n_embd"] + 1) ** 0.5,
                                          key=jax.random.key(1))
     reward = ppojax.rewards.reward_model(config, rm_params)
@@ -436,7 +435,7 @@ def run_size(spec: dict) -> dict:
         jax.block_until_ready(r)
         t1 = time.perf_counter()
         m1 = log.mark()
-        scores = ppo_lib.score_rollout(state, r)
+        scores = ppojax.score_rollout(state, r)
         jax.block_until_ready(scores)
         t2 = time.perf_counter()
         m2 = log.mark()
@@ -454,23 +453,17 @@ def run_size(spec: dict) -> dict:
         print(f"[{name}] iteration {it}: {t3 - t0:.3f} s (rollout {t1 - t0:.3f}, score {t2 - t1:.3f}, update "
               f"{t3 - t2:.3f}); " + ", ".join(f"{k} {v:.3f}" for k, v in last_metrics.items()), flush=True)
     steady = log.since(marks["steady"]) if "steady" in marks else {"compiles": None, "compiled": []}
-    cache_sizes = {}
-    for key, fn in (("rollout", ppo_lib._JITTED["rollout", False].jitted), ("score", ppo_lib.score_rollout),
-                    ("update", ppo_lib._JITTED["update", True].jitted)):  # the donating update used above
-        try:
-            cache_sizes[key] = fn._cache_size()
-        except Exception:
-            cache_sizes[key] = None
+    # Traces of the library's jitted phases (ppojax.compile_count: one trace, one compilation); the donating
+    # update is the one used above.
+    cache_sizes = {phase: ppojax.compile_count(phase) for phase in ("rollout", "update")}
     # Recompiles: XLA compilations seen by jax.monitoring during iterations 2..N. If no compilation at all was seen
-    # in the first iteration, the hooks did not fire in this jax version: fall back on the jit cache sizes (one entry
-    # per compiled signature of rollout / score / update).
+    # in the first iteration, the hooks did not fire in this jax version: fall back on the phases' trace counts.
     seen = log.available and any(c["compiles"] for c in compile_first.values())
     if seen:
         recompiles, method = steady["compiles"], "jax.monitoring compile events during iterations 2..N"
-    elif all(v is not None for v in cache_sizes.values()):
-        recompiles, method = sum(max(v - 1, 0) for v in cache_sizes.values()), "jit cache sizes - 1"
     else:
-        recompiles, method = None, "not available"
+        recompiles = sum(max(v - 1, 0) for v in cache_sizes.values())
+        method = "ppojax.compile_count per phase - 1"
     stats = dev.memory_stats() or {}
     out.update({
         "n_params": n_params,
@@ -491,7 +484,7 @@ def run_size(spec: dict) -> dict:
     })
 
     # Generation and the decode step, on the rollout's shapes (outside the counted iterations).
-    actor = state.params["actor"]
+    actor = state.actor_params
     del state, r, scores, metrics
     p0 = jnp.asarray(prompts[0])
     variants = {"rollout_params": (config, actor)}

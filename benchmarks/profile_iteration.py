@@ -148,7 +148,7 @@ def main(argv=None):
         state, r = ppojax.rollout(state, prompts, mask)
         jax.block_until_ready(r)
         t1 = time.perf_counter()
-        scores = ppojax.ppo.score_rollout(state, r)
+        scores = ppojax.score_rollout(state, r)
         jax.block_until_ready(scores)
         t2 = time.perf_counter()
         if trace:

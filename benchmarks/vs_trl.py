@@ -234,7 +234,7 @@ def run_ppojax(j: dict, ckpt: str, iterations: int, device: str = "cpu") -> dict
         state, r = ppojax.rollout(state, p, m)
         jax.block_until_ready(r)
         t1 = time.perf_counter()
-        scores = ppojax.ppo.score_rollout(state, r)
+        scores = ppojax.score_rollout(state, r)
         jax.block_until_ready(scores)
         t2 = time.perf_counter()
         state, metrics = ppojax.update(state, r, scores, donate=True)  # in place, as the runner does
@@ -251,7 +251,7 @@ def run_ppojax(j: dict, ckpt: str, iterations: int, device: str = "cpu") -> dict
 
     # Generation alone: the rollout's sampling on the same shapes (not part of the timed iterations).
     p, m = jnp.asarray(prompts[: j["batch"]]), jnp.ones((j["batch"], j["query"]), jnp.int32)
-    gen = lambda k: jax.block_until_ready(ppojax.generate(config, state.params["actor"], p, m, jax.random.key(k),
+    gen = lambda k: jax.block_until_ready(ppojax.generate(config, state.actor_params, p, m, jax.random.key(k),
                                                           max_new_tokens=j["response"], temperature=TEMPERATURE))
     gen(0)
     gts = []

@@ -40,7 +40,7 @@ from ppojax.models import (
 )
 from ppojax.rl import advantages, kl, losses, preferences, reward_training, rewards
 from ppojax.rl.advantages import AdvantageInputs, gae, masked_mean, register_estimator, whiten
-from ppojax.rl.iteration import Rollout, check_metrics, compile_count, ppo_iteration, rollout, update
+from ppojax.rl.iteration import Rollout, check_metrics, compile_count, ppo_iteration, rollout, score_rollout, update
 from ppojax.rl.kl import KLControlConfig, KLState
 from ppojax.rl.losses import LossInputs, LossTerm, combine, kl_estimate, register_policy_loss
 from ppojax.rl.rewards import FunctionReward, LexiconReward, RewardModel, lexicon_reward, lexicon_valence_table
@@ -149,6 +149,7 @@ __all__ = [
     "rewards",
     "rollout",
     "save_pretrained",
+    "score_rollout",
     "set_hparams",
     "token_logprobs",
     "train",
