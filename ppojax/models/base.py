@@ -114,6 +114,13 @@ class HFConverter:
     config_to_hf: Callable[[Any], dict]
     params_from_hf: Callable[..., Params]
     params_to_hf: Callable[[Any, Params], dict]
+    lora_modules: tuple = ()
+    """``((target, module), ...)``: for each of ``ModelFamily.lora_targets``, the transformers module that holds that
+    projection in layer ``{layer}``, e.g. ``('c_attn', 'transformer.h.{layer}.attn.c_attn')``. LoRA adapters are
+    written and read in PEFT's format under these names (``ppojax.models.lora.save_adapter``)."""
+    fan_in_fan_out: bool = False
+    """Whether transformers stores these projections as ``[in, out]`` (GPT-2's Conv1D) rather than ``nn.Linear``'s
+    ``[out, in]``: PEFT's ``fan_in_fan_out``."""
 
 
 @dataclasses.dataclass(frozen=True)

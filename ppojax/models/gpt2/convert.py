@@ -205,5 +205,9 @@ def _checked(x, shape, name, config):
     return x
 
 
+# LoRA targets (ppojax module names) -> transformers module paths: PEFT's adapter tensor names.
+LORA_MODULES = tuple((module, "transformer.h.{layer}." + hf_key.removesuffix(".weight"))
+                     for hf_key, module, leaf in _BLOCK_KEYS if leaf == "kernel")
+
 CONVERTER = HFConverter(config_from_hf=config_from_hf, config_to_hf=config_to_hf, params_from_hf=params_from_hf,
-                        params_to_hf=params_to_hf)
+                        params_to_hf=params_to_hf, lora_modules=LORA_MODULES, fan_in_fan_out=True)
