@@ -159,11 +159,15 @@ def _rollout(state: TrainState, prompt_ids, prompt_mask):
 
 def compute_scores(state: TrainState, rollout: Rollout) -> jax.Array:
     """Scores ``[batch]`` from the state's jittable reward: response-only rewards get ``(tokens, mask)``; reward
-    models (``reward.uses_prompt``) get the prompt + response sequence."""
+    models (``reward.uses_prompt``) get the prompt + response sequence. A reward model that holds only adapters over
+    the run's frozen base (``reward.uses_base``: ``LoraRewardModel``) is handed the reference params here, so the
+    base is never copied into ``state.reward``."""
     reward = state.reward
     if reward is None:
         raise ValueError("this state has no jittable reward (reward=None: a host reward); score the rollout on the "
                          "host and call ppojax.update(state, rollout, scores)")
+    if getattr(reward, "uses_base", False):
+        reward = reward.with_base(state.setup.roles.reference(state.params, state.frozen))
     if getattr(reward, "uses_prompt", False):
         ids, mask = _concat(rollout.prompt_ids, rollout.prompt_mask, rollout.tokens, rollout.mask)
         scores = reward(ids, mask)

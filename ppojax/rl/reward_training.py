@@ -46,8 +46,9 @@ import numpy as np
 import optax
 
 from ppojax.models import Params, init_value_params, ModelConfig
+from ppojax.models.lora import LoraSpec
 from ppojax.rl.preferences import PreferenceBatch
-from ppojax.rl.rewards import RewardModel, reward_model
+from ppojax.rl.rewards import RewardModel, lora_reward_model, reward_model
 
 __all__ = [
     "RewardTrainConfig",
@@ -59,8 +60,10 @@ __all__ = [
     "load_reward_model",
     "normalize_reward_model",
     "preference_loss",
+    "reward_params",
     "save_reward_model",
     "train_epoch",
+    "trained_reward_model",
 ]
 
 HEAD_FILE = "reward_head.json"
@@ -102,11 +105,14 @@ class _Setup:
     model: ModelConfig
     tx: optax.GradientTransformation
     axis_name: Optional[str] = None
+    lora: Optional[LoraSpec] = None
+    """LoRA's rank, alpha and targets when only adapters and the head train (``params = {'adapters', 'head'}``)."""
 
 
 @flax.struct.dataclass
 class RewardTrainState:
-    """Everything an update reads and writes. ``params`` are scalar-head GPT-2 params (``init_value_params``)."""
+    """Everything an update reads and writes. ``params`` (what the optimizer sees) are scalar-head params
+    (``init_value_params``), or with LoRA ``{'adapters': ..., 'head': ...}`` over the frozen ``base``."""
 
     params: Params
     opt_state: optax.OptState
@@ -114,19 +120,54 @@ class RewardTrainState:
     """Split every epoch for that epoch's permutation."""
     step: jax.Array
     """int32: optimizer updates done."""
+    base: Optional[Params]
+    """LoRA: the frozen base LM params the adapters apply to (never updated); None when every weight trains."""
     setup: _Setup = flax.struct.field(pytree_node=False)
 
 
 def create_reward_train_state(config: ModelConfig, lm_params: Params, cfg: RewardTrainConfig, *, key: jax.Array,
-                              axis_name: Optional[str] = None) -> RewardTrainState:
-    """A fresh state: the LM's trunk plus a random scalar head (std ``cfg.head_init_std`` or ``1/sqrt(d+1)``)."""
+                              axis_name: Optional[str] = None, lora: Optional[LoraSpec] = None) -> RewardTrainState:
+    """A fresh state: the LM's trunk plus a random scalar head (std ``cfg.head_init_std`` or ``1/sqrt(d+1)``).
+
+    With ``lora`` (a ``ppojax.models.lora.LoraSpec``: rank, alpha, targets) the trunk is ``lm_params`` frozen (held
+    as is, not copied) plus fresh adapters, and the optimizer covers only the adapters and the head; the trained
+    model is a :class:`ppojax.rewards.LoraRewardModel` that a PPO run on the same base scores with
+    (:func:`trained_reward_model`)."""
     head_key, key = jax.random.split(key)
     std = cfg.head_init_std if cfg.head_init_std is not None else 1.0 / math.sqrt(config.width + 1)
     params = init_value_params(config, lm_params, head_init_std=std, key=head_key)
+    base = None
+    if lora is not None:
+        lora = LoraSpec(lora.rank, lora.alpha, lora.targets)  # a role view works too: keep the spec alone
+        adapters = lora.init_adapters(config, lm_params, jax.random.fold_in(head_key, 1))
+        params, base = {"adapters": adapters, "head": params["head"]}, lm_params
     parts = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm is not None else []
     tx = optax.chain(*parts, optax.adam(cfg.learning_rate))
     return RewardTrainState(params=params, opt_state=tx.init(params), key=key, step=jnp.zeros((), jnp.int32),
-                            setup=_Setup(model=config, tx=tx, axis_name=axis_name))
+                            base=base, setup=_Setup(model=config, tx=tx, axis_name=axis_name, lora=lora))
+
+
+def _model_params(lora: Optional[LoraSpec], params: Params, base: Optional[Params]) -> Params:
+    """The scalar-head params the model functions take: ``params`` itself, or with LoRA the base's trunk merged with
+    the adapters (``W + alpha/r · A B``) under the trained head."""
+    if lora is None:
+        return params
+    return {"transformer": lora.merge(base, params["adapters"])["transformer"], "head": params["head"]}
+
+
+def reward_params(state: RewardTrainState) -> Params:
+    """The scalar-head params of the model being trained (merged with its adapters under LoRA): what
+    :func:`evaluate` and :func:`comparison_scores` take, and what ``save_reward_model`` writes."""
+    return _model_params(state.setup.lora, state.params, state.base)
+
+
+def trained_reward_model(state: RewardTrainState, *, gain: float = 1.0, bias: float = 0.0):
+    """The reward model of a training state: a :class:`RewardModel`, or under LoRA a
+    :class:`ppojax.rewards.LoraRewardModel` holding only adapters and head (its base comes from the PPO state)."""
+    config = state.setup.model
+    if state.setup.lora is None:
+        return reward_model(config, state.params, gain=gain, bias=bias)
+    return lora_reward_model(config, state.setup.lora, state.params, gain=gain, bias=bias)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -189,8 +230,8 @@ def comparison_scores(config: ModelConfig, params: Params, batch: PreferenceBatc
     return rm.raw(ids, mask).reshape(n, k)
 
 
-def _loss_fn(params, setup: _Setup, batch: PreferenceBatch, weights, n_total):
-    scores = comparison_scores(setup.model, params, batch)
+def _loss_fn(params, base, setup: _Setup, batch: PreferenceBatch, weights, n_total):
+    scores = comparison_scores(setup.model, _model_params(setup.lora, params, base), batch)
     return preference_loss(scores, batch.choice, weights, n_total=n_total)
 
 
@@ -204,7 +245,8 @@ def _global_count(weights, axis_name):
 def _update(state: RewardTrainState, batch: PreferenceBatch, weights) -> tuple[RewardTrainState, dict]:
     setup = state.setup
     n_total = _global_count(weights, setup.axis_name)
-    (_, metrics), grads = jax.value_and_grad(_loss_fn, has_aux=True)(state.params, setup, batch, weights, n_total)
+    (_, metrics), grads = jax.value_and_grad(_loss_fn, has_aux=True)(state.params, state.base, setup, batch, weights,
+                                                                      n_total)
     if setup.axis_name is not None:
         # Each device's loss is its share of the global mean (local sum / global count): the global gradient and
         # metrics are SUMS over devices.
@@ -230,11 +272,15 @@ def train_epoch(state: RewardTrainState, data: PreferenceBatch, *, batch_size: i
     key, perm_key = jax.random.split(state.key)
     perm = jax.random.permutation(perm_key, n)[:n_mb * batch_size].reshape(n_mb, batch_size)
 
-    def minibatch(st, idx):
-        return _update(st, data.take(idx), jnp.ones((batch_size,), jnp.float32))
+    # The frozen base (LoRA) is a read-only input of the scan, not loop state.
+    base = state.base
 
-    state, metrics = jax.lax.scan(minibatch, state.replace(key=key), perm)  # metrics: [n_mb] each
-    return state, jax.tree.map(jnp.mean, metrics)
+    def minibatch(st, idx):
+        st, metrics = _update(st.replace(base=base), data.take(idx), jnp.ones((batch_size,), jnp.float32))
+        return st.replace(base=None), metrics
+
+    state, metrics = jax.lax.scan(minibatch, state.replace(key=key, base=None), perm)  # metrics: [n_mb] each
+    return state.replace(base=base), jax.tree.map(jnp.mean, metrics)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "batch_size"))
@@ -389,7 +435,7 @@ def fit(state: RewardTrainState, train: PreferenceBatch, cfg: RewardTrainConfig,
         state, metrics = train_epoch(state, data, batch_size=batch_size)
         row = {"epoch": epoch, **{f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}}
         if val is not None:
-            row.update({f"val/{k}": v for k, v in evaluate(state.setup.model, state.params, val).items()})
+            row.update({f"val/{k}": v for k, v in evaluate(state.setup.model, reward_params(state), val).items()})
         history.append(row)
         if on_epoch is not None:
             on_epoch(epoch, state, row)

@@ -60,6 +60,8 @@ __all__ = [
     "missing_eos_penalty",
     "FunctionReward",
     "RewardModel",
+    "LoraRewardModel",
+    "lora_reward_model",
     "reward_model",
 ]
 
@@ -511,6 +513,56 @@ class RewardModel:
         std = jnp.maximum(jnp.std(raw), 1e-8)
         gain = 1.0 / std
         return self.replace(gain=gain, bias=-jnp.mean(raw) * gain)
+
+
+@struct.dataclass
+class LoraRewardModel:
+    """A learned reward as a LoRA adapter over a shared frozen base: the base's trunk with its own adapters
+    (``W' = W + alpha/r · A B``, ``ppojax.models.lora``) and a scalar head, read at the last real token.
+
+        score_b = gain * head(h_b[last_b]) + bias,     h = trunk of merge(base, adapters)
+
+    ``params`` holds only ``{'adapters': ..., 'head': {'kernel', 'bias'}}``: in a PPO state the reward costs its
+    adapters and head, not a second copy of the base. The base comes in at scoring time: the PPO iteration calls
+    :meth:`with_base` with the run's frozen reference (``uses_base``), which is the shared base under
+    ``LoraRoles`` and the initial policy under full fine-tuning, so the reward model must have been trained on that
+    same base (``reward_training.create_reward_train_state(..., lora=spec)`` on the policy's initial weights).
+    """
+
+    params: Any
+    gain: jax.Array
+    bias: jax.Array
+    config: Any = struct.field(pytree_node=False)
+    lora: Any = struct.field(pytree_node=False)
+    """The adapters' ``LoraSpec`` (rank, alpha, targets)."""
+    uses_prompt = True
+    uses_base = True
+
+    def with_base(self, base_params: Any) -> RewardModel:
+        """The :class:`RewardModel` of ``base_params`` merged with these adapters (jittable: inside a jit the merged
+        kernels are transient values, not stored)."""
+        merged = self.lora.merge(base_params, self.params["adapters"])
+        return RewardModel(params={"transformer": merged["transformer"], "head": self.params["head"]},
+                           gain=self.gain, bias=self.bias, config=self.config)
+
+    def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
+        raise TypeError("a LoraRewardModel holds only its adapters and head: score with rm.with_base(base)(ids, mask) "
+                        "(the PPO iteration passes the run's frozen base itself)")
+
+    def normalize(self, base_params: Any, ids: jax.Array, mask: jax.Array) -> "LoraRewardModel":
+        """Gain and bias that give these (reference-policy) samples scores of mean 0 and std 1
+        (:meth:`RewardModel.normalize`)."""
+        normed = self.with_base(base_params).normalize(ids, mask)
+        return self.replace(gain=normed.gain, bias=normed.bias)
+
+
+def lora_reward_model(config: Any, lora: Any, params: Any, *, gain: float = 1.0,
+                      bias: float = 0.0) -> LoraRewardModel:
+    """A :class:`LoraRewardModel` from ``{'adapters': ..., 'head': ...}`` and the adapters' ``LoraSpec``."""
+    if not isinstance(params, dict) or set(params) != {"adapters", "head"}:
+        raise ValueError("lora_reward_model: params must be {'adapters': LoRA adapters, 'head': scalar head}")
+    return LoraRewardModel(params=params, gain=jnp.asarray(gain, jnp.float32), bias=jnp.asarray(bias, jnp.float32),
+                           config=config, lora=lora)
 
 
 def reward_model(config: Any, params: Any, *, gain: float = 1.0, bias: float = 0.0) -> RewardModel:

@@ -474,8 +474,8 @@ class FullFineTune:
     def critic(self, params, frozen):
         return params["critic"]
 
-    def init(self, model_config, actor_params, *, critic: bool, critic_params=None, ref_params=None):
-        """``(trainable, frozen)`` trees of a fresh state."""
+    def init(self, model_config, actor_params, *, critic: bool, critic_params=None, ref_params=None, key=None):
+        """``(trainable, frozen)`` trees of a fresh state (``key``: for views with random initial weights, unused)."""
         trainable = {"actor": actor_params}
         if critic:
             trainable["critic"] = (init_value_params(model_config, actor_params) if critic_params is None
@@ -613,6 +613,9 @@ class TrainState:
         return self.setup.roles.critic(self.params, self.frozen) if self.setup.has_critic else None
 
 
+_ROLES_KEY = 0x10A  # fold_in constant of the key a role view initialises its weights with (LoRA's A matrices)
+
+
 def create_train_state(
     model_config: ModelConfig,
     actor_params: Params,
@@ -636,8 +639,11 @@ def create_train_state(
         raise TypeError(f"reward must be a callable pytree (tokens, mask) -> scores, or None for a host reward; got "
                         f"{type(reward).__name__}")
     setup = make_setup(model_config, ppo, optimizer, total_iterations, tuple(extra_loss_terms), axis_name, roles)
+    # The roles' key is folded off the state's, which stays as given (the state's first split is the same whatever
+    # the roles).
     params, frozen = setup.roles.init(model_config, actor_params, critic=setup.has_critic,
-                                      critic_params=critic_params, ref_params=ref_params)
+                                      critic_params=critic_params, ref_params=ref_params,
+                                      key=jax.random.fold_in(key, _ROLES_KEY))
     hparams = hparams_from_config(ppo, optimizer)
     tx = make_optimizer(setup, hparams, hparams.learning_rate)
     return TrainState(params=params, opt_state=tx.init(params), frozen=frozen, reward=reward, hparams=hparams,
