@@ -50,6 +50,30 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    """LoRA adapters over one frozen base (`ppojax.models.lora`): each adapted kernel is W + alpha/rank · A B, and only
+    the adapters (and the value head) train."""
+
+    rank: int = 0
+    """Rank r of every adapter; 0 turns LoRA off (every weight trains)."""
+    alpha: float = 16.0
+    """PEFT's lora_alpha: the update A B is scaled by alpha / rank."""
+    targets: tuple[str, ...] | str = ()
+    """Projection modules to adapt, by the model family's names (GPT-2: c_attn, c_proj, c_fc, c_proj_mlp); a list or
+    one comma-separated string. Empty: all of them."""
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 0:
+            raise ValueError(f"rank must be an int >= 0 (0: LoRA off), got {self.rank!r}")
+        alpha = self.alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < float("inf"):
+            raise ValueError(f"alpha must be a finite number > 0, got {self.alpha!r}")
+        names = self.targets.split(",") if isinstance(self.targets, str) else self.targets
+        if not all(isinstance(t, str) and t.strip() for t in names):
+            raise ValueError(f"targets must be non-empty module names, got {self.targets!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class PromptsConfig:
     """Where prompts come from and how they become left-padded token ids."""
 
@@ -137,6 +161,8 @@ class ExperimentConfig:
     """Total PPO iterations of the run (a resumed run counts those already done)."""
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     """The policy model."""
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    """LoRA adapters over the frozen model instead of fine-tuning every weight (rank 0: off)."""
     tokenizer: str = "gpt2"
     """Tokenizer hub id or local directory ('gpt2' works offline)."""
     prompts: PromptsConfig = dataclasses.field(default_factory=PromptsConfig)
@@ -167,6 +193,7 @@ __all__ = [
     "ExperimentConfig",
     "KLControlConfig",
     "LoggingConfig",
+    "LoraConfig",
     "ModelConfig",
     "OptimizerConfig",
     "PPOConfig",
