@@ -378,3 +378,107 @@ class ResolveTermTest(chex.TestCase):
             resolve_term(f"{__name__}:NOT_CALLABLE")
         with pytest.raises(AttributeError):
             LossTerm("x", f"{__name__}:missing_fn")
+
+
+# --- aggregation, clip-higher, GSPO (the estimators' issue) ------------------------------------------------------
+
+
+def _loop_aggregate(x, mask, mode):
+    """The table's formulas, one sequence and one token at a time."""
+    B, T = mask.shape
+    seq_sums, seq_counts = [], []
+    for b in range(B):
+        s, n = 0.0, 0
+        for t in range(T):
+            if mask[b, t] > 0:
+                s += float(x[b, t])
+                n += 1
+        seq_sums.append(s)
+        seq_counts.append(n)
+    if mode == "token-mean":
+        return sum(seq_sums) / sum(seq_counts)
+    if mode == "seq-mean-token-mean":
+        return sum(s / max(n, 1) for s, n in zip(seq_sums, seq_counts)) / B
+    if mode == "seq-mean-token-sum":
+        return sum(seq_sums) / B
+    return sum(seq_sums) / (B * T)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                                  "seq-mean-token-sum-norm"])
+def test_aggregate_modes_match_their_formulas(mode):
+    from ppojax.rl.losses import aggregate
+
+    x = _arrays(21)["logprobs"]  # garbage 1e4 on padding must not leak
+    np.testing.assert_allclose(aggregate(jnp.asarray(x), jnp.asarray(MASK), mode), _loop_aggregate(x, MASK, mode),
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                                  "seq-mean-token-sum-norm"])
+def test_aggregated_loss_is_exact_across_row_splits(mode):
+    """Shares of one batch with global token and sequence counts add up to the whole batch's loss."""
+    a = _arrays(22)
+    whole = ppo_clip_loss(_inputs(a, aggregation=mode), clip_eps=0.2)[0]
+    n_tokens, n_seqs = jnp.float32(MASK.sum()), jnp.float32(MASK.shape[0])
+    parts = 0.0
+    for rows in (slice(0, 1), slice(1, 3), slice(3, 4)):
+        part = LossInputs.create(mask=jnp.asarray(MASK[rows]), n_tokens=n_tokens, n_seqs=n_seqs,
+                                 aggregation=mode, **{k: jnp.asarray(v[rows]) for k, v in a.items()})
+        parts = parts + ppo_clip_loss(part, clip_eps=0.2)[0]
+    np.testing.assert_allclose(parts, whole, rtol=1e-5)
+
+
+def test_clip_higher_widens_only_the_upper_bound():
+    a = _arrays(23)
+    # positive advantages everywhere: the clip at 1 + eps_high binds from above
+    a["advantages"] = np.where(REAL, np.abs(a["advantages"]) + 0.1, a["advantages"]).astype(np.float32)
+    got, _ = ppo_clip_loss(_inputs(a), clip_eps=0.2, clip_eps_high=0.28)
+    want = []
+    for b, t in zip(*np.nonzero(REAL)):
+        r = np.exp(float(a["logprobs"][b, t]) - float(a["old_logprobs"][b, t]))
+        adv = float(a["advantages"][b, t])
+        want.append(-min(r * adv, min(max(r, 0.8), 1.28) * adv))
+    np.testing.assert_allclose(got, np.mean(want), rtol=1e-5)
+    symmetric, _ = ppo_clip_loss(_inputs(a), clip_eps=0.2)
+    assert float(got) < float(symmetric)  # more room above: a lower (better) clipped objective is reachable
+
+
+def test_gspo_ratio_value_and_gradient():
+    from ppojax.rl.losses import gspo_loss
+
+    a = _arrays(24)
+    # sequence-level advantages: one value per row on its real tokens (group estimators give exactly that)
+    per_row = np.array([0.7, -0.4, 1.3, -1.1], np.float32)
+    a["advantages"] = np.where(REAL, per_row[:, None], 1e4).astype(np.float32)
+
+    def reference(logprobs):
+        """GSPO's objective in the paper's sequence form: s_i = exp(mean_t log ratio), per-sequence clip, mean over
+        the sequences that have tokens (seq-mean-token-mean: each sequence counts once)."""
+        total = 0.0
+        for b in range(MASK.shape[0]):
+            real = MASK[b] > 0
+            if not real.any():
+                continue
+            s = jnp.exp(jnp.mean(logprobs[b][real] - a["old_logprobs"][b][real]))
+            adv = per_row[b]
+            total = total + jnp.maximum(-adv * s, -adv * jnp.clip(s, 0.8, 1.2))
+        return total / MASK.shape[0]
+
+    logp = jnp.asarray(a["logprobs"])
+    loss = lambda lp: gspo_loss(_inputs({**a, "logprobs": lp}, aggregation="seq-mean-token-mean"), clip_eps=0.2)[0]
+    np.testing.assert_allclose(loss(logp), reference(logp), rtol=1e-5)
+    g, g_ref = jax.grad(loss)(logp), jax.grad(reference)(logp)
+    np.testing.assert_allclose(np.where(REAL, g, 0.0), np.where(REAL, g_ref, 0.0), rtol=1e-4, atol=1e-7)
+    _, metrics = gspo_loss(_inputs(a, aggregation="seq-mean-token-mean"), clip_eps=0.2)
+    # the logged ratio is the sequence ratio on each token
+    s1 = np.exp(np.mean(a["logprobs"][1][REAL[1]] - a["old_logprobs"][1][REAL[1]]))
+    assert float(metrics["ratio_max"]) >= s1 - 1e-6
+
+
+def test_policy_loss_registry():
+    from ppojax.rl.losses import get_policy_loss, gspo_loss
+
+    assert get_policy_loss("ppo") is ppo_clip_loss and get_policy_loss("gspo") is gspo_loss
+    with pytest.raises(ValueError, match="did you mean 'gspo'"):
+        get_policy_loss("gsop")

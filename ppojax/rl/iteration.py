@@ -420,6 +420,13 @@ def jit_state_fn(fn, changes: tuple, *, donate: bool = False, out_shardings=None
         new, out = jitted(state.setup, changing, frozen, *args)
         return state.replace(**new), out
 
+    def eval_shape(state: TrainState, *args):
+        """Trace without compiling or running (the trace is reused by the first call): shapes of ``out``."""
+        changing = {k: getattr(state, k) for k in changes}
+        frozen = {k: getattr(state, k) for k in frozen_names}
+        return jitted.eval_shape(state.setup, changing, frozen, *args)[1]
+
+    call.eval_shape = eval_shape
     return call
 
 
@@ -485,6 +492,19 @@ def update(state: TrainState, rollout_batch: Rollout, scores, *, donate: bool = 
     ``state, r = rollout(state, p, m); scores = host_fn(np.asarray(r.tokens), np.asarray(r.mask)); update(...)``.
     ``donate`` as in ``ppo_iteration``."""
     return _JITTED["update", bool(donate)](state, rollout_batch, jnp.asarray(scores, jnp.float32))
+
+
+def check_iteration(state: TrainState, prompt_ids, prompt_mask, *, host_reward: bool = False) -> None:
+    """Trace the iteration on these prompts' shapes without compiling it, so every trace-time contract fails now,
+    with its own message: the reward's output (``[batch]`` float32), a user estimator's or loss term's shapes, the
+    model's context length. ``prompt_ids``/``prompt_mask`` may be ``jax.ShapeDtypeStruct``s. ``host_reward``: the
+    scores come from the host (check the rollout and the update). The first real call reuses the trace."""
+    if not host_reward:
+        _JITTED["iteration", False].eval_shape(state, prompt_ids, prompt_mask)
+        return
+    batch = _JITTED["rollout", False].eval_shape(state, prompt_ids, prompt_mask)
+    scores = jax.ShapeDtypeStruct((batch.tokens.shape[0],), jnp.float32)
+    _JITTED["update", False].eval_shape(state, batch, scores)
 
 
 def check_metrics(metrics: Metrics, iteration: Optional[int] = None) -> None:
