@@ -27,6 +27,7 @@ from ppojax.io.tokenizer import load_tokenizer
 from ppojax.models import (
     GPT2Config,
     KVCache,
+    LlamaConfig,
     ModelFamily,
     forward,
     forward_hidden,
@@ -105,6 +106,7 @@ __all__ = [
     "KLState",
     "KVCache",
     "LexiconReward",
+    "LlamaConfig",
     "LossInputs",
     "LossTerm",
     "ModelFamily",

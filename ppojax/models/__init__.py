@@ -34,12 +34,14 @@ from ppojax.models.base import (
     value_forward,
 )
 from ppojax.models.gpt2 import GPT2Config  # registers the gpt2 family
+from ppojax.models.llama import LlamaConfig  # registers the llama family (llama, qwen2, mistral)
 
 __all__ = [
     "CheckpointError",
     "GPT2Config",
     "HFConverter",
     "KVCache",
+    "LlamaConfig",
     "ModelConfig",
     "ModelFamily",
     "Params",
