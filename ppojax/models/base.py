@@ -11,6 +11,7 @@ A family is one :class:`ModelFamily` value, a handful of pure functions over ``(
                                                                       logits = h W^T
     init_cache(config, batch, max_len)             -> KVCache
     hf: HFConverter (optional)                     -> config and tensors to and from transformers' layout
+    gguf: GGUFConverter (optional)                 -> config and tensors from a llama.cpp GGUF file
 
 Everything else is written once, here, on top of those: :func:`forward`, :func:`forward_hidden`,
 :func:`unembed`, :func:`next_token_logits`, the scalar head of a critic or reward model (:func:`value_forward`,
@@ -124,6 +125,21 @@ class HFConverter:
 
 
 @dataclasses.dataclass(frozen=True)
+class GGUFConverter:
+    """A family's map from llama.cpp GGUF files (``ppojax.io.gguf`` reads and dequantizes them).
+
+    ``architectures``: the ``general.architecture`` values it reads. ``config_from_gguf(gguf_file, source,
+    **overrides) -> config`` reads the metadata and refuses what the family does not implement;
+    ``params_from_gguf(config, gguf_file, source) -> params`` maps the (dequantized) tensors, uses every one of
+    them or fails naming the leftovers, and checks every shape.
+    """
+
+    architectures: tuple
+    config_from_gguf: Callable[..., Any]
+    params_from_gguf: Callable[..., Params]
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelFamily:
     """One model family behind the interface (see the module docstring for each function's contract)."""
 
@@ -139,6 +155,8 @@ class ModelFamily:
     """Hugging Face ``model_type`` values this family loads (``config.json``)."""
     hf: Optional[HFConverter] = None
     """Weights in and out of transformers' format; None: the family has no HF counterpart."""
+    gguf: Optional[GGUFConverter] = None
+    """Weights in from llama.cpp's GGUF format; None: the family reads no GGUF files."""
     lora_targets: tuple = ()
     """Names of the trunk's projection modules that LoRA may adapt (``lora.targets``), e.g. ('c_attn', ...)."""
 
@@ -146,6 +164,7 @@ class ModelFamily:
 _FAMILIES: dict[str, ModelFamily] = {}
 _BY_CONFIG: dict[type, ModelFamily] = {}
 _BY_MODEL_TYPE: dict[str, ModelFamily] = {}
+_BY_GGUF_ARCH: dict[str, ModelFamily] = {}
 
 
 def register_model_family(family: ModelFamily, *, replace: bool = False) -> ModelFamily:
@@ -165,6 +184,8 @@ def register_model_family(family: ModelFamily, *, replace: bool = False) -> Mode
     _BY_CONFIG[family.config_type] = family
     for t in family.hf_model_types:
         _BY_MODEL_TYPE[t] = family
+    for arch in (family.gguf.architectures if family.gguf is not None else ()):
+        _BY_GGUF_ARCH[arch] = family
     return family
 
 
@@ -202,6 +223,17 @@ def family_for_model_type(model_type: Any, source: str = "config.json") -> Model
     if family is None:
         raise UnsupportedModelError(
             f"{source}: model_type {model_type!r} is not supported; ppojax loads {', '.join(supported_model_types())}"
+        )
+    return family
+
+
+def family_for_gguf_architecture(architecture: Any, source: str = "GGUF file") -> ModelFamily:
+    """The family that reads GGUF files of ``general.architecture``; one clear error naming the supported ones."""
+    family = _BY_GGUF_ARCH.get(architecture)
+    if family is None:
+        raise UnsupportedModelError(
+            f"{source}: GGUF architecture {architecture!r} is not supported; ppojax reads GGUF files of "
+            f"{', '.join(sorted(_BY_GGUF_ARCH)) or 'no architecture'}"
         )
     return family
 

@@ -1,8 +1,8 @@
-"""Llama-style decoders (Llama 1-3, Qwen2, Mistral without a sliding window, SmolLM2): the Flax model and its Hugging
-Face key map, registered as family ``llama``."""
+"""Llama-style decoders (Llama 1-3, Qwen2, Mistral without a sliding window, SmolLM2): the Flax model, its Hugging
+Face key map and its GGUF reader, registered as family ``llama``."""
 
 from ppojax.models.base import ModelFamily, register_model_family
-from ppojax.models.llama import convert, model
+from ppojax.models.llama import convert, gguf, model
 from ppojax.models.llama.model import Llama3RopeScaling, LlamaConfig, LlamaTrunk
 
 FAMILY = register_model_family(ModelFamily(
@@ -14,6 +14,7 @@ FAMILY = register_model_family(ModelFamily(
     lm_head=model.lm_head,
     init_cache=model.init_cache,
     hf=convert.CONVERTER,
+    gguf=gguf.CONVERTER,
     lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 ))
 
