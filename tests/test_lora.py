@@ -276,7 +276,7 @@ def _comparisons(n, rng):
                                        choice=choice)
 
 
-def test_reward_training_with_lora_trains_adapters_and_head_only():
+def test_reward_training_with_lora_trains_adapters_and_head_only(tmp_path):
     base = _base()
     data = _comparisons(96, np.random.default_rng(0))
     spec = LoraSpec(rank=4, alpha=8.0, targets=("c_attn", "c_fc"))
@@ -298,6 +298,18 @@ def test_reward_training_with_lora_trains_adapters_and_head_only():
     mask = jnp.ones_like(ids)
     want = reward_training.comparison_scores(MODEL, reward_training.reward_params(state), data.take(np.arange(8)))
     np.testing.assert_allclose(rm.with_base(base)(ids, mask), want[:, 0], rtol=1e-5, atol=1e-5)
+    # Normalised on samples, saved without the base (a PEFT adapter + the head) and loaded back unchanged.
+    rm = reward_training.normalize_reward_model(rm, data.query_ids, data.query_mask, data.tokens[:, 0],
+                                                data.mask[:, 0], base=base)
+    scores = np.asarray(rm.with_base(base)(ids, mask))
+    calibration = np.asarray(rm.with_base(base)(jnp.concatenate([data.query_ids, data.tokens[:, 0]], 1),
+                                                jnp.ones((96, 8), jnp.int32)))
+    assert abs(calibration.mean()) < 1e-4 and abs(calibration.std() - 1) < 1e-3
+    out = reward_training.save_reward_model(tmp_path / "rm", rm)
+    assert (out / "adapter_model.safetensors").exists() and not (out / "model.safetensors").exists()
+    loaded = reward_training.load_reward_model(out)
+    assert isinstance(loaded, rewards.LoraRewardModel) and loaded.lora == spec
+    np.testing.assert_allclose(loaded.with_base(base)(ids, mask), scores, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------

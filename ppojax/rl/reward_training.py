@@ -20,10 +20,13 @@ mean 0 and std 1 (lm-human-preferences normalises on 256 samples).
 Directory format (:func:`save_reward_model` / :func:`load_reward_model`; ``reward.reward_model_path`` of the PPO
 runner)::
 
-    config.json          GPT-2 config (transformers)
+    config.json          the model's config (transformers)
     model.safetensors    the trunk (ppojax.save_pretrained; the head is not in it)
     reward_head.json     {"kernel": [width floats], "bias": float, "gain": float, "bias_norm": float}
                          score = gain * (h_last . kernel + bias) + bias_norm
+
+A LoRA reward model (``LoraRewardModel``: adapters over the policy's frozen base) has ``adapter_config.json`` and
+``adapter_model.safetensors`` (PEFT's format, ``ppojax.models.lora.save_adapter``) in place of ``model.safetensors``.
 """
 
 from __future__ import annotations
@@ -46,9 +49,10 @@ import numpy as np
 import optax
 
 from ppojax.models import Params, init_value_params, ModelConfig
+from ppojax.models import lora as lora_lib
 from ppojax.models.lora import LoraSpec
 from ppojax.rl.preferences import PreferenceBatch
-from ppojax.rl.rewards import RewardModel, lora_reward_model, reward_model
+from ppojax.rl.rewards import LoraRewardModel, RewardModel, lora_reward_model, reward_model
 
 __all__ = [
     "RewardTrainConfig",
@@ -67,6 +71,7 @@ __all__ = [
 ]
 
 HEAD_FILE = "reward_head.json"
+_ADAPTER_FILES = (lora_lib.ADAPTER_CONFIG_FILE, lora_lib.ADAPTER_WEIGHTS_FILE)
 _HEAD_FORMAT = "ppojax-reward-head/1"
 
 
@@ -315,15 +320,20 @@ def evaluate(config: ModelConfig, params: Params, data: PreferenceBatch, *, batc
 # Normalisation
 
 
-def normalize_reward_model(rm: RewardModel, query_ids, query_mask, tokens, mask) -> RewardModel:
+def normalize_reward_model(rm, query_ids, query_mask, tokens, mask, *, base: Optional[Params] = None):
     """Sets gain and bias so that the scores of these calibration samples have mean 0 and std 1.
 
     ``query_ids``/``query_mask`` ``[n, Q]`` left-padded, ``tokens``/``mask`` ``[n, R]`` responses: samples of the
     reference policy (lm-human-preferences), laid out as a PPO rollout, so the statistics are those PPO starts from.
+    A :class:`ppojax.rewards.LoraRewardModel` needs the ``base`` its adapters apply to.
     """
     chex.assert_rank([query_ids, query_mask, tokens, mask], 2)
     ids = jnp.concatenate([jnp.asarray(query_ids), jnp.asarray(tokens)], axis=1)
     full_mask = jnp.concatenate([jnp.asarray(query_mask), jnp.asarray(mask)], axis=1).astype(jnp.int32)
+    if isinstance(rm, LoraRewardModel):
+        if base is None:
+            raise ValueError("normalize_reward_model: a LoRA reward model needs the base its adapters apply to (base=)")
+        return rm.normalize(base, ids, full_mask)
     return rm.normalize(ids, full_mask)
 
 
@@ -331,18 +341,22 @@ def normalize_reward_model(rm: RewardModel, query_ids, query_mask, tokens, mask)
 # The reward-model directory
 
 
-def save_reward_model(path: str | os.PathLike, rm: RewardModel) -> Path:
-    """Writes ``config.json``, ``model.safetensors`` (the trunk) and ``reward_head.json`` into ``path``.
+def save_reward_model(path: str | os.PathLike, rm) -> Path:
+    """Writes ``config.json``, ``model.safetensors`` (the trunk) and ``reward_head.json`` into ``path``; for a
+    :class:`ppojax.rewards.LoraRewardModel`, the adapter in PEFT's format (``adapter_config.json`` +
+    ``adapter_model.safetensors``) instead of the trunk: the directory then holds no copy of the base.
 
-    Other files in ``path`` (checkpoints, logs, a tokenizer) are left alone. ``reward_head.json`` is removed first
-    and written last (atomically), so an interrupted save leaves a directory that :func:`load_reward_model` refuses
-    rather than a trunk paired with another model's head.
+    Other files in ``path`` (checkpoints, logs, a tokenizer) are left alone, but the other kind's weights are removed.
+    ``reward_head.json`` is removed first and written last (atomically), so an interrupted save leaves a directory
+    that :func:`load_reward_model` refuses rather than a trunk paired with another model's head.
     """
     from ppojax.io.hub import save_pretrained
+    from ppojax.models import family_of
 
     path = Path(path).expanduser()
     path.mkdir(parents=True, exist_ok=True)
     params = jax.device_get(rm.params)
+    is_lora = isinstance(rm, LoraRewardModel)
     kernel = np.asarray(params["head"]["kernel"], np.float32).reshape(-1)
     head = {
         "format": _HEAD_FORMAT,
@@ -357,9 +371,18 @@ def save_reward_model(path: str | os.PathLike, rm: RewardModel) -> Path:
     (path / HEAD_FILE).unlink(missing_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.trunk-", dir=path.parent))
     try:
-        trunk = save_pretrained(tmp / "trunk", rm.config, params)
-        for name in ("config.json", "model.safetensors"):
-            os.replace(trunk / name, path / name)
+        if is_lora:
+            written = lora_lib.save_adapter(tmp / "trunk", rm.config, params["adapters"], rm.lora)
+            (written / "config.json").write_text(json.dumps(family_of(rm.config).hf.config_to_hf(rm.config),
+                                                            indent=2) + "\n")
+            names, stale = ("config.json",) + _ADAPTER_FILES, ("model.safetensors",)
+        else:
+            written = save_pretrained(tmp / "trunk", rm.config, params)
+            names, stale = ("config.json", "model.safetensors"), _ADAPTER_FILES
+        for name in stale:
+            (path / name).unlink(missing_ok=True)
+        for name in names:
+            os.replace(written / name, path / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     fd, head_tmp = tempfile.mkstemp(prefix=f".{HEAD_FILE}.", dir=path)
@@ -377,13 +400,16 @@ def _head_number(head: dict, name: str, source: Path, default: Optional[float] =
     return float(value)
 
 
-def load_reward_model(path: str | os.PathLike, **config_overrides) -> RewardModel:
-    """A :class:`RewardModel` from a directory written by :func:`save_reward_model`.
+def load_reward_model(path: str | os.PathLike, **config_overrides):
+    """A :class:`RewardModel` from a directory written by :func:`save_reward_model`, or a
+    :class:`ppojax.rewards.LoraRewardModel` when it holds a LoRA adapter (``adapter_config.json``): its base is the
+    PPO run's frozen base, given at scoring time.
 
     ``config_overrides`` set numerics (``dtype="bfloat16"``...). Raises ``ValueError`` (or ``FileNotFoundError``)
     with one line naming the file and what is wrong.
     """
-    from ppojax.io.hub import load_pretrained
+    from ppojax.io.hub import load_pretrained, read_hf_config
+    from ppojax.models import family_for_model_type
 
     path = Path(path).expanduser()
     if not path.exists():
@@ -400,19 +426,25 @@ def load_reward_model(path: str | os.PathLike, **config_overrides) -> RewardMode
         raise ValueError(f"{head_file}: not valid JSON ({e.msg})") from None
     if not isinstance(head, dict) or "kernel" not in head or "bias" not in head:
         raise ValueError(f"{head_file}: expected an object with 'kernel', 'bias', 'gain' and 'bias_norm'")
-    config, params = load_pretrained(path, **config_overrides)
+    adapter = (path / lora_lib.ADAPTER_CONFIG_FILE).exists()
+    if adapter:
+        hf_config, source = read_hf_config(path), str(path / "config.json")
+        family = family_for_model_type(hf_config.get("model_type"), source)
+        config = family.hf.config_from_hf(hf_config, source=source, **config_overrides)
+        spec, adapters = lora_lib.load_adapter(path, config)
+    else:
+        config, params = load_pretrained(path, **config_overrides)
     kernel = head["kernel"]
     if (not isinstance(kernel, list) or len(kernel) != config.width
             or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in kernel)):
         raise ValueError(f"{head_file}: 'kernel' must be a list of {config.width} finite numbers (the model's width)")
     dtype = config.storage_dtype
-    rm_params = {
-        "transformer": params["transformer"],
-        "head": {"kernel": jnp.asarray(kernel, jnp.float32).reshape(-1, 1).astype(dtype),
-                 "bias": jnp.asarray([_head_number(head, "bias", head_file)], jnp.float32).astype(dtype)},
-    }
-    return reward_model(config, rm_params, gain=_head_number(head, "gain", head_file, 1.0),
-                        bias=_head_number(head, "bias_norm", head_file, 0.0))
+    head_params = {"kernel": jnp.asarray(kernel, jnp.float32).reshape(-1, 1).astype(dtype),
+                   "bias": jnp.asarray([_head_number(head, "bias", head_file)], jnp.float32).astype(dtype)}
+    gain, bias = _head_number(head, "gain", head_file, 1.0), _head_number(head, "bias_norm", head_file, 0.0)
+    if adapter:
+        return lora_reward_model(config, spec, {"adapters": adapters, "head": head_params}, gain=gain, bias=bias)
+    return reward_model(config, {"transformer": params["transformer"], "head": head_params}, gain=gain, bias=bias)
 
 
 # ----------------------------------------------------------------------------------------------------------------
