@@ -290,6 +290,20 @@ def test_one_reward_model_epoch_on_a_tiny_llama():
     assert scores.shape == (n,) and np.isfinite(np.asarray(scores)).all()
 
 
+def test_runner_builds_a_random_llama():
+    from ppojax.train import config as train_config
+    from ppojax.train import runner
+
+    cfg = train_config.ExperimentConfig(model=train_config.ModelConfig(
+        family="llama", n_layer=1, n_head=4, num_key_value_heads=2, n_embd=32, n_positions=16, vocab_size=64))
+    config, params = runner.build_model(cfg)
+    assert isinstance(config, ppojax.LlamaConfig)
+    assert (config.num_hidden_layers, config.kv_heads, config.hidden_size, config.vocab_size) == (1, 2, 32, 64)
+    assert ppojax.forward(config, params, jnp.zeros((1, 3), jnp.int32), jnp.ones((1, 3), jnp.int32)).shape == (1, 3, 64)
+    with pytest.raises(ValueError, match="num_key_value_heads.*llama"):
+        train_config.ModelConfig(family="gpt2", num_key_value_heads=2)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Bad inputs
 

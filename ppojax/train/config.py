@@ -18,8 +18,11 @@ class ModelConfig:
     """The policy (actor), the reference (a frozen copy) and the critic (same trunk, zero value head)."""
 
     name_or_path: str = "random"
-    """'random' for a random init of the shape below; else a hub id ('gpt2', 'gpt2-medium', ...) or a local
-    transformers GPT-2 directory."""
+    """'random' for a random init of the shape below; else a hub id ('gpt2', 'gpt2-medium',
+    'HuggingFaceTB/SmolLM2-135M-Instruct', ...), a local transformers directory (GPT-2, Llama, Qwen2, Mistral) or a
+    .gguf file."""
+    family: Literal["gpt2", "llama"] = "gpt2"
+    """Random init only: the model family (a checkpoint's own config.json says which family it is)."""
     n_layer: int = 2
     """Random init only: transformer blocks."""
     n_head: int = 4
@@ -30,6 +33,11 @@ class ModelConfig:
     """Random init only: context length."""
     vocab_size: int = 50257
     """Random init only: vocabulary (GPT-2's is 50257)."""
+    num_key_value_heads: Optional[int] = None
+    """Random init only, llama: key/value heads of grouped-query attention (must divide n_head); None: n_head."""
+    intermediate_size: Optional[int] = None
+    """Random init only: MLP hidden width; None: 4 * n_embd for gpt2, 8/3 * n_embd rounded up to a multiple of 8 for
+    llama (its SwiGLU MLP then has about the parameters of a 4 * n_embd one)."""
     init_seed: int = 0
     """Random init only: seed of the initial weights (independent of the run's seed)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -47,6 +55,27 @@ class ModelConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_head={self.n_head} must divide n_embd={self.n_embd}")
+        if self.num_key_value_heads is not None:
+            if self.family != "llama":
+                raise ValueError("num_key_value_heads is a field of the llama family; set family: llama")
+            if self.num_key_value_heads < 1 or self.n_head % self.num_key_value_heads:
+                raise ValueError(f"num_key_value_heads={self.num_key_value_heads} must divide n_head={self.n_head}")
+        if self.intermediate_size is not None and self.intermediate_size < 1:
+            raise ValueError(f"intermediate_size must be >= 1, got {self.intermediate_size}")
+
+    def random_init_config(self):
+        """The family's model config for a random init of this shape (``name_or_path: random``). A random Llama
+        ties its LM head to the token embedding (as SmolLM2 does)."""
+        from ppojax.models import GPT2Config, LlamaConfig
+
+        numerics = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat)
+        if self.family == "gpt2":
+            return GPT2Config(vocab_size=self.vocab_size, n_positions=self.n_positions, n_embd=self.n_embd,
+                              n_layer=self.n_layer, n_head=self.n_head, n_inner=self.intermediate_size, **numerics)
+        return LlamaConfig(vocab_size=self.vocab_size, max_position_embeddings=self.n_positions,
+                           hidden_size=self.n_embd, num_hidden_layers=self.n_layer, num_attention_heads=self.n_head,
+                           num_key_value_heads=self.num_key_value_heads, tie_word_embeddings=True,
+                           intermediate_size=self.intermediate_size or -(-self.n_embd // 3) * 8, **numerics)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -145,7 +145,7 @@ def load_prompts(cfg, config_dir: Path, tokenizer):
 
 
 def build_model(cfg):
-    """(GPT2Config, params) of the policy."""
+    """(model config, params) of the policy."""
     import jax
 
     import ppojax
@@ -153,8 +153,7 @@ def build_model(cfg):
     m = cfg.model
     numerics = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
     if m.name_or_path == "random":
-        config = ppojax.GPT2Config(vocab_size=m.vocab_size, n_positions=m.n_positions, n_embd=m.n_embd,
-                                   n_layer=m.n_layer, n_head=m.n_head, **numerics)
+        config = m.random_init_config()
         return config, ppojax.init_params(config, jax.random.key(m.init_seed))
     try:
         return ppojax.load_pretrained(m.name_or_path, **numerics)
