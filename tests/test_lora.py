@@ -430,3 +430,100 @@ def test_roles_from_the_experiment_config():
     with pytest.raises(configlib.ConfigError, match="lora.*rank"):
         configlib.from_dict(ExperimentConfig, {"lora": {"rank": -1}})
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Llama family (Llama, Qwen2): the same code through the model interface
+
+LLAMA_KINDS = {
+    # Untied LM head, grouped-query attention.
+    "llama": ("LlamaForCausalLM", "LlamaConfig", dict(tie_word_embeddings=False)),
+    # Biases on q, k, v.
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", dict(tie_word_embeddings=False)),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(LLAMA_KINDS))
+def llama_dir(request, tmp_path_factory):
+    import torch
+    import transformers
+
+    model_cls, config_cls, overrides = LLAMA_KINDS[request.param]
+    config = getattr(transformers, config_cls)(
+        vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=48, initializer_range=0.2, bos_token_id=1, eos_token_id=2,
+        **overrides)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp(request.param)
+    getattr(transformers, model_cls)(config).eval().save_pretrained(path)
+    return path
+
+
+def _llama_logits(model, ids, mask):
+    import torch
+
+    pos = np.maximum(mask.cumsum(-1) - 1, 0)
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(np.where(mask > 0, ids, 0)), attention_mask=torch.tensor(mask),
+                     position_ids=torch.tensor(pos)).logits.float().numpy()
+
+
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def test_llama_merged_and_peft_exports_reproduce_the_adapted_logits(llama_dir, left_padded_batch, tmp_path):
+    import peft
+    import transformers
+    from safetensors.numpy import load_file
+
+    ids, mask = left_padded_batch
+    config, base = ppojax.load_pretrained(llama_dir)
+    spec = LoraSpec(rank=4, alpha=8.0, targets=",".join(LLAMA_TARGETS))
+    adapters = _perturbed(spec.init_adapters(config, base, jax.random.key(3)), seed=3, scale=0.5)
+    adapted = spec.merge(base, adapters)
+    assert adapted["lm_head"] is base["lm_head"]  # untied head: not adapted, not copied
+    ours = np.asarray(ppojax.forward(config, adapted, jnp.asarray(ids), jnp.asarray(mask)))
+    base_logits = np.asarray(ppojax.forward(config, base, jnp.asarray(ids), jnp.asarray(mask)))
+    assert np.abs(ours - base_logits)[mask > 0].max() > 1e-2
+
+    merged = transformers.AutoModelForCausalLM.from_pretrained(ppojax.save_pretrained(tmp_path / "m", config,
+                                                                                      adapted)).eval()
+    np.testing.assert_allclose(_llama_logits(merged, ids, mask)[mask > 0], ours[mask > 0], atol=1e-4)
+
+    out = lora.save_adapter(tmp_path / "adapter", config, adapters, spec)
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    assert tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (4, 32)  # [r, in]
+    assert tensors["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"].shape == (32, 4)  # [out, r]
+    assert json.loads((out / "adapter_config.json").read_text())["fan_in_fan_out"] is False  # nn.Linear
+    reference = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(llama_dir),
+                                    peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(LLAMA_TARGETS)))
+    reference.save_pretrained(tmp_path / "peft_reference")
+    theirs = load_file(str(tmp_path / "peft_reference" / "adapter_model.safetensors"))
+    assert {k: v.shape for k, v in tensors.items()} == {k: v.shape for k, v in theirs.items()}
+    model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(llama_dir), out).eval()
+    np.testing.assert_allclose(_llama_logits(model, ids, mask)[mask > 0], ours[mask > 0], atol=1e-4)
+    spec2, adapters2 = lora.load_adapter(out, config)
+    assert spec2 == spec
+    jax.tree.map(np.testing.assert_array_equal, adapters2, adapters)
+
+
+def test_one_lora_ppo_iteration_on_a_tiny_llama(tmp_path):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, initializer_range=0.2, bos_token_id=1, eos_token_id=2))
+    hf.save_pretrained(tmp_path)
+    config, base = ppojax.load_pretrained(tmp_path)
+    roles = LoraRoles(rank=2, alpha=4.0, targets=("q_proj", "v_proj", "down_proj"))
+    state = create_train_state(config, base, ppo=PPOConfig(batch_size=8, minibatch_size=8, ppo_epochs=1,
+                                                           response_length=4, temperature=1.0),
+                               reward=rewards.FunctionReward(low_token_share), key=jax.random.key(0),
+                               optimizer=OptimizerConfig(learning_rate=1e-2), roles=roles)
+    new, metrics = ppo.ppo_iteration(state, *_prompts(8))
+    metrics = jax.device_get(metrics)
+    assert metrics["first_minibatch/approx_kl"] < 1e-12 and np.isfinite(metrics["loss/total"])
+    assert new.frozen["base"] is base and new.ref_params is base
+    assert np.abs(np.asarray(new.params["actor"]["down_proj"]["lora_b"])).max() > 0
+    assert np.abs(np.asarray(new.params["critic"]["head"]["kernel"])).max() > 0
