@@ -272,3 +272,106 @@ def test_restore_onto_another_mesh_in_subprocess(tmp_path):
     code = textwrap.dedent(_MULTI_DEVICE).replace("{dir!r}", repr(str(tmp_path)))
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_read_only_checkpointer_changes_nothing(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep=3)
+    ckpt.save(1, _make_state(1, trained=False), {"iteration": 1, "config": {"seed": 1}})
+    ckpt.save(2, _make_state(2, trained=False), {"iteration": 2})
+    ckpt.close()
+    _truncate_data(tmp_path, 2)
+    (tmp_path / "3.orbax-checkpoint-tmp-1700000000000").mkdir()  # a save killed midway
+    before = sorted((str(p.relative_to(tmp_path)), p.stat().st_size) for p in tmp_path.rglob("*"))
+
+    reader = Checkpointer(tmp_path, read_only=True)
+    assert reader.all_steps() == [1, 2]
+    assert reader.metadata(1) == {"iteration": 1, "config": {"seed": 1}}
+    with pytest.warns(UserWarning, match=r"step 2 .*unusable .*restored step 1 instead. Left it in place"):
+        step, _, _ = reader.restore(_make_state(0, trained=False))
+    assert step == 1
+    with pytest.raises(ValueError, match="read-only"):
+        reader.save(3, _make_state(3, trained=False))
+    reader.close()
+    assert sorted((str(p.relative_to(tmp_path)), p.stat().st_size) for p in tmp_path.rglob("*")) == before
+    assert not Path(tmp_path / "missing").exists()
+    Checkpointer(tmp_path / "missing", read_only=True).close()
+    assert not Path(tmp_path / "missing").exists()  # nothing created either
+
+
+# What orbax leaves behind when a read fails: the read coroutines (defined in orbax's serialization module; the
+# file name is what matters) die with an exception nobody retrieves, one never runs, and TensorStore callbacks hit
+# the closed event loop. Orbax's wrapper exception hides the reason behind a TensorStore spec.
+_FAILED_READ = r'''
+import asyncio, sys, warnings
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from ppojax.io.checkpoint import Checkpointer
+
+ORBAX_LIKE = """
+import asyncio
+async def _read_array_index_and_device_put():
+    raise Exception("Encountered error while reading array index: (slice(0, 4, 1),). See full TensorStore "
+                    "details: <bound method spec of TensorStore({") from ValueError(
+        'OUT_OF_RANGE: Error reading "w/0.0" in OCDBT database at local file "/x/2/state/": Requested byte range '
+        '[0, 64) is not valid for value of size 0')
+def leave_background_errors():
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(_read_array_index_and_device_put())
+    loop.run_until_complete(asyncio.sleep(0.01))
+    loop.close()
+    return [task, _read_array_index_and_device_put()]
+"""
+orbax_like = {}
+exec(compile(ORBAX_LIKE, "/site-packages/orbax/checkpoint/_src/serialization/serialization.py", "exec"), orbax_like)
+
+
+class PendingCallback:
+    def __del__(self):
+        raise RuntimeError("Event loop is closed")
+
+
+class Unrelated:
+    def __del__(self):
+        raise KeyError("an unrelated error that must still be shown")
+
+
+real_restore = ocp.CheckpointManager.restore
+
+
+def failing_restore(self, step, args=None, **kw):
+    if step == 2 and "state" in args:
+        junk = orbax_like["leave_background_errors"]() + [PendingCallback()]
+        try:
+            coro = junk[1]
+            raise Exception("Encountered error while reading array index. See full TensorStore details: "
+                            "TensorStore({") from ValueError(
+                'OUT_OF_RANGE: Error reading "w/0.0" in OCDBT database at local file "/x/2/state/": Requested '
+                'byte range [0, 64) is not valid for value of size 0')
+        finally:
+            del junk
+    return real_restore(self, step, args=args, **kw)
+
+
+ocp.CheckpointManager.restore = failing_restore
+with Checkpointer(sys.argv[1]) as ckpt:
+    ckpt.save(1, {"w": jnp.ones(4)})
+    ckpt.save(2, {"w": jnp.zeros(4)})
+    step, _, _ = ckpt.restore({"w": jnp.ones(4)})
+print("restored", step, file=sys.stderr)
+Unrelated()
+'''
+
+
+def test_failed_read_is_one_readable_warning_without_background_tracebacks(tmp_path):
+    result = subprocess.run([sys.executable, "-c", _FAILED_READ, str(tmp_path / "ckpt")], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    warned = [line for line in lines if "unusable" in line]
+    assert len(warned) == 1, result.stderr[-3000:]
+    assert ('(cannot read its arrays: OUT_OF_RANGE: Error reading "w/0.0": Requested byte range [0, 64) is not '
+            'valid for value of size 0); restored step 1 instead') in warned[0]
+    for noise in ("Event loop is closed", "never retrieved", "never awaited", "TensorStore({"):
+        assert noise not in result.stderr, result.stderr[-3000:]
+    assert "restored 1" in result.stderr
+    assert "an unrelated error that must still be shown" in result.stderr  # the hooks are restored afterwards

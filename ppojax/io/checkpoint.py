@@ -21,22 +21,32 @@ Corruption. A finalized step can still be unusable: a data file deleted or trunc
 read), a metadata or manifest file missing (raises on read), or bytes changed in place -- a flipped bit in an
 array's data file restores a wrong value with no error from orbax, so the manifest keeps a checksum of every
 leaf, computed on device at save time and checked after restore. ``restore()`` walks back from the latest step
-to the newest usable one, warns once per skipped step (naming it and the reason), and moves the skipped ones
-aside so that the resumed run can save those step numbers again.
+to the newest usable one, warns once per skipped step (one line naming it and the reason: the root error, not
+orbax's wrapper with its TensorStore spec), and moves the skipped ones aside so that the resumed run can save those
+step numbers again. A failed read leaves orbax's background reads to die with the event loop; the tracebacks they
+would print ("Event loop is closed", "coroutine ... was never awaited": thousands of lines for one bad step) are
+contained while the step is read.
 
 Multi-process (TPU pods): every process must call ``save``, ``restore``, ``wait`` and ``close`` with the same
 arguments, in the same order. Orbax coordinates the writes (each process writes its own shards; only process 0
 writes the JSON files and renames the directory), every process checks each step and they agree on whether it
 is usable before falling back, and only process 0 moves a corrupt step aside. One training job writes to a
-directory at a time: opening a ``Checkpointer`` deletes unfinished saves left in it.
+directory at a time (``ppojax.io.lock`` makes sure of it): opening a writable ``Checkpointer`` deletes unfinished
+saves left in it. A ``read_only`` one changes nothing on disk, so it may look at a directory that a job is writing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import json
+import logging
 import operator
 import os
+import re
+import sys
+import threading
 import time
 import uuid
 import warnings
@@ -96,6 +106,8 @@ class Checkpointer:
       async_save: if True, ``save`` returns once the arrays are copied to host memory and writes in a background
         thread; call ``wait()`` (``close()`` does) before exiting. Meanwhile ``all_steps()`` already lists the
         step being written. The default writes before returning.
+      read_only: list, read and restore only: nothing is created, cleaned up or moved aside, and ``save`` raises.
+        For inspecting a directory before a job commits to it, or while another job writes it.
 
     Usage::
 
@@ -113,17 +125,23 @@ class Checkpointer:
     All processes of a multi-process run must make the same calls (see the module docstring).
     """
 
-    def __init__(self, directory: str | os.PathLike, *, keep: Optional[int] = 3, async_save: bool = False):
+    def __init__(self, directory: str | os.PathLike, *, keep: Optional[int] = 3, async_save: bool = False,
+                 read_only: bool = False):
         if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
             raise ValueError(f"keep must be an int >= 1 or None, got {keep!r}")
-        self.directory = check_writable(directory)
+        self.directory = _as_path(directory) if read_only else check_writable(directory)
         self.keep = keep
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
-            enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,  # unfinished saves from a killed run: dead weight, never a step
-        )
-        self._manager = ocp.CheckpointManager(self.directory, item_names=_ITEMS, options=options)
+        self.read_only = read_only
+        # Orbax logs a notice for each option that read-only mode overrides, and for the mode itself.
+        with _dropped_log("absl", ("read_only=True", "Given directory is read only")):
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=keep,
+                enable_async_checkpointing=async_save,
+                read_only=read_only,
+                # Unfinished saves from a killed run: dead weight, never a step.
+                cleanup_tmp_directories=not read_only,
+            )
+            self._manager = ocp.CheckpointManager(self.directory, item_names=_ITEMS, options=options)
 
     # -- listing -------------------------------------------------------------------------------------------------
 
@@ -148,6 +166,8 @@ class Checkpointer:
         an older step). Metadata round-trips as JSON does (tuples come back as lists).
         """
         step = operator.index(step)
+        if self.read_only:
+            raise ValueError(f"cannot save step {step}: this Checkpointer of {self.directory} is read-only")
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         metadata = {} if metadata is None else metadata
@@ -190,6 +210,19 @@ class Checkpointer:
 
     # -- restore -------------------------------------------------------------------------------------------------
 
+    def metadata(self, step: int) -> dict:
+        """The JSON metadata saved with checkpoint ``step`` (cheap: no array is read). ``FileNotFoundError`` if
+        there is no such step, ``CheckpointCorruptError`` if its metadata cannot be read."""
+        step = operator.index(step)
+        self._manager.reload()
+        if step not in self.all_steps():
+            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}")
+        try:
+            metadata, _ = self._read_json_items(step)
+        except _Unusable as e:
+            raise CheckpointCorruptError(f"checkpoint step {step} in {self.directory} is unusable: {e}") from None
+        return metadata
+
     def restore(self, target: Any, step: Optional[int] = None) -> tuple[int, Any, dict]:
         """Restore a checkpoint into the structure, shapes, dtypes and shardings of ``target``.
 
@@ -199,8 +232,8 @@ class Checkpointer:
         devices. Static fields come from ``target``; restored leaves are ``jax.Array``.
 
         With ``step=None``, restores the newest usable checkpoint: unusable newer ones are skipped with a warning
-        naming each and why, and moved aside to ``<step>.corrupt-<time>``. With an explicit ``step``, nothing
-        falls back. Returns ``(step, state, metadata)``.
+        naming each and why, and moved aside to ``<step>.corrupt-<time>`` (left in place when ``read_only``). With
+        an explicit ``step``, nothing falls back. Returns ``(step, state, metadata)``.
 
         Raises ``FileNotFoundError`` if there is no checkpoint (or no such ``step``), ``CheckpointMismatchError``
         if ``target``'s structure differs from the checkpoint's (naming the key paths), and
@@ -230,11 +263,10 @@ class Checkpointer:
                 continue
             moved = self._move_aside([bad for bad, _ in skipped])
             for (bad, reason), where in zip(skipped, moved):
-                warnings.warn(
-                    f"checkpoint step {bad} in {self.directory} is unusable ({reason}); restored step {s} instead. "
-                    + (f"Moved the bad checkpoint to {where}." if where else "Could not move it aside."),
-                    stacklevel=2,
-                )
+                fate = (f"Moved it to {where}." if where else "Left it in place (read-only)." if self.read_only
+                        else "Could not move it aside.")
+                warnings.warn(f"checkpoint step {bad} in {self.directory} is unusable ({reason}); restored step {s} "
+                              f"instead. {fate}", stacklevel=2)
             return result
         details = "; ".join(f"step {s}: {reason}" for s, reason in skipped)
         raise CheckpointCorruptError(f"no usable checkpoint in {self.directory}: {details}")
@@ -243,29 +275,18 @@ class Checkpointer:
         """One step: read the JSON items, compare structures, read the arrays, verify checksums. Raises
         ``_Unusable`` for a corrupt checkpoint (agreed by all processes), ``CheckpointMismatchError`` for a target
         that does not fit."""
-        try:
-            meta_items = self._manager.restore(
-                step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore(), manifest=ocp.args.JsonRestore())
-            )
-            metadata, manifest = meta_items["metadata"], meta_items["manifest"]
-            if not isinstance(metadata, dict):
-                raise ValueError("metadata file is missing or not a JSON object")
-            saved = _parse_manifest(manifest)
-            error = None
-        except Exception as e:  # noqa: BLE001 -- any failure to read a file means this step is unusable
-            error = f"cannot read its metadata or manifest: {_short(e)}"
-        _agree_or_raise(error)
-
+        metadata, saved = self._read_json_items(step)
         _check_structure(step, saved, plan.specs)
 
-        try:
-            restored = self._manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(plan.abstract_storage))
-            )["state"]
-            leaves = [_get(restored, s.names) for s in plan.specs]
-            error = None
-        except Exception as e:  # noqa: BLE001 -- TensorStore raises plain Exception for unreadable chunks
-            error = f"cannot read its arrays: {_short(e)}"
+        with _contained_background_errors():
+            try:
+                restored = self._manager.restore(
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(plan.abstract_storage))
+                )["state"]
+                leaves = [_get(restored, s.names) for s in plan.specs]
+                error = None
+            except Exception as e:  # noqa: BLE001 -- TensorStore raises plain Exception for unreadable chunks
+                error = f"cannot read its arrays: {_short(e)}"
         _agree_or_raise(error)
 
         # Checksums are global reductions: every process computes the same values, so no agreement step is needed.
@@ -279,11 +300,29 @@ class Checkpointer:
         leaves = [jax.random.wrap_key_data(x, impl=s.key_impl) if s.key_impl else x for s, x in zip(plan.specs, leaves)]
         return step, jax.tree_util.tree_unflatten(plan.treedef, leaves), metadata
 
+    def _read_json_items(self, step: int) -> tuple[dict, list[dict]]:
+        """``(metadata, manifest leaves)`` of one step; ``_Unusable`` (agreed by all processes) if unreadable."""
+        metadata = saved = None
+        with _contained_background_errors():
+            try:
+                meta_items = self._manager.restore(
+                    step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore(), manifest=ocp.args.JsonRestore())
+                )
+                metadata, manifest = meta_items["metadata"], meta_items["manifest"]
+                if not isinstance(metadata, dict):
+                    raise ValueError("metadata file is missing or not a JSON object")
+                saved = _parse_manifest(manifest)
+                error = None
+            except Exception as e:  # noqa: BLE001 -- any failure to read a file means this step is unusable
+                error = f"cannot read its metadata or manifest: {_short(e)}"
+        _agree_or_raise(error)
+        return metadata, saved
+
     def _move_aside(self, steps: list[int]) -> list[Optional[str]]:
         """Rename unusable step directories to ``<step>.corrupt-<time>`` (process 0; the others wait), so that
         the resumed run can save those steps again and ``keep`` counts only good checkpoints."""
-        if not steps:
-            return []
+        if not steps or self.read_only:
+            return [None] * len(steps)
         moved: list[Optional[str]] = []
         stamp = time.strftime("%Y%m%dT%H%M%S")
         for s in steps:
@@ -524,10 +563,85 @@ def _listed(items: list[str]) -> str:
 
 
 def _short(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    first = text[0] if text else ""
+    """One readable line for why reading failed: the root cause (orbax wraps TensorStore's error in an Exception
+    whose text is a whole TensorStore spec), without the directory the warning already names."""
+    root = e
+    while root.__cause__ is not None or (root.__context__ is not None and not root.__suppress_context__):
+        root = root.__cause__ if root.__cause__ is not None else root.__context__
+    lines = str(root).strip().splitlines() or str(e).strip().splitlines()
+    first = re.sub(r' in OCDBT database at [a-z]+ file "[^"]*"', "", lines[0] if lines else "")
     first = first if len(first) <= _MAX_REASON_CHARS else first[:_MAX_REASON_CHARS] + "..."
-    return f"{type(e).__name__}: {first}"
+    if re.match(r"[A-Z_]{4,}: ", first):  # a TensorStore status ("OUT_OF_RANGE: ...") says what it is
+        return first
+    return f"{type(root).__name__}: {first}"
+
+
+def _is_background_noise(exc: Optional[BaseException], obj: Any = None) -> bool:
+    """An error that a failed orbax read leaves behind: its event loop closed under pending TensorStore callbacks,
+    or one of its read coroutines garbage-collected with its exception never retrieved."""
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+        return True
+    code = getattr(obj, "cr_code", None)
+    if code is not None and ("orbax" in code.co_filename or "tensorstore" in code.co_filename):
+        return True
+    tb = getattr(exc, "__traceback__", None)
+    while tb is not None:
+        if "orbax" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+@contextlib.contextmanager
+def _dropped_log(name: str, texts: tuple[str, ...]):
+    """Drop log records of logger ``name`` that contain one of ``texts`` for the duration of the block."""
+    def keep(record):
+        message = record.getMessage()
+        return not any(text in message for text in texts)
+
+    log = logging.getLogger(name)
+    log.addFilter(keep)
+    try:
+        yield
+    finally:
+        log.removeFilter(keep)
+
+
+@contextlib.contextmanager
+def _contained_background_errors():
+    """Silence what orbax's background reads print after a failed read (see ``_is_background_noise``): through
+    ``sys.unraisablehook`` (exceptions of garbage-collected coroutines and futures), ``threading.excepthook``,
+    the ``asyncio`` logger ("Task exception was never retrieved", from the default exception handler of orbax's
+    own event loop) and the "coroutine ... was never awaited" warning. Other errors reach the previous hooks.
+    Wrap the ``try`` *and* its ``except``: on the way out the garbage of a failed read (freed once the exception
+    is handled) is collected while the filters are still in place."""
+    previous_unraisable, previous_thread = sys.unraisablehook, threading.excepthook
+    asyncio_log = logging.getLogger("asyncio")
+
+    def unraisable(info):
+        if not _is_background_noise(info.exc_value, info.object):
+            previous_unraisable(info)
+
+    def thread_hook(args):
+        if not _is_background_noise(args.exc_value):
+            previous_thread(args)
+
+    def log_filter(record):
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (_is_background_noise(exc) or "orbax" in record.getMessage())
+
+    sys.unraisablehook, threading.excepthook = unraisable, thread_hook
+    asyncio_log.addFilter(log_filter)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
+            try:
+                yield
+            finally:
+                gc.collect()
+    finally:
+        sys.unraisablehook, threading.excepthook = previous_unraisable, previous_thread
+        asyncio_log.removeFilter(log_filter)
 
 
 def _agree_or_raise(error: Optional[str]) -> None:
