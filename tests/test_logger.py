@@ -335,3 +335,41 @@ def test_module_imports_neither_jax_nor_numpy():
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_resume_reports_metrics_lost_in_the_middle(tmp_path):
+    _log_range(tmp_path, range(1, 7)).close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    lines[2] = lines[2][:25]  # iteration 3 torn (a damaged line, not the last one)
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.warns(UserWarning, match=r"metrics.jsonl has no metrics for iteration\(s\) 3 of 1..5") as caught:
+        logger = RunLogger(tmp_path, tensorboard=False, console="off", curves=False, resume_from_iteration=5)
+    assert len([w for w in caught if "no metrics" in str(w.message)]) == 1
+    logger.log_metrics(6, _metrics(6))
+    logger.close()
+    assert [r["iteration"] for r in read_metrics(tmp_path)] == [1, 2, 4, 5, 6]
+
+
+def test_resume_keeps_one_line_per_iteration_after_two_writers(tmp_path):
+    # What two jobs once writing one run directory left: 1,1,2,3,2,4,3,5.
+    order = [1, 1, 2, 3, 2, 4, 3, 5]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"iteration": i, **_metrics(i)}) + "\n"
+                                                    for i in order))
+    RunLogger(tmp_path, tensorboard=False, console="off", curves=False, resume_from_iteration=4).close()
+    assert [r["iteration"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_nan_metrics_do_not_flood_the_console_from_tensorboardx(tmp_path, capfd):
+    pytest.importorskip("tensorboardX")
+    import logging
+
+    logging.getLogger("tensorboardX.x2num").addHandler(handler := logging.StreamHandler(sys.stderr))
+    try:
+        logger = RunLogger(tmp_path, console="off", curves=False)
+        for i in (1, 2, 3):
+            logger.log_metrics(i, {**_metrics(i), "kl": math.nan})
+        logger.close()
+    finally:
+        logging.getLogger("tensorboardX.x2num").removeHandler(handler)
+    assert "NaN or Inf" not in capfd.readouterr().err
+    assert all(math.isnan(r["kl"]) for r in read_metrics(tmp_path))  # the NaNs are still logged

@@ -16,11 +16,13 @@ Conventions:
 - Every line is flushed as it is written, so a killed run loses nothing it had already logged. A line cut short
   by the kill is dropped on the next read or resume.
 - Exact resume: ``RunLogger(..., resume_from_iteration=k)`` with ``k > 0`` rewrites ``metrics.jsonl`` and
-  ``samples.jsonl`` atomically (temp file + ``os.replace``) keeping only lines with ``iteration <= k``, and starts
+  ``samples.jsonl`` atomically (``ppojax.io.atomic``) keeping only lines with ``iteration <= k``, and starts
   TensorBoard with ``purge_step=k + 1`` so its own stale points are hidden too. After any stop and resume each
   iteration appears exactly once. For this to hold, the runner logs an iteration's metrics *before* saving its
   checkpoint. ``k = 0`` (the default) is a fresh run: nothing an earlier run left in the same directory is kept
-  (with a warning), so a runner may count iterations from 0 or from 1.
+  (with a warning), so a runner may count iterations from 0 or from 1. What a resume cannot repair is reported
+  in one warning: iterations up to ``k`` whose metrics line is missing (a line torn or damaged in the middle of
+  the file), and repeated ones (two jobs that once wrote the same directory; the last line of each is kept).
 - Only the main process writes: with ``is_main_process=False`` every method is a no-op and nothing is created.
 
 Only the standard library is imported with this module (no jax, no numpy): tensorboardX, tqdm, matplotlib and wandb
@@ -35,7 +37,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -145,39 +146,45 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [record for _, record in records]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Replace ``path`` by ``text`` so that a crash leaves either the old or the new file, never a mix."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _truncate_jsonl(path: Path, last_iteration: int) -> None:
-    """Keep only well-formed lines with ``iteration <= last_iteration`` (all dropped when it is negative).
+def _truncate_jsonl(path: Path, last_iteration: int, *, one_per_iteration: bool = False) -> list[int]:
+    """Keep only well-formed lines with ``iteration <= last_iteration`` (all dropped when it is negative); with
+    ``one_per_iteration`` (metrics), also only the last line of each iteration, in iteration order. Returns the
+    iterations kept.
 
     The file is rewritten (atomically) only when that changes its bytes, which includes adding a missing final
     newline so the next append starts on its own line.
     """
     if not path.exists():
-        return
+        return []
     original = path.read_text(encoding="utf-8")
     records, n_bad = _parse_lines(original)
-    kept = [line for line, r in records if r["iteration"] <= last_iteration]
-    new_text = "".join(line + "\n" for line in kept)
-    if new_text == original:
-        return
-    start = f"resuming after iteration {last_iteration}" if last_iteration >= 0 else "fresh run"
-    _log.warning("%s: %s: dropped %d earlier line(s) past that point and %d unreadable line(s)",
-                 path, start, len(records) - len(kept), n_bad)
-    _atomic_write_text(path, new_text)
+    kept = [(line, r["iteration"]) for line, r in records if r["iteration"] <= last_iteration]
+    n_past = len(records) - len(kept)
+    n_repeated = 0
+    if one_per_iteration:
+        last_of = {it: line for line, it in kept}
+        n_repeated = len(kept) - len(last_of)
+        kept = [(last_of[it], it) for it in sorted(last_of)] if n_repeated else kept
+    new_text = "".join(line + "\n" for line, _ in kept)
+    if new_text != original:
+        start = f"resuming after iteration {last_iteration}" if last_iteration >= 0 else "fresh run"
+        _log.warning("%s: %s: dropped %d earlier line(s) past that point, %d repeated and %d unreadable line(s)",
+                     path, start, n_past, n_repeated, n_bad)
+        from ppojax.io.atomic import atomic_write_text  # here: importing ppojax.io imports jax
+
+        atomic_write_text(path, new_text)
+    return [it for _, it in kept]
+
+
+def _report_gaps(path: Path, iterations: list[int], last_iteration: int) -> None:
+    """One warning naming the iterations up to ``last_iteration`` that ``path`` has no line for."""
+    seen = set(iterations)
+    first = min(seen | {1})
+    missing = [it for it in range(first, last_iteration + 1) if it not in seen]
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        warnings.warn(f"{path} has no metrics for iteration(s) {shown} of 1..{last_iteration} (lost lines: torn, "
+                      "damaged or deleted); the resumed run logs the later ones, those stay missing", stacklevel=3)
 
 
 def read_metrics(run_dir_or_file: str | os.PathLike) -> list[dict]:
@@ -319,15 +326,27 @@ def plot_curves(
     out.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, out)
+    from ppojax.io.atomic import atomic_write_bytes
+
+    atomic_write_bytes(out, buf.getvalue())
     return fig
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The run logger
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def _not_nan_notice(record: logging.LogRecord) -> bool:
+    return "NaN or Inf found in input tensor" not in record.getMessage()
+
+
+def _quiet_tensorboardx() -> None:
+    """tensorboardX warns on every non-finite scalar (each metric, each iteration, once a run diverges): the NaN is
+    already in ``metrics.jsonl`` (as null) and reported by the runner, so drop that one notice."""
+    log = logging.getLogger("tensorboardX.x2num")
+    if _not_nan_notice not in log.filters:
+        log.addFilter(_not_nan_notice)
 
 
 def _markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
@@ -398,8 +417,10 @@ class RunLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # A fresh run (k = 0) keeps nothing, so that iteration 0 may be logged; a resumed one keeps 1..k.
         self._last_iteration = resume_from_iteration if resume_from_iteration > 0 else -1
-        for path in (self.metrics_path, self.samples_path):
-            _truncate_jsonl(path, self._last_iteration)
+        logged = _truncate_jsonl(self.metrics_path, self._last_iteration, one_per_iteration=True)
+        _truncate_jsonl(self.samples_path, self._last_iteration)
+        if resume_from_iteration > 0:
+            _report_gaps(self.metrics_path, logged, resume_from_iteration)
         self._metrics_file = open(self.metrics_path, "a", encoding="utf-8")
 
         if tensorboard:
@@ -409,6 +430,7 @@ class RunLogger:
                 warnings.warn("tensorboard=True but tensorboardX is not installed (pip install tensorboardX); "
                               "logging without TensorBoard.", RuntimeWarning, stacklevel=2)
             else:
+                _quiet_tensorboardx()
                 # purge_step hides events an earlier run wrote for the iterations this one will redo. The suffix
                 # keeps the file names of two writers started within one second distinct and in start order
                 # (tensorboardX names files by the second and would overwrite).
