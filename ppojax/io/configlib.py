@@ -47,6 +47,8 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from ppojax.io.atomic import atomic_write_text
+
 __all__ = [
     "ConfigError",
     "from_dict",
@@ -593,11 +595,9 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 def save_yaml(path: str | os.PathLike, data: Mapping[str, Any] | Any) -> None:
     """Writes a mapping (or a config dataclass, through ``to_dict``) as block-style YAML that ``load_yaml`` reads
-    back unchanged. Creates the parent directory."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    back unchanged, atomically (a reader never sees a torn file). Creates the parent directory."""
     text = yaml.dump(_plain(data), Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True)
-    path.write_text(text, encoding="utf-8")
+    atomic_write_text(path, text)
 
 
 def _merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:

@@ -38,7 +38,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
@@ -48,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ppojax.io.atomic import atomic_write_text
 from ppojax.io.data import read_text_file
 
 __all__ = [
@@ -166,19 +166,8 @@ def read_preferences(path: str | os.PathLike, *, require_choice: bool = True) ->
 
 def write_preferences(path: str | os.PathLike, rows: Iterable[Comparison]) -> Path:
     """Writes rows as JSONL, atomically (a temporary sibling renamed into place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps(row.to_json(), ensure_ascii=False) for row in rows]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ppojax.io.atomic import atomic_write_json
 from ppojax.models import Params, init_value_params, ModelConfig
 from ppojax.models import lora as lora_lib
 from ppojax.models.lora import LoraSpec
@@ -385,11 +386,7 @@ def save_reward_model(path: str | os.PathLike, rm) -> Path:
             os.replace(written / name, path / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    fd, head_tmp = tempfile.mkstemp(prefix=f".{HEAD_FILE}.", dir=path)
-    with os.fdopen(fd, "w") as f:
-        json.dump(head, f, indent=1)
-        f.write("\n")
-    os.replace(head_tmp, path / HEAD_FILE)
+    atomic_write_json(path / HEAD_FILE, head, indent=1)
     return path
 
 
