@@ -9,6 +9,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -182,3 +183,104 @@ def test_param_spec_shards_the_largest_divisible_dimension():
     assert parallel.param_spec((2, 32, 96), 1) == P()
     assert parallel.param_spec((7, 5), 4) == P()  # nothing divides: replicated
     assert parallel.param_spec((), 4) == P()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Start-up failures are one line within the timeout, never jax.distributed's SIGABRT (exit 134)
+
+
+def _service(port, banner):
+    """A TCP service on ``port`` that is not ppojax: it sends ``banner`` (or nothing) to whoever connects."""
+    server = socket.create_server(("127.0.0.1", port))
+    server.settimeout(0.2)
+    conns, stop = [], threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except socket.timeout:
+                continue
+            conns.append(conn)
+            if banner:
+                conn.sendall(banner)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+
+    def close():
+        stop.set()
+        thread.join()
+        for c in conns:
+            c.close()
+        server.close()
+
+    return close
+
+
+@pytest.mark.parametrize("banner, match", [(b"SSH-2.0-OpenSSH_9.6\r\n", "is not ppojax process 0 .*SSH-2.0"),
+                                           (b"", "accepted the connection but gave no go within 2 s")],
+                         ids=["answers", "silent"])
+def test_a_service_that_is_not_process_0_fails_cleanly(banner, match):
+    port = _free_port()
+    close = _service(port, banner)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(distributed.DistributedError, match=match):
+            distributed.initialize(distributed.DistributedConfig(coordinator=f"127.0.0.1:{port}", num_processes=2,
+                                                                 process_id=1, timeout_s=2))
+        assert time.monotonic() - t0 < 15
+    finally:
+        close()
+
+
+def test_process_0_whose_peers_never_join_fails_cleanly_in_the_runner(tmp_path, capsys):
+    from ppojax.train import runner
+
+    port = _free_port()
+    t0 = time.monotonic()
+    code = runner.main(["--config", str(REPO / "configs" / "tiny.yaml"), "--run-dir", str(tmp_path / "run"),
+                        "--coordinator", f"127.0.0.1:{port}", "--num-processes", "3", "--process-id", "0",
+                        "--distributed-timeout", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and time.monotonic() - t0 < 20
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert len(lines) == 1 and "only 1 of 3 processes joined" in lines[0] and "missing process ids: [1, 2]" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_processes_started_with_other_settings_are_refused_on_both_sides():
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    errors = {}
+
+    def process_0():
+        try:
+            distributed.gather_processes(address, 3, timeout_s=10)
+        except distributed.DistributedError as e:
+            errors[0] = str(e)
+
+    thread = threading.Thread(target=process_0)
+    thread.start()
+    with pytest.raises(distributed.DistributedError, match=r"refused process 1: it was started with "
+                                                           r"num_processes=2, process 0 with 3"):
+        distributed.check_in(address, 2, 1, timeout_s=10)
+    thread.join()
+    assert "does not fit: it was started with num_processes=2" in errors[0]
+
+
+def test_rendezvous_releases_every_process_together():
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    done = []
+    peers = [threading.Thread(target=lambda i=i: (distributed.check_in(address, 3, i, timeout_s=20), done.append(i)))
+             for i in (1, 2)]
+    for p in peers:  # the peers may start first: they retry until process 0 listens
+        p.start()
+    time.sleep(0.5)
+    distributed.gather_processes(address, 3, timeout_s=20)
+    for p in peers:
+        p.join()
+    assert sorted(done) == [1, 2]
+    with socket.create_server(("127.0.0.1", port)):  # the port is free again, for JAX's service
+        pass

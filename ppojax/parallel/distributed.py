@@ -10,9 +10,18 @@ Three ways to run:
   and ``process_id`` (``PPOJAX_COORDINATOR``, ``PPOJAX_NUM_PROCESSES``, ``PPOJAX_PROCESS_ID``). Process 0 hosts the
   coordinator service at that address.
 
-Never hangs: a non-zero process first checks that the coordinator's port accepts connections, retrying until
-``timeout_s``, and raises ``DistributedError`` naming the address otherwise; ``jax.distributed.initialize`` gets the
-same bound as ``initialization_timeout``. Must run before anything touches a JAX device.
+Never hangs and never aborts. ``jax.distributed.initialize`` ends the process with SIGABRT and a C++ stack trace
+(exit code 134) when its peers do not all register in time, or when the coordinator address is a service that is
+not JAX's; no Python ``except`` can catch that. So in explicit mode the processes first meet in a rendezvous of
+their own, in Python, on the coordinator's port: process 0 listens there and waits up to ``timeout_s`` for every
+other process to check in (``ppojax-rendezvous 1 <num_processes> <process_id>``), then answers ``go`` to all,
+closes the port and starts JAX's coordination service on it; the others connect (retrying until ``timeout_s``),
+check in and, on ``go``, call ``jax.distributed.initialize``, whose client waits for the service to come up. Every
+failure before JAX starts is one ``DistributedError`` line: peers that never join (naming the missing process
+ids), a port process 0 cannot listen on, an address that is unreachable or answers as something else, processes
+started with different ``num_processes`` or the same ``process_id``. ``jax.distributed.initialize`` then gets the
+same bound as ``initialization_timeout``. ``coordinator='auto'`` leaves the start-up to JAX (the cluster's
+scheduler starts every process). Must run before anything touches a JAX device.
 """
 
 from __future__ import annotations
@@ -85,13 +94,17 @@ class DistributedConfig:
 
 def wait_for_coordinator(address: str, timeout_s: float) -> None:
     """Return once ``host:port`` accepts a TCP connection; ``DistributedError`` after ``timeout_s``."""
+    _connect(address, timeout_s).close()
+
+
+def _connect(address: str, timeout_s: float) -> socket.socket:
+    """A TCP connection to ``host:port``, retried until ``timeout_s``; ``DistributedError`` naming it after that."""
     host, _, port = address.rpartition(":")
     deadline = time.monotonic() + timeout_s
     last = None
     while True:
         try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout=min(2.0, timeout_s)):
-                return
+            return socket.create_connection((host.strip("[]"), int(port)), timeout=min(2.0, timeout_s))
         except OSError as e:
             last = e
         if time.monotonic() >= deadline:
@@ -99,6 +112,123 @@ def wait_for_coordinator(address: str, timeout_s: float) -> None:
                 f"coordinator {address} unreachable after {timeout_s:g} s ({type(last).__name__}: {last}); check "
                 "that process 0 is running with the same --coordinator, and the host, port and firewall")
         time.sleep(0.25)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rendezvous: every process meets process 0 before JAX's coordination service starts
+
+
+_HELLO = "ppojax-rendezvous 1"
+_LINE_MAX = 512
+
+
+def _read_line(conn: socket.socket, deadline: float) -> Optional[str]:
+    """One ``\n``-terminated line (at most ``_LINE_MAX`` bytes) from ``conn``; what arrived (possibly "") if the
+    peer hangs up or sends too much; None if nothing complete arrived before ``deadline``."""
+    data = b""
+    while b"\n" not in data and len(data) < _LINE_MAX:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        conn.settimeout(min(remaining, 1.0))
+        try:
+            chunk = conn.recv(_LINE_MAX)
+        except socket.timeout:
+            continue
+        except OSError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\n")[0].decode("utf-8", "replace").strip()
+
+
+def _listen(address: str, port: int) -> socket.socket:
+    try:
+        if socket.has_dualstack_ipv6():
+            return socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True)
+        return socket.create_server(("", port))
+    except OSError as e:
+        raise DistributedError(f"process 0 cannot listen on port {port} of coordinator {address} ({e}); another job "
+                               "or service is using it: pick a free port") from None
+
+
+def gather_processes(address: str, num_processes: int, timeout_s: float) -> None:
+    """Process 0: wait on ``address``'s port until processes ``1 .. num_processes - 1`` have all checked in, then
+    release them together. ``DistributedError`` if they do not all come within ``timeout_s``, or one was started
+    with other settings (which it is told too)."""
+    port = int(address.rpartition(":")[2])
+    deadline = time.monotonic() + timeout_s
+    joined: dict[int, socket.socket] = {}
+    server = _listen(address, port)
+
+    def fail(message: str, why: str):
+        for peer in joined.values():  # tell those already waiting, so they stop now rather than at their timeout
+            try:
+                peer.sendall(f"error {why}\n".encode())
+            except OSError:
+                pass
+        raise DistributedError(message)
+
+    try:
+        server.settimeout(0.25)
+        while len(joined) < num_processes - 1:
+            if time.monotonic() >= deadline:
+                missing = sorted(set(range(1, num_processes)) - set(joined))
+                fail(f"only {len(joined) + 1} of {num_processes} processes joined coordinator {address} within "
+                     f"{timeout_s:g} s (missing process ids: {missing}); start every process with the same "
+                     "--coordinator and --num-processes, or raise --distributed-timeout",
+                     f"process 0 gave up waiting for process ids {missing}")
+            try:
+                conn, _ = server.accept()
+            except socket.timeout:
+                continue
+            words = (_read_line(conn, min(deadline, time.monotonic() + 5.0)) or "").split()
+            if words[:2] != _HELLO.split() or len(words) != 4 or not all(w.isdigit() for w in words[2:]):
+                conn.close()  # not one of ours (a port scanner, a health check): ignore it
+                continue
+            n, pid = int(words[2]), int(words[3])
+            problem = (f"it was started with num_processes={n}, process 0 with {num_processes}" if n != num_processes
+                       else f"process_id={pid} is not in 1..{num_processes - 1}" if not 0 < pid < num_processes
+                       else f"two processes were started with process_id={pid}" if pid in joined else None)
+            if problem is not None:
+                with conn:
+                    conn.sendall(f"error {problem}\n".encode())
+                fail(f"a process that joined coordinator {address} does not fit: {problem}", problem)
+            joined[pid] = conn
+        for conn in joined.values():
+            conn.sendall(b"go\n")
+        for conn in joined.values():  # let each peer hang up first: the port is then free for JAX at once
+            _read_line(conn, time.monotonic() + 2.0)
+    finally:
+        for conn in joined.values():
+            conn.close()
+        server.close()
+
+
+def check_in(address: str, num_processes: int, process_id: int, timeout_s: float) -> None:
+    """A process other than 0: connect to process 0 at ``address``, check in, and wait for its ``go``.
+    ``DistributedError`` if it cannot be reached, answers as something else, refuses this process, or does not
+    answer within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    with _connect(address, timeout_s) as conn:
+        try:
+            conn.sendall(f"{_HELLO} {num_processes} {process_id}\n".encode())
+        except OSError as e:
+            raise DistributedError(f"coordinator {address} closed the connection ({e}); it is not ppojax process 0: "
+                                   "check --coordinator's host and port") from None
+        reply = _read_line(conn, deadline)
+    if reply == "go":
+        return
+    if reply is None:
+        raise DistributedError(
+            f"coordinator {address} accepted the connection but gave no go within {timeout_s:g} s: either not all "
+            f"{num_processes} processes were started, or the address is not ppojax process 0 (check --coordinator)")
+    if reply.startswith("error "):
+        raise DistributedError(f"process 0 at {address} refused process {process_id}: {reply[6:]}")
+    shown = f"answered {reply[:40]!r}" if reply else "closed the connection"
+    raise DistributedError(f"coordinator {address} is not ppojax process 0 (it {shown}); check --coordinator's host "
+                           "and port")
 
 
 def initialize(config: DistributedConfig) -> bool:
@@ -117,8 +247,11 @@ def initialize(config: DistributedConfig) -> bool:
                                    "pod / SLURM / MPI job give --coordinator host:port, --num-processes and "
                                    "--process-id") from e
         return True
-    if config.process_id != 0:  # process 0 starts the service itself
-        wait_for_coordinator(config.coordinator, config.timeout_s)
+    if config.num_processes > 1:  # JAX aborts the process on start-up failures: meet first, in Python
+        if config.process_id == 0:
+            gather_processes(config.coordinator, config.num_processes, config.timeout_s)
+        else:
+            check_in(config.coordinator, config.num_processes, config.process_id, config.timeout_s)
     try:
         jax.distributed.initialize(coordinator_address=config.coordinator, num_processes=config.num_processes,
                                    process_id=config.process_id, initialization_timeout=config.timeout_s)
@@ -130,4 +263,5 @@ def initialize(config: DistributedConfig) -> bool:
     return True
 
 
-__all__ = ["DistributedConfig", "DistributedError", "initialize", "wait_for_coordinator"]
+__all__ = ["DistributedConfig", "DistributedError", "check_in", "gather_processes", "initialize",
+           "wait_for_coordinator"]
