@@ -160,3 +160,19 @@ def test_save_over_existing_directory_replaces_it(tiny_hf_dir, tmp_path):
     ppojax.save_pretrained(out, config, params)
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_export_special_ids_fit_the_vocabulary(tmp_path, capfd):
+    """A small vocabulary (the pipeline's 538 words) must not get GPT-2's 50256 as BOS/EOS: transformers warns
+    that they lie outside the vocabulary. The tokenizer's ids go in when given."""
+    config = ppojax.GPT2Config(vocab_size=538, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    params = ppojax.init_params(config, jax.random.key(0))
+    default = json.loads((ppojax.save_pretrained(tmp_path / "a", config, params) / "config.json").read_text())
+    assert default["bos_token_id"] is None and default["eos_token_id"] is None
+    given = ppojax.save_pretrained(tmp_path / "b", config, params, bos_token_id=0, eos_token_id=0)
+    assert json.loads((given / "config.json").read_text())["eos_token_id"] == 0
+    transformers.GPT2LMHeadModel.from_pretrained(given)
+    assert "within the vocabulary" not in capfd.readouterr().err
+    gpt2 = ppojax.GPT2Config(vocab_size=50257, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    big = ppojax.save_pretrained(tmp_path / "c", gpt2, ppojax.init_params(gpt2, jax.random.key(0)))
+    assert json.loads((big / "config.json").read_text())["eos_token_id"] == 50256  # GPT-2's own, unchanged

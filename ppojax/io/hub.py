@@ -21,7 +21,7 @@ import socket
 import urllib.parse
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -249,13 +249,18 @@ def load_pretrained(name_or_path: str | os.PathLike, **config_overrides):
     return config, params
 
 
-def save_pretrained(path: str | os.PathLike, config: Any, params) -> Path:
+def save_pretrained(path: str | os.PathLike, config: Any, params, *, bos_token_id: Optional[int] = None,
+                    eos_token_id: Optional[int] = None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` that ``transformers.AutoModelForCausalLM.from_pretrained``
     loads, through the family's key map.
 
     Accepts LM params or scalar-head params (the head is dropped: the export is the LM). The directory is written
     to a temporary sibling and renamed into place, so a failed save leaves nothing behind; an existing directory is
     replaced only after the new one is complete.
+
+    ``bos_token_id``/``eos_token_id`` (the tokenizer's) go into ``config.json``; without them the family's own are
+    kept where they lie inside the vocabulary and written as null where they do not (GPT-2's 50256 in a smaller
+    vocabulary), so that transformers loads the export without complaint.
     """
     from safetensors.numpy import save_file
 
@@ -269,11 +274,27 @@ def save_pretrained(path: str | os.PathLike, config: Any, params) -> Path:
     tensors = family.hf.params_to_hf(config, params)  # fails before anything is written
     try:
         with atomic_directory(path) as tmp:
-            (tmp / "config.json").write_text(json.dumps(family.hf.config_to_hf(config), indent=2) + "\n")
+            hf_config = _with_special_ids(family.hf.config_to_hf(config), bos_token_id, eos_token_id)
+            (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
             save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     except OSError as e:
         raise CheckpointError(f"save_pretrained: cannot write {path}: {e}") from e
     return path
+
+
+def _with_special_ids(hf_config: Dict[str, Any], bos: Optional[int], eos: Optional[int]) -> Dict[str, Any]:
+    """``hf_config`` with the given BOS/EOS ids, and none left that points outside its vocabulary."""
+    vocab = hf_config.get("vocab_size")
+    out = dict(hf_config)
+    for key, given in (("bos_token_id", bos), ("eos_token_id", eos)):
+        value = given if given is not None else out.get(key)
+        ids = value if isinstance(value, (list, tuple)) else [value]
+        fits = all(isinstance(i, int) and 0 <= i < vocab for i in ids) if isinstance(vocab, int) else True
+        if value is not None and not fits:
+            value = None
+        if key in out or value is not None:
+            out[key] = value
+    return out
 
 
 _WARNED: set = set()
