@@ -47,8 +47,6 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-from ppojax.io.atomic import atomic_write_text
-
 __all__ = [
     "ConfigError",
     "from_dict",
@@ -596,6 +594,8 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
 def save_yaml(path: str | os.PathLike, data: Mapping[str, Any] | Any) -> None:
     """Writes a mapping (or a config dataclass, through ``to_dict``) as block-style YAML that ``load_yaml`` reads
     back unchanged, atomically (a reader never sees a torn file). Creates the parent directory."""
+    from ppojax.io.atomic import atomic_write_text  # here: importing ppojax.io imports jax, which configlib avoids
+
     text = yaml.dump(_plain(data), Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True)
     atomic_write_text(path, text)
 
