@@ -1,0 +1,25 @@
+"""benchmarks/sweep.py's arithmetic (no timing here): paired ratios, medians, the memory extrapolation."""
+
+import pytest
+
+
+def test_summary_ratios_and_memory_extrapolation(load_benchmark):
+    bench = load_benchmark("sweep")
+    sweeps = [{"total_s": 10.0, "steady_s": 4.0}, {"total_s": 12.0, "steady_s": 6.0}]
+    seqs = [{"total_s": 40.0, "steady_s": 8.0}, {"total_s": 30.0, "steady_s": 9.0}]
+    out = bench.summarise(4, 3, sweeps, seqs)
+    ci, ce = out["compile_included"], out["compile_excluded"]
+    assert ci["speedup_range"] == [2.5, 4.0] and ci["speedup_median"] == pytest.approx(3.25)
+    assert ce["speedup_range"] == [1.5, 2.0]
+    assert ci["sweep_run_iterations_per_s"] == pytest.approx(4 * 3 / 11.0)
+    assert ce["sweep_run_iterations_per_s"] == pytest.approx(4 * 2 / 5.0)
+    mem = bench.largest_r(mem_1=1_000, mem_r=1_600, R=4, ram_bytes=10_000)
+    assert mem["per_run_bytes"] == 200 and mem["largest_R_that_fits"] == (10_000 - 800) // 200
+
+
+def test_tiny_sweep_and_sequential_run(load_benchmark):
+    bench = load_benchmark("sweep")
+    s = bench.time_sweep(bench.CONFIGS["tiny"], 2, 2)
+    q = bench.time_sequential(bench.CONFIGS["tiny"], 2, 2)
+    assert len(s["steps_s"]) == 2 and s["total_s"] >= s["steady_s"] > 0
+    assert len(q["per_run_s"]) == 2 and q["total_s"] >= q["steady_s"] > 0
