@@ -123,3 +123,18 @@ def test_racing_jobs_get_exactly_one_lock(tmp_path, stale):
     assert json.loads((tmp_path / "ppojax.lock").read_text())["token"] == won[0]._holder.token
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ppojax.lock"]  # no unique or stale files left
 
+
+
+def test_filesystem_without_hard_links_falls_back_to_exclusive_create(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")  # what e.g. some FUSE mounts answer
+
+    monkeypatch.setattr(os, "link", no_links)
+    first = DirectoryLock(tmp_path).acquire()
+    with pytest.raises(LockError, match=f"PID {os.getpid()}"):
+        DirectoryLock(tmp_path).acquire()
+    first.release()
+    _write_record(tmp_path / "ppojax.lock", pid=_dead_pid(), process_start=None)
+    with pytest.warns(UserWarning, match="took over the stale lock"):
+        DirectoryLock(tmp_path).acquire().release()
+    assert list(tmp_path.iterdir()) == []

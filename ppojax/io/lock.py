@@ -4,8 +4,9 @@ The lock is a small file next to what it guards (``<run_dir>/ppojax.lock``, or `
 a JSON record of its holder: host name, boot id, PID, the process's start time, and when the lock was taken. It is
 created with the recipe that open(2) gives for NFS: the record is written (atomically) to a uniquely named sibling,
 then hard-linked to the lock's name. ``link`` fails with ``EEXIST`` when the lock exists, atomically, on local
-filesystems and on NFS (where a lost reply is detected by the unique file's link count). No ``fcntl``/``flock``
-is needed, so it also works where those are missing or only local (Lustre without ``-o flock``, some FUSE mounts).
+filesystems and on NFS (where a lost reply is detected by the unique file's link count). On a filesystem without
+hard links the lock is created with ``O_CREAT | O_EXCL`` instead. No ``fcntl``/``flock`` is needed, so it also
+works where those are missing or only local (Lustre without ``-o flock``, some FUSE mounts).
 
 A lock outlives a killed holder (kill -9, a node crash), so a job that finds one decides whether its holder is
 alive. On the same host (same host name and boot id) it can tell: a PID that is gone, a zombie, or a PID reused by
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import errno
 import json
 import os
 import socket
@@ -191,13 +193,32 @@ def _link_record(path: Path, holder: LockHolder) -> bool:
         return True
     except FileExistsError:
         return False
-    except OSError:
+    except OSError as e:
         # NFS: the link may have happened even though its reply was lost; the unique file then has two links.
         if unique.stat().st_nlink == 2:
             return True
+        if e.errno in _NO_HARD_LINKS:
+            return _create_record(path, holder)
         raise
     finally:
         unique.unlink()
+
+
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV}
+
+
+def _create_record(path: Path, holder: LockHolder) -> bool:
+    """For filesystems without hard links: ``O_CREAT | O_EXCL`` (atomic on local filesystems and NFS v3+). A reader
+    may see the file before its record is complete; it then reports an unreadable lock rather than a holder."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(dataclasses.asdict(holder), f)
+        f.flush()
+        os.fsync(f.fileno())
+    return True
 
 
 def _read_holder(path: Path) -> "LockHolder | str | None":
@@ -229,6 +250,12 @@ def _take_over(path: Path, stale: LockHolder) -> bool:
         os.link(moved, path)
     except FileExistsError:
         pass
+    except OSError as e:
+        if e.errno not in _NO_HARD_LINKS:
+            raise
+        if not path.exists():  # without hard links, a rename (which would replace a newer lock) is the way back
+            os.rename(moved, path)
+            return False
     moved.unlink()
     return False
 
