@@ -5,6 +5,7 @@ functions below, which dispatch on the config."""
 
 from ppojax.models.base import (
     CheckpointError,
+    ConfigNumerics,
     GGUFConverter,
     HFConverter,
     KVCache,
@@ -40,6 +41,7 @@ from ppojax.models.llama import LlamaConfig  # registers the llama family (llama
 
 __all__ = [
     "CheckpointError",
+    "ConfigNumerics",
     "GGUFConverter",
     "GPT2Config",
     "HFConverter",

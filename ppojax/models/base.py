@@ -47,6 +47,28 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 """Names of the compute / storage dtypes a model config accepts."""
 
 
+class ConfigNumerics:
+    """Mixin of a family's config dataclass: the compute and storage dtypes named by its ``dtype`` and
+    ``param_dtype`` fields, their check, and ``replace``."""
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def storage_dtype(self):
+        return DTYPES[self.param_dtype]
+
+    def check_dtypes(self) -> None:
+        for field in ("dtype", "param_dtype"):
+            if getattr(self, field) not in DTYPES:
+                raise ValueError(f"{type(self).__name__}.{field} must be one of {sorted(DTYPES)}, got "
+                                 f"{getattr(self, field)!r}")
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
 @flax.struct.dataclass
 class KVCache:
     """Keys and values of every layer for incremental decoding.

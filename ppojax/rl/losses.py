@@ -205,31 +205,33 @@ def ppo_clip_loss(
     logp_old)^2)`` (as TRL), ``ratio_mean`` and ``ratio_max`` (max over this shard's real tokens; 0 if none).
     Hyperparameters may be Python numbers or (traced) arrays from the train state.
     """
+    logp, old_logp, _ = _require(inputs, "logprobs", "old_logprobs", "advantages")
+    # Zero the log-ratio at padding before exp, so garbage there gives neither inf nor nan gradients.
+    log_ratio = jnp.where(inputs.mask > 0, logp - old_logp, 0.0)
+    return _clipped_surrogate(inputs, jnp.exp(log_ratio), log_ratio, clip_eps, clip_eps_high, dual_clip)
+
+
+def _clipped_surrogate(inputs: LossInputs, ratio, log_ratio, clip_eps, clip_eps_high, dual_clip):
+    """``max(-A r, -A clip(r, 1 - eps, 1 + eps_high))`` (dual-clipped for ``A < 0``), reduced by the inputs'
+    aggregation, and the policy metrics: the one surrogate behind every ratio (token or sequence level)."""
     if _is_number(dual_clip) and not dual_clip > 1.0:
         raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip!r}")
     high = clip_eps if clip_eps_high is None else clip_eps_high
-    logp, old_logp, adv = _require(inputs, "logprobs", "old_logprobs", "advantages")
     real = inputs.mask > 0
-    # Zero the log-ratio at padding before exp, so garbage there gives neither inf nor nan gradients.
-    log_ratio = jnp.where(real, logp - old_logp, 0.0)
-    ratio = jnp.exp(log_ratio)
-    adv = jnp.where(real, adv, 0.0)
-
+    adv = jnp.where(real, inputs.advantages, 0.0)
     unclipped = -adv * ratio
     clipped = -adv * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + high)
     per_token = jnp.maximum(unclipped, clipped)
     if dual_clip is not None:
         per_token = jnp.where(adv < 0, jnp.minimum(per_token, -dual_clip * adv), per_token)
-
     loss = _agg(per_token, inputs)
-    metrics = {
+    return loss, {
         "policy_loss": loss,
         "clipfrac": _mean((clipped > unclipped).astype(jnp.float32), inputs),
         "approx_kl": 0.5 * _mean(jnp.square(log_ratio), inputs),
         "ratio_mean": _mean(ratio, inputs),
         "ratio_max": jnp.max(jnp.where(real, ratio, 0.0)),
     }
-    return loss, metrics
 
 
 def gspo_loss(
@@ -249,28 +251,14 @@ def gspo_loss(
     Metrics: ``policy_loss``, ``clipfrac`` and ``ratio_mean``/``ratio_max`` of the sequence ratios (token means),
     ``approx_kl`` as in :func:`ppo_clip_loss`.
     """
-    logp, old_logp, adv = _require(inputs, "logprobs", "old_logprobs", "advantages")
+    logp, old_logp, _ = _require(inputs, "logprobs", "old_logprobs", "advantages")
     real = inputs.mask > 0
-    high = clip_eps if clip_eps_high is None else clip_eps_high
     log_ratio = jnp.where(real, logp - old_logp, 0.0)  # [B, T]
     lengths = jnp.maximum(jnp.sum(real, axis=-1), 1).astype(jnp.float32)
     seq_log_ratio = jnp.sum(log_ratio, axis=-1) / lengths  # [B]
     token_ratio = jnp.exp(jnp.where(real, logp - jax.lax.stop_gradient(logp), 0.0))  # 1, with logp's gradient
     ratio = jax.lax.stop_gradient(jnp.exp(seq_log_ratio))[:, None] * token_ratio  # [B, T]: s_i on each token
-    adv = jnp.where(real, adv, 0.0)
-    unclipped = -adv * ratio
-    clipped = -adv * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + high)
-    per_token = jnp.maximum(unclipped, clipped)
-    if dual_clip is not None:
-        per_token = jnp.where(adv < 0, jnp.minimum(per_token, -dual_clip * adv), per_token)
-    loss = _agg(per_token, inputs)
-    return loss, {
-        "policy_loss": loss,
-        "clipfrac": _mean((clipped > unclipped).astype(jnp.float32), inputs),
-        "approx_kl": 0.5 * _mean(jnp.square(log_ratio), inputs),
-        "ratio_mean": _mean(ratio, inputs),
-        "ratio_max": jnp.max(jnp.where(real, ratio, 0.0)),
-    }
+    return _clipped_surrogate(inputs, ratio, log_ratio, clip_eps, clip_eps_high, dual_clip)
 
 
 _POLICY_LOSSES: dict[str, TermFn] = {"ppo": ppo_clip_loss, "gspo": gspo_loss}

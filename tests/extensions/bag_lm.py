@@ -12,28 +12,17 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from ppojax.models import KVCache, ModelFamily, register_model_family
-from ppojax.models.base import DTYPES, cache_positions_and_bias
+from ppojax.models import ConfigNumerics, KVCache, ModelFamily, register_model_family
+from ppojax.models.base import cache_positions_and_bias
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class BagLMConfig:
+class BagLMConfig(ConfigNumerics):  # compute_dtype, storage_dtype and replace() from the dtype names
     vocab_size: int = 32
     width: int = 16
     max_positions: int = 64
     dtype: str = "float32"
     param_dtype: str = "float32"
-
-    @property
-    def compute_dtype(self):
-        return DTYPES[self.dtype]
-
-    @property
-    def storage_dtype(self):
-        return DTYPES[self.param_dtype]
-
-    def replace(self, **changes):
-        return dataclasses.replace(self, **changes)
 
 
 def init_params(config, key):

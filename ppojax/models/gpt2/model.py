@@ -29,11 +29,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ppojax.models.base import DTYPES, KVCache, Params, cache_positions_and_bias, empty_cache
+from ppojax.models.base import ConfigNumerics, KVCache, Params, cache_positions_and_bias, empty_cache
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class GPT2Config:
+class GPT2Config(ConfigNumerics):
     """Shape and numerics of a GPT-2. Hashable, so it can be a static argument of a jitted function."""
 
     vocab_size: int = 50257
@@ -70,9 +70,7 @@ class GPT2Config:
             raise ValueError(f"GPT2Config.n_inner must be a positive int or None, got {self.n_inner!r}")
         if not self.layer_norm_epsilon > 0:
             raise ValueError(f"GPT2Config.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(f"GPT2Config.{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
+        self.check_dtypes()
 
     @property
     def head_dim(self) -> int:
@@ -92,16 +90,6 @@ class GPT2Config:
         """Context length (the model interface's name for ``n_positions``)."""
         return self.n_positions
 
-    @property
-    def compute_dtype(self):
-        return DTYPES[self.dtype]
-
-    @property
-    def storage_dtype(self):
-        return DTYPES[self.param_dtype]
-
-    def replace(self, **changes) -> "GPT2Config":
-        return dataclasses.replace(self, **changes)
 
 
 # Shapes of the released checkpoints, for random inits "of a given shape" and for documentation.

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppojax.models.base import DTYPES, KVCache, Params, cache_positions_and_bias, empty_cache
+from ppojax.models.base import ConfigNumerics, KVCache, Params, cache_positions_and_bias, empty_cache
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 """Hugging Face ``model_type`` values this family implements (kept in the config so an export round-trips)."""
@@ -73,7 +73,7 @@ class Llama3RopeScaling:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LlamaConfig:
+class LlamaConfig(ConfigNumerics):
     """Shape and numerics of a Llama-style decoder. Field names are those of transformers' ``config.json``.
 
     Hashable, so it can be a static argument of a jitted function.
@@ -149,9 +149,7 @@ class LlamaConfig:
             raise ValueError(f"{name}.rope_theta must be > 0, got {self.rope_theta!r}")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, Llama3RopeScaling):
             raise ValueError(f"{name}.rope_scaling must be a Llama3RopeScaling or None, got {self.rope_scaling!r}")
-        for field in ("dtype", "param_dtype"):
-            if getattr(self, field) not in DTYPES:
-                raise ValueError(f"{name}.{field} must be one of {sorted(DTYPES)}, got {getattr(self, field)!r}")
+        self.check_dtypes()
         if isinstance(self.eos_token_id, list):  # keep the config hashable
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         # Each model_type's transformers class has a fixed bias layout; a config it cannot express would not
@@ -188,16 +186,6 @@ class LlamaConfig:
         """Context length (the model interface's name for ``max_position_embeddings``)."""
         return self.max_position_embeddings
 
-    @property
-    def compute_dtype(self):
-        return DTYPES[self.dtype]
-
-    @property
-    def storage_dtype(self):
-        return DTYPES[self.param_dtype]
-
-    def replace(self, **changes) -> "LlamaConfig":
-        return dataclasses.replace(self, **changes)
 
 
 def rope_frequencies(config: LlamaConfig) -> np.ndarray:
