@@ -24,8 +24,8 @@ leaf, computed on device at save time and checked after restore. ``restore()`` w
 to the newest usable one, warns once per skipped step (one line naming it and the reason: the root error, not
 orbax's wrapper with its TensorStore spec), and moves the skipped ones aside so that the resumed run can save those
 step numbers again. A failed read leaves orbax's background reads to die with the event loop; the tracebacks they
-would print ("Event loop is closed", "coroutine ... was never awaited": thousands of lines for one bad step) are
-contained while the step is read.
+would print ("Event loop is closed", "Task exception was never retrieved", "coroutine ... was never awaited":
+thousands of lines for one bad step, some of them after the read has returned) are filtered out, and nothing else.
 
 Multi-process (TPU pods): every process must call ``save``, ``restore``, ``wait`` and ``close`` with the same
 arguments, in the same order. Orbax coordinates the writes (each process writes its own shards; only process 0
@@ -576,13 +576,16 @@ def _short(e: BaseException) -> str:
     return f"{type(root).__name__}: {first}"
 
 
-def _is_background_noise(exc: Optional[BaseException], obj: Any = None) -> bool:
-    """An error that a failed orbax read leaves behind: its event loop closed under pending TensorStore callbacks,
-    or one of its read coroutines garbage-collected with its exception never retrieved."""
-    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
-        return True
+def _is_closed_loop(exc: Optional[BaseException]) -> bool:
+    """TensorStore finishing a read for an orbax event loop that has already closed (it calls
+    ``loop.call_soon_threadsafe`` from its own threads; the error is printed by ``sys.excepthook`` or as unraisable)."""
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _from_orbax(exc: Optional[BaseException], obj: Any = None) -> bool:
+    """An exception raised in orbax's code, or a coroutine of orbax's, left behind by a failed read."""
     code = getattr(obj, "cr_code", None)
-    if code is not None and ("orbax" in code.co_filename or "tensorstore" in code.co_filename):
+    if code is not None and "orbax" in code.co_filename:
         return True
     tb = getattr(exc, "__traceback__", None)
     while tb is not None:
@@ -590,6 +593,56 @@ def _is_background_noise(exc: Optional[BaseException], obj: Any = None) -> bool:
             return True
         tb = tb.tb_next
     return False
+
+
+def _install_background_filters() -> None:
+    """Filter what orbax's background reads print once a read has failed. They outlive the read (TensorStore threads
+    finish their reads later), so the filters stay for the rest of the process, and each lets everything else
+    through to the hook it wraps:
+
+    - ``sys.excepthook`` and ``threading.excepthook``: only "Event loop is closed";
+    - ``sys.unraisablehook`` (exceptions of garbage-collected coroutines and futures): that, or an exception or a
+      coroutine of orbax's;
+    - the ``asyncio`` logger ("Task exception was never retrieved" from the default exception handler of orbax's
+      event loop): records about orbax's tasks.
+
+    Idempotent: a hook already wrapped (its ``_ppojax`` attribute) is left alone.
+    """
+    if not getattr(sys.unraisablehook, "_ppojax", False):
+        previous_unraisable = sys.unraisablehook
+
+        def unraisable(info):
+            if not (_is_closed_loop(info.exc_value) or _from_orbax(info.exc_value, info.object)):
+                previous_unraisable(info)
+
+        unraisable._ppojax = True
+        sys.unraisablehook = unraisable
+    if not getattr(sys.excepthook, "_ppojax", False):
+        previous_except = sys.excepthook
+
+        def excepthook(kind, value, tb):
+            if not _is_closed_loop(value):
+                previous_except(kind, value, tb)
+
+        excepthook._ppojax = True
+        sys.excepthook = excepthook
+    if not getattr(threading.excepthook, "_ppojax", False):
+        previous_thread = threading.excepthook
+
+        def thread_hook(args):
+            if not _is_closed_loop(args.exc_value):
+                previous_thread(args)
+
+        thread_hook._ppojax = True
+        threading.excepthook = thread_hook
+    asyncio_log = logging.getLogger("asyncio")
+    if _not_orbax_task not in asyncio_log.filters:
+        asyncio_log.addFilter(_not_orbax_task)
+
+
+def _not_orbax_task(record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (_is_closed_loop(exc) or _from_orbax(exc) or "orbax" in record.getMessage())
 
 
 @contextlib.contextmanager
@@ -609,39 +662,17 @@ def _dropped_log(name: str, texts: tuple[str, ...]):
 
 @contextlib.contextmanager
 def _contained_background_errors():
-    """Silence what orbax's background reads print after a failed read (see ``_is_background_noise``): through
-    ``sys.unraisablehook`` (exceptions of garbage-collected coroutines and futures), ``threading.excepthook``,
-    the ``asyncio`` logger ("Task exception was never retrieved", from the default exception handler of orbax's
-    own event loop) and the "coroutine ... was never awaited" warning. Other errors reach the previous hooks.
-    Wrap the ``try`` *and* its ``except``: on the way out the garbage of a failed read (freed once the exception
-    is handled) is collected while the filters are still in place."""
-    previous_unraisable, previous_thread = sys.unraisablehook, threading.excepthook
-    asyncio_log = logging.getLogger("asyncio")
-
-    def unraisable(info):
-        if not _is_background_noise(info.exc_value, info.object):
-            previous_unraisable(info)
-
-    def thread_hook(args):
-        if not _is_background_noise(args.exc_value):
-            previous_thread(args)
-
-    def log_filter(record):
-        exc = record.exc_info[1] if record.exc_info else None
-        return not (_is_background_noise(exc) or "orbax" in record.getMessage())
-
-    sys.unraisablehook, threading.excepthook = unraisable, thread_hook
-    asyncio_log.addFilter(log_filter)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
-            try:
-                yield
-            finally:
-                gc.collect()
-    finally:
-        sys.unraisablehook, threading.excepthook = previous_unraisable, previous_thread
-        asyncio_log.removeFilter(log_filter)
+    """Around an orbax read: the filters of ``_install_background_filters``, the "coroutine ... was never awaited"
+    warnings of the read's coroutines, and a garbage collection on the way out, so that what a failed read leaves
+    behind is freed (and filtered) now. Wrap the ``try`` *and* its ``except``: the garbage is freed once the
+    exception is handled."""
+    _install_background_filters()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
+        try:
+            yield
+        finally:
+            gc.collect()
 
 
 def _agree_or_raise(error: Optional[str]) -> None:
