@@ -6,8 +6,9 @@
     python experiments/ppo_gpt2.py --set ppo.batch_size=32 --set optimizer.learning_rate=3e-4
     python experiments/ppo_gpt2.py --help-config                    # every config field, documented
 
-Rerunning the same command on an existing --run-dir resumes from its latest checkpoint. The work is done by
-``ppojax.runner``; this script is the stable command-line entry point.
+Rerunning the same command on an existing --run-dir resumes from its latest usable checkpoint; one job at a time
+per --run-dir (a second one exits with code 2 naming the first). The work is done by ``ppojax.train.runner``; this
+script is the stable command-line entry point.
 """
 
 import sys

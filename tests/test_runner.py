@@ -1,5 +1,6 @@
 """experiments/ppo_gpt2.py end to end on the tiny config: files, resume, SIGTERM, export and bad inputs."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -131,7 +132,7 @@ def _fails_with(capsys_args, match, run_dir):
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert len(lines) == 1 and match in lines[0], proc.stderr[-2000:]
-    assert not (Path(run_dir) / "checkpoints").exists()  # failed before any compilation or checkpointing
+    assert not Path(run_dir).exists()  # failed before any compilation, and left no run-shaped directory behind
 
 
 def test_bad_config_key_suggests_the_field(tmp_path):
@@ -164,5 +165,199 @@ def test_unwritable_run_dir(tmp_path):
 
 
 def test_resume_with_a_different_config_is_refused(straight):
+    before = _tree(straight)
     proc = _run("--config", TINY, "--run-dir", straight, "--set", "ppo.temperature=0.5", check=False, timeout=120)
     assert proc.returncode == 2 and "different config" in proc.stderr and "temperature" in proc.stderr
+    assert _tree(straight) == before
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reliability (issue 16): the lock, resume decided by the checkpoints, clean failure paths
+
+
+def _tree(run_dir):
+    """Every path under ``run_dir``, with each file's size and modification time: what "changes nothing" compares
+    (a directory's own mtime also moves when a file is created and deleted in it, e.g. a write probe)."""
+    return sorted((str(p.relative_to(run_dir)),) + ((p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else ())
+                  for p in Path(run_dir).rglob("*"))
+
+
+def _copy_run(straight, to):
+    import shutil
+
+    shutil.copytree(straight, to, ignore=shutil.ignore_patterns("export*"))
+    return to
+
+
+def _one_error(stderr, match):
+    """The one error line (``ppo_gpt2.py: error: ...``, or ``[ppojax] error: ...`` during training), with no
+    traceback anywhere."""
+    lines = [line for line in stderr.splitlines() if line.startswith(("ppo_gpt2.py: error:", "[ppojax] error:"))]
+    assert len(lines) == 1 and match in lines[0], stderr[-3000:]
+    assert "Traceback" not in stderr and "Error:" not in stderr.replace(lines[0], ""), stderr[-3000:]
+    return lines[0]
+
+
+def test_resume_is_decided_by_the_checkpoints_not_config_yaml(straight, tmp_path, capsys):
+    from ppojax.train import runner
+
+    run_dir = _copy_run(straight, tmp_path / "run")
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    (run_dir / "config.yaml").unlink()
+    assert runner.main(["--config", str(TINY), "--run-dir", str(run_dir), "--iterations", "4"]) == 0
+    assert "already has 4 of 4 iterations" in capsys.readouterr().err
+    (run_dir / "config.yaml").write_text("seed: 0\nmodel:\n  n_lay")  # torn
+    assert runner.main(["--config", str(TINY), "--run-dir", str(run_dir), "--iterations", "4"]) == 0
+    assert "already has 4 of 4 iterations" in capsys.readouterr().err
+    assert (run_dir / "metrics.jsonl").read_text() == metrics  # nothing wiped
+
+
+def test_every_checkpoint_corrupt_exits_2_with_advice(straight, tmp_path):
+    run_dir = _copy_run(straight, tmp_path / "run")
+    for f in (run_dir / "checkpoints").rglob("*"):
+        if f.is_file() and f.parent.name == "d":  # orbax's array data files
+            os.truncate(f, f.stat().st_size // 2)
+    before = _tree(run_dir)
+    proc = _run("--config", TINY, "--run-dir", run_dir, "--iterations", 6, check=False, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = _one_error(proc.stderr, "no usable checkpoint")
+    assert "step 4: cannot read its arrays" in line and "step 2: cannot read its arrays" in line
+    assert f"move {run_dir / 'checkpoints'} aside" in line
+    assert len(proc.stderr.splitlines()) < 5, proc.stderr[-3000:]
+    assert _tree(run_dir) == before
+
+
+def test_second_job_on_a_run_directory_exits_2_naming_the_holder(straight, tmp_path, capsys):
+    from ppojax.io.atomic import atomic_write_json
+    from ppojax.io.lock import LockHolder
+    from ppojax.train import runner
+
+    run_dir = _copy_run(straight, tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:  # a live process of this host holds the lock
+        record = dict(dataclasses.asdict(LockHolder.of_this_process()), pid=holder.pid, process_start=None)
+        atomic_write_json(run_dir / "ppojax.lock", record)
+        before = _tree(run_dir)
+        assert runner.main(["--config", str(TINY), "--run-dir", str(run_dir)]) == 2
+        line = _one_error(capsys.readouterr().err, "is in use by another job")
+        assert f"PID {holder.pid}" in line and record["host"] in line and "since 20" in line
+        assert _tree(run_dir) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    # Its holder gone, the lock is stale: the next job takes it over with a warning, and removes it at the end.
+    with pytest.warns(UserWarning, match=f"took over the stale lock .*PID {holder.pid}"):
+        assert runner.main(["--config", str(TINY), "--run-dir", str(run_dir), "--iterations", "4"]) == 0
+    assert "already has 4 of 4" in capsys.readouterr().err
+    assert not (run_dir / "ppojax.lock").exists()
+
+
+_BAD_REWARDS = """
+import jax.numpy as jnp
+
+def one_argument(tokens):
+    return jnp.zeros(tokens.shape[0], jnp.float32)
+
+def column(tokens, mask):
+    return jnp.zeros((tokens.shape[0], 1), jnp.float32)
+
+def integers(tokens, mask):
+    return jnp.sum(mask, axis=-1)
+
+def nan(tokens, mask):
+    return jnp.full(tokens.shape[0], jnp.nan, jnp.float32)
+"""
+
+
+@pytest.fixture
+def bad_rewards(tmp_path, monkeypatch):
+    (tmp_path / "bad_rewards_16.py").write_text(_BAD_REWARDS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.parametrize("function, match", [
+    ("one_argument", "fails on response tokens and mask of shape [16, 8] int32: TypeError: one_argument() takes 1"),
+    ("column", "must return scores of shape [batch] = (16,), got (16, 1)"),
+    ("integers", "must return float32 scores, got int32"),
+    ("no_such_module_16:f", "cannot import module 'no_such_module_16' for reward"),
+])
+def test_reward_contract_is_checked_before_the_model_is_initialised(bad_rewards, monkeypatch, capsys, function,
+                                                                     match):
+    import ppojax
+    from ppojax.train import runner
+
+    def init_params(*args, **kwargs):
+        raise AssertionError("the model was initialised before every input was checked")
+
+    monkeypatch.setattr(ppojax, "init_params", init_params)
+    spec = function if ":" in function else f"bad_rewards_16:{function}"
+    run_dir = bad_rewards / "run"
+    code = runner.main(["--config", str(TINY), "--run-dir", str(run_dir), "--set", "reward.kind=function",
+                        "--set", f"reward.function={spec}"])
+    assert code == 2
+    line = _one_error(capsys.readouterr().err, match)
+    assert f"reward.function={spec!r}" in line and "loss term" not in line
+    assert not run_dir.exists()  # the run directory is left as it was found: absent
+
+
+def test_model_shape_checks_come_before_its_initialisation(tmp_path, monkeypatch, capsys):
+    import ppojax
+    from ppojax.train import runner
+
+    monkeypatch.setattr(ppojax, "init_params", lambda *a, **k: pytest.fail("initialised before the checks"))
+    code = runner.main(["--config", str(TINY), "--run-dir", str(tmp_path / "run"), "--set",
+                        "prompts.max_prompt_tokens=60"])
+    assert code == 2 and "exceeds the model's context of 64 tokens" in capsys.readouterr().err
+    code = runner.main(["--config", str(TINY), "--run-dir", str(tmp_path / "run"), "--set", "model.vocab_size=100"])
+    assert code == 2 and "beyond the model's vocabulary of 100" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_overlong_prompts_are_cut_with_one_warning(tmp_path, monkeypatch):
+    from ppojax.train import runner
+
+    def stop_after_the_prompts(*args):
+        raise runner.RunError("stop here")
+
+    prompts = tmp_path / "long.txt"
+    prompts.write_text("a short prompt\n" + "word " * 40 + "\n" + "more words " * 20 + "\n")
+    monkeypatch.setattr(runner, "check_reward", stop_after_the_prompts)
+    with pytest.warns(UserWarning, match=r"long.txt: 2 of 3 prompts are longer than 16 tokens; each keeps its last "
+                                         r"16") as caught:
+        assert runner.main(["--config", str(TINY), "--run-dir", str(tmp_path / "run"), "--set",
+                            f"prompts.path={prompts}"]) == 2
+    assert len([w for w in caught if "longer than" in str(w.message)]) == 1
+
+
+def test_export_of_a_run_directory_that_does_not_exist_creates_nothing(tmp_path, capsys):
+    from ppojax.train import runner
+
+    code = runner.main(["--config", str(TINY), "--run-dir", str(tmp_path / "new"), "--export-checkpoint", "2"])
+    assert code == 2
+    _one_error(capsys.readouterr().err, "has no checkpoints/")
+    assert not (tmp_path / "new").exists()
+
+
+def test_offline_start_without_torch_prints_no_pytorch_notice(tmp_path):
+    code = ("import sys; sys.modules['torch'] = None; sys.path.insert(0, sys.argv[1]); "
+            "from ppojax.train.runner import main; sys.exit(main(sys.argv[2:]))")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", code, str(REPO), "--config", str(TINY), "--run-dir",
+                           str(tmp_path / "run"), "--set", f"prompts.path={tmp_path / 'missing.txt'}"],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "does not exist" in proc.stderr  # the tokenizer (and so transformers) was loaded before this check
+    assert "PyTorch was not found" not in proc.stderr
+
+
+def test_nan_before_the_first_checkpoint_says_no_checkpoint_exists(bad_rewards):
+    env_path = os.pathsep.join([str(bad_rewards), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=env_path)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--config", str(TINY), "--run-dir", str(bad_rewards / "run"),
+                           "--set", "reward.kind=function", "--set", "reward.function=bad_rewards_16:nan"],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    line = _one_error(proc.stderr, "non-finite")
+    assert "No checkpoint was saved yet" in line and "iteration 0" not in line
+    assert "NaN or Inf" not in proc.stderr  # tensorboardX's notice, once per metric and iteration

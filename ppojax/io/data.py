@@ -8,6 +8,7 @@ the batches an uninterrupted run would, with nothing to save but the iteration n
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -74,11 +75,12 @@ def load_dataset_prompts(dataset: str, split: str, field: str) -> List[str]:
 
 def tokenize_prompts(tokenizer, prompts: Sequence[str], max_tokens: int, truncate: str = "left",
                      source: str = "prompts") -> Tuple[np.ndarray, np.ndarray]:
-    """Left-padded ``(ids, mask)`` int32 arrays ``[n, max_tokens]``; too-long prompts keep their last tokens or
-    raise (``truncate='error'``), naming the prompt."""
+    """Left-padded ``(ids, mask)`` int32 arrays ``[n, max_tokens]``; too-long prompts keep their last tokens (with
+    one warning giving their count) or raise (``truncate='error'``), naming the prompt."""
     pad = tokenizer.pad_token_id
     ids = np.full((len(prompts), max_tokens), pad, np.int32)
     mask = np.zeros((len(prompts), max_tokens), np.int32)
+    cut = 0
     for i, text in enumerate(prompts):
         toks = tokenizer(text, add_special_tokens=False)["input_ids"]
         if not toks:
@@ -91,8 +93,13 @@ def tokenize_prompts(tokenizer, prompts: Sequence[str], max_tokens: int, truncat
                     "prompts.truncate=left"
                 )
             toks = toks[-max_tokens:]
+            cut += 1
         ids[i, max_tokens - len(toks):] = toks
         mask[i, max_tokens - len(toks):] = 1
+    if cut:
+        warnings.warn(f"{source}: {cut} of {len(prompts)} prompts are longer than {max_tokens} tokens; each keeps "
+                      f"its last {max_tokens} (raise the limit, or refuse them with prompts.truncate=error)",
+                      stacklevel=2)
     return ids, mask
 
 

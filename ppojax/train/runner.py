@@ -5,21 +5,34 @@
 
 Without ``--config`` it runs the offline default (``configs/offline.yaml``). Everything goes under the run directory:
 ``config.yaml`` (resolved), ``metrics.jsonl``, ``samples.jsonl``, ``tensorboard/``, ``checkpoints/``,
-``curves.png`` and ``export/`` (the final policy in Hugging Face format). Running the same command on an existing run
-directory resumes from its latest checkpoint; the resumed run's metrics equal an uninterrupted run's.
+``curves.png`` and ``export/`` (the final policy in Hugging Face format). Every file is written atomically (or, for
+the JSON-lines logs, appended a line at a time and cut back on resume).
 
-Order of work: every input is checked (config, run directory, prompts, model, tokenizer, reward) before anything
-compiles, so a bad input costs a second and one error line.
+One job per run directory: the job holds ``ppojax.lock`` in it for its whole life (``ppojax.io.lock``; process 0
+in a multi-process run). A second job on the same directory exits with code 2 naming the holder; the lock of a job
+that died on this host is taken over with a warning.
+
+Resume is decided by the checkpoints: each one carries the resolved config it was trained with. Running the same
+command on a directory with checkpoints resumes from the newest usable one (the resumed run's metrics equal an
+uninterrupted run's); a different config, or checkpoints that are all unusable, exit with code 2 and change
+nothing. Without checkpoints the run starts fresh.
+
+Order of work: every input is checked (config, run directory, prompts, model shape, tokenizer, the reward's
+contract) before the model is initialised or anything compiles, so a bad input costs seconds and one error line
+(exit code 2), and a failed start leaves the run directory as it found it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import logging
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "offline.yaml"
@@ -94,34 +107,94 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> List[str]:
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Building the pieces (host side, before compiling)
-
-
-def prepare_run_dir(run_dir: Path, cfg, is_main: bool) -> bool:
-    """Create / check the run directory. Returns True when it holds a previous run to resume."""
+def config_record(cfg) -> dict:
+    """The resolved config as the JSON a checkpoint's metadata keeps (tuples become lists)."""
     from ppojax.io import configlib
-    from ppojax.io.checkpoint import check_writable
+
+    return json.loads(json.dumps(configlib.to_dict(cfg)))
+
+
+def config_changes(saved: dict, cfg) -> List[str]:
+    """What differs between a checkpoint's config and ``cfg``, as ``field: old -> new`` lines. The run length and
+    the mesh may change on resume; a field that ppojax added since the checkpoint was written counts only when it
+    is set away from its default."""
+    from ppojax.train.config import ExperimentConfig
+
+    defaults = config_record(ExperimentConfig())
+    now = config_record(cfg)
+    changes = []
+    for line in _config_diff(saved, now):
+        field = line.split(":", 1)[0]
+        if field.split(".")[0] in ("iterations", "mesh"):
+            continue
+        if _lookup(saved, field) is _MISSING and _lookup(now, field) == _lookup(defaults, field):
+            continue
+        changes.append(line)
+    return changes
+
+
+_MISSING = object()
+
+
+def _lookup(tree: dict, dotted: str):
+    for key in dotted.split("."):
+        if not isinstance(tree, dict) or key not in tree:
+            return _MISSING
+        tree = tree[key]
+    return tree
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Start-up: processes, mesh and the run directory's lock
+
+
+def start_processes(args: argparse.Namespace, cfg):
+    """Join the multi-process run (if any) and build the device mesh; both fail fast, before anything compiles."""
+    from ppojax import parallel
+    from ppojax.parallel import distributed
 
     try:
-        if is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        check_writable(run_dir)
-    except Exception as e:
-        raise RunError(f"run directory {run_dir} is not writable: {e}") from None
-    saved = run_dir / "config.yaml"
-    if not saved.exists():
-        return False
-    previous = configlib.load_yaml(saved)
-    now = configlib.to_dict(cfg)
-    # The run length and the mesh may change on resume; nothing else may.
-    diff = [d for d in _config_diff(previous, now) if not d.startswith(("iterations:", "mesh:"))]
-    if diff:
-        raise RunError(
-            f"run directory {run_dir} holds a run with a different config ({'; '.join(diff[:5])}); "
-            "resume with the same config, or pass a new --run-dir"
-        )
-    return True
+        distributed.initialize(distributed.DistributedConfig.from_env(
+            args.coordinator, args.num_processes, args.process_id, args.distributed_timeout))
+        mesh = parallel.make_mesh(args.mesh or parallel.env_mesh() or cfg.mesh)
+        parallel.check_batch(cfg.ppo, cfg.optimizer, mesh)
+    except (distributed.DistributedError, parallel.MeshError) as e:
+        raise RunError(str(e)) from None
+    return mesh
+
+
+def lock_run_dir(run_dir: Path, is_main: bool):
+    """Take the run directory's lock on process 0 (creating the directory if needed) and tell every process how
+    that went. Returns the lock (None on the other processes); ``RunError`` naming the holder if another job has it.
+    """
+    import jax
+
+    from ppojax.io.lock import DirectoryLock, LockError
+
+    lock, error = None, None
+    if is_main:
+        lock = DirectoryLock(run_dir)
+        try:
+            lock.acquire()
+        except LockError as e:
+            error = str(e)
+        except OSError as e:
+            lock.release(remove_created=True)
+            error = f"run directory {run_dir} is not writable: {e}"
+    if jax.process_count() > 1:  # the other processes wait here for process 0's outcome
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        failed = bool(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+        if failed and error is None:
+            error = f"process 0 could not lock the run directory {run_dir}; see its log"
+    if error is not None:
+        raise RunError(error)
+    return lock
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building the pieces (host side, before compiling)
 
 
 def load_prompts(cfg, config_dir: Path, tokenizer):
@@ -194,6 +267,166 @@ def load_reward_model(path: Path):
     return load(path)
 
 
+def model_config_of(cfg):
+    """``(model config, params or None)``: a random init is only described here (its params come from
+    ``build_model`` once every check has passed); a checkpoint is loaded, as its config comes with it."""
+    if cfg.model.name_or_path == "random":
+        return cfg.model.random_init_config(), None
+    return build_model(cfg)
+
+
+def check_model_fits(cfg, model_config, prompt_ids, prompt_mask) -> None:
+    """The prompts plus the responses fit the model's context, and the tokenizer's ids its vocabulary."""
+    total = cfg.prompts.max_prompt_tokens + cfg.ppo.response_length
+    if total > model_config.max_positions:
+        raise RunError(
+            f"prompts.max_prompt_tokens={cfg.prompts.max_prompt_tokens} + ppo.response_length="
+            f"{cfg.ppo.response_length} = {total} exceeds the model's context of {model_config.max_positions} tokens"
+        )
+    if ((prompt_mask > 0) & (prompt_ids >= model_config.vocab_size)).any():
+        raise RunError(f"tokenizer {cfg.tokenizer!r} produces ids beyond the model's vocabulary of "
+                       f"{model_config.vocab_size}")
+
+
+def _reward_label(cfg) -> str:
+    r = cfg.reward
+    if r.kind == "function":
+        return f"reward.function={r.function!r}"
+    if r.kind == "reward_model":
+        return f"reward.reward_model_path={r.reward_model_path!r}"
+    return f"reward.kind={r.kind!r}"
+
+
+def check_reward(reward, cfg) -> None:
+    """The reward's contract, on the rollout's shapes, before anything compiles: ``jax.eval_shape`` traces it
+    (nothing runs) on what the iteration passes it -- ``(tokens, mask)`` of the responses, or the prompt +
+    response sequence for a reward model (``uses_prompt``), all ``[batch, time]`` int32 -- and the output must be
+    ``[batch]`` float32. A host reward (None here) is checked by the iteration on the host."""
+    if reward is None:
+        return
+    import jax
+    import jax.numpy as jnp
+
+    from ppojax.rl import rewards
+
+    batch, length = cfg.ppo.batch_size, cfg.ppo.response_length
+    if getattr(reward, "uses_prompt", False):
+        length += cfg.prompts.max_prompt_tokens
+    ids = mask = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+    what = "prompt + response" if getattr(reward, "uses_prompt", False) else "response"
+    try:
+        scores = jax.eval_shape(lambda fn, i, m: fn(i, m), reward, ids, mask)
+    except Exception as e:  # noqa: BLE001 -- whatever the user's function raises, one line naming it
+        raise RunError(f"{_reward_label(cfg)} fails on {what} tokens and mask of shape [{batch}, {length}] int32: "
+                       f"{type(e).__name__}: {_first_line(e)}") from None
+    try:
+        rewards.check_scores(scores, batch, where=getattr(reward, "fn", reward))
+    except (TypeError, ValueError) as e:
+        raise RunError(f"{_reward_label(cfg)}: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+@dataclasses.dataclass
+class _Inputs:
+    """Everything a run is built from, checked."""
+
+    tokenizer: Any
+    prompt_ids: Any
+    prompt_mask: Any
+    model_config: Any
+    actor_params: Any
+    reward: Any
+    host_reward: Any
+
+
+def load_inputs(cfg, config_dir: Path) -> _Inputs:
+    """Tokenizer, prompts, model shape and reward, each checked; the policy is initialised last, once all passed."""
+    import ppojax
+
+    try:
+        tokenizer = ppojax.load_tokenizer(cfg.tokenizer)
+    except (OSError, ValueError) as e:
+        raise RunError(f"tokenizer={cfg.tokenizer!r}: {e}") from None
+    _, prompt_ids, prompt_mask = load_prompts(cfg, config_dir, tokenizer)
+    model_config, actor_params = model_config_of(cfg)
+    check_model_fits(cfg, model_config, prompt_ids, prompt_mask)
+    reward, host_reward = build_reward(cfg, tokenizer, model_config, config_dir)
+    check_reward(reward, cfg)
+    if actor_params is None:
+        _, actor_params = build_model(cfg)
+    return _Inputs(tokenizer, prompt_ids, prompt_mask, model_config, actor_params, reward, host_reward)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resume: decided by the checkpoints
+
+
+_START_OVER = "move {dir} aside (e.g. mv {dir} {dir}.bad) to start over, or pass a new --run-dir"
+
+
+def saved_config(checkpoints: Path) -> Optional[dict]:
+    """The config of the newest checkpoint whose metadata can be read; None if there is no checkpoint.
+    ``RunError`` if checkpoints exist but none can be read, or they carry no config."""
+    from ppojax.io.checkpoint import CheckpointCorruptError, Checkpointer
+
+    if not checkpoints.is_dir():
+        return None
+    with Checkpointer(checkpoints, read_only=True) as ckpt:
+        steps = ckpt.all_steps()
+        if not steps:
+            return None
+        reasons = []
+        for step in reversed(steps):
+            try:
+                meta = ckpt.metadata(step)
+            except CheckpointCorruptError as e:
+                reasons.append(str(e))
+                continue
+            if not isinstance(meta.get("config"), dict):
+                raise RunError(f"checkpoint {step} in {checkpoints} does not record its config (written by an older "
+                               f"ppojax?); " + _START_OVER.format(dir=checkpoints))
+            return meta["config"]
+    raise RunError(f"no checkpoint in {checkpoints} can be read ({'; '.join(reasons)}); "
+                   + _START_OVER.format(dir=checkpoints))
+
+
+def check_resume(run_dir: Path, cfg) -> bool:
+    """True when the run directory holds checkpoints of this config (resume from them), False when it has none
+    (a fresh run). ``RunError``, changing nothing, when they were written with another config."""
+    saved = saved_config(run_dir / "checkpoints")
+    if saved is None:
+        return False
+    changes = config_changes(saved, cfg)
+    if changes:
+        raise RunError(
+            f"run directory {run_dir} holds checkpoints of a different config ({'; '.join(changes[:5])}); "
+            "resume with the same config, or pass a new --run-dir"
+        )
+    return True
+
+
+def restore_latest(ckpt, state, run_dir: Path):
+    """``(state, iteration)`` from the newest usable checkpoint (unusable newer ones are skipped with one warning
+    line each). ``RunError`` with advice when none is usable."""
+    from ppojax.io.checkpoint import CheckpointCorruptError, CheckpointMismatchError
+
+    try:
+        step, restored, meta = ckpt.restore(_arrays(state))
+    except CheckpointCorruptError as e:
+        raise RunError(f"{e}; every checkpoint is unusable: " + _START_OVER.format(dir=run_dir / "checkpoints")
+                       ) from None
+    except CheckpointMismatchError as e:
+        raise RunError(f"{_first_line(e)} (the model or optimizer differs from the checkpoint's); resume with "
+                       "the same config, or pass a new --run-dir") from None
+    return _with_arrays(state, restored), int(meta.get("iteration", step))
+
+
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The loop
 
@@ -236,72 +469,70 @@ def run(args: argparse.Namespace) -> int:
 
     import jax
 
-    from ppojax import parallel
-    from ppojax.parallel import distributed
-
-    # Multi-host start-up and the mesh come first: both fail fast, before anything compiles.
-    try:
-        distributed.initialize(distributed.DistributedConfig.from_env(
-            args.coordinator, args.num_processes, args.process_id, args.distributed_timeout))
-        mesh = parallel.make_mesh(args.mesh or parallel.env_mesh() or cfg.mesh)
-        parallel.check_batch(cfg.ppo, cfg.optimizer, mesh)
-    except (distributed.DistributedError, parallel.MeshError) as e:
-        raise RunError(str(e)) from None
+    mesh = start_processes(args, cfg)
     is_main = jax.process_index() == 0
-    resuming = prepare_run_dir(run_dir, cfg, is_main)
-
-    # Host-side inputs, all checked before compiling.
-    import ppojax
-
+    if args.export_checkpoint is not None:
+        return export_checkpoint(args.export_checkpoint, cfg, config_dir, run_dir, mesh, is_main)
+    lock = lock_run_dir(run_dir, is_main)
     try:
-        tokenizer = ppojax.load_tokenizer(cfg.tokenizer)
-    except (OSError, ValueError) as e:
-        raise RunError(f"tokenizer={cfg.tokenizer!r}: {e}") from None
-    texts, prompt_ids, prompt_mask = load_prompts(cfg, config_dir, tokenizer)
-    model_config, actor_params = build_model(cfg)
-    total = cfg.prompts.max_prompt_tokens + cfg.ppo.response_length
-    if total > model_config.max_positions:
-        raise RunError(
-            f"prompts.max_prompt_tokens={cfg.prompts.max_prompt_tokens} + ppo.response_length="
-            f"{cfg.ppo.response_length} = {total} exceeds the model's context of {model_config.max_positions} tokens"
-        )
-    if ((prompt_mask > 0) & (prompt_ids >= model_config.vocab_size)).any():
-        raise RunError(f"tokenizer {cfg.tokenizer!r} produces ids beyond the model's vocabulary of "
-                       f"{model_config.vocab_size}")
-    reward, host_reward = build_reward(cfg, tokenizer, model_config, config_dir)
+        inputs = load_inputs(cfg, config_dir)
+        resuming = check_resume(run_dir, cfg)
+        return train_run(cfg, run_dir, inputs, mesh, is_main, resuming)
+    finally:
+        if lock is not None:
+            lock.release(remove_created=True)  # removes only what this job created and left empty
 
-    from ppojax.rl import iteration as ppo
+
+def _new_state(cfg, inputs: _Inputs, mesh):
+    """A fresh train state from the checked inputs, laid out over the mesh."""
+    import jax
+
+    from ppojax import parallel
+    from ppojax.rl.state import create_train_state
+
+    state = create_train_state(inputs.model_config, inputs.actor_params, ppo=cfg.ppo, reward=inputs.reward,
+                               key=jax.random.key(cfg.seed), optimizer=cfg.optimizer,
+                               total_iterations=cfg.iterations)
+    return parallel.shard_state(state, mesh)  # params over `fsdp`, replicated over `data`
+
+
+def train_run(cfg, run_dir: Path, inputs: _Inputs, mesh, is_main: bool, resuming: bool) -> int:
+    """Build the state, restore it when resuming, then write the run's files and train."""
+    import jax
+
+    from ppojax import parallel
     from ppojax.io import configlib
     from ppojax.io.checkpoint import Checkpointer
     from ppojax.io.data import PromptLoader
     from ppojax.io.logger import RunLogger
-    from ppojax.rl.state import create_train_state
+    from ppojax.rl import iteration as ppo
     from ppojax.train.loop import train
 
-    ppo_cfg = cfg.ppo
-    state = create_train_state(model_config, actor_params, ppo=ppo_cfg, reward=reward,
-                               key=jax.random.key(cfg.seed), optimizer=cfg.optimizer,
-                               total_iterations=cfg.iterations)
-    state = parallel.shard_state(state, mesh)  # params over `fsdp`, replicated over `data`
-    loader = PromptLoader(prompt_ids, prompt_mask, ppo_cfg.prompts_per_iteration, cfg.seed, cfg.prompts.shuffle,
-                          jax.process_index(), jax.process_count())
-    ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep)
+    ppo_cfg, tokenizer = cfg.ppo, inputs.tokenizer
+    state = _new_state(cfg, inputs, mesh)
+    try:
+        ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep)
+    except OSError as e:
+        raise RunError(f"run directory {run_dir} is not writable: {e}") from None
     start = 0
-    if resuming and ckpt.latest_step() is not None:
-        step, restored, meta = ckpt.restore(_arrays(state))
-        state = _with_arrays(state, restored)
-        start = int(meta.get("iteration", step))
-        print(f"[ppojax] resuming {run_dir} from iteration {start}", file=sys.stderr, flush=True)
-    if is_main:
-        configlib.save_yaml(run_dir / "config.yaml", cfg)
-    if args.export_checkpoint is not None:
-        return _export_checkpoint(args.export_checkpoint, ckpt, state, run_dir, tokenizer, is_main)
+    try:
+        if resuming:
+            state, start = restore_latest(ckpt, state, run_dir)
+            print(f"[ppojax] resuming {run_dir} from iteration {start}", file=sys.stderr, flush=True)
+    except BaseException:
+        ckpt.close()
+        raise
     if start >= cfg.iterations:
         print(f"[ppojax] {run_dir} already has {start} of {cfg.iterations} iterations; nothing to do",
               file=sys.stderr)
         ckpt.close()
         return 0
 
+    # Every check has passed: from here on the run writes its files.
+    if is_main:
+        configlib.save_yaml(run_dir / "config.yaml", cfg)
+    loader = PromptLoader(inputs.prompt_ids, inputs.prompt_mask, ppo_cfg.prompts_per_iteration, cfg.seed,
+                          cfg.prompts.shuffle, jax.process_index(), jax.process_count())
     logger = RunLogger(run_dir, is_main_process=is_main, tensorboard=cfg.logging.tensorboard,
                        wandb={"project": cfg.logging.wandb_project, "name": run_dir.name,
                               "config": configlib.to_dict(cfg)} if cfg.logging.wandb_project else None,
@@ -309,23 +540,26 @@ def run(args: argparse.Namespace) -> int:
                        console_every=cfg.logging.console_every)
     stop = _Stop()
     stop.install()
-    outcome = {"last_saved": start, "exit_code": 0}
+    record = config_record(cfg)
+    outcome = {"last_saved": start if resuming else None, "exit_code": 0}
 
     def on_iteration(done, state, metrics, prompts):
         try:
             ppo.check_metrics(metrics, done)
         except FloatingPointError as e:
             logger.log_metrics(done, metrics)
-            print(f"[ppojax] error: {e}. The last good checkpoint (iteration {outcome['last_saved']}) is intact in "
-                  f"{run_dir / 'checkpoints'}.", file=sys.stderr, flush=True)
+            last = outcome["last_saved"]
+            where = (f"The last good checkpoint (iteration {last}) is intact in {run_dir / 'checkpoints'}"
+                     if last is not None else "No checkpoint was saved yet: a rerun starts over")
+            print(f"[ppojax] error: {e}. {where}.", file=sys.stderr, flush=True)
             outcome["exit_code"] = 1
             return True
         logger.log_metrics(done, metrics)
         if cfg.logging.samples_every and (done % cfg.logging.samples_every == 0 or done == 1):
-            logger.log_samples(done, _sample_rows(state, *prompts, tokenizer, cfg, host_reward, mesh))
+            logger.log_samples(done, _sample_rows(state, *prompts, tokenizer, cfg, inputs.host_reward, mesh))
         if done % cfg.checkpoint.every == 0 or done == cfg.iterations or stop.signal is not None:
             ckpt.save(done, _arrays(state), {"iteration": done, "data_position": done * ppo_cfg.prompts_per_iteration,
-                                             "time": time.time()})
+                                             "time": time.time(), "config": record})
             ckpt.wait()
             outcome["last_saved"] = done
         if stop.signal is not None:
@@ -335,8 +569,8 @@ def run(args: argparse.Namespace) -> int:
         return False
 
     try:
-        state = train(state, loader, iterations=cfg.iterations, start=start, mesh=mesh, host_reward=host_reward,
-                      donate=True, on_iteration=on_iteration)
+        state = train(state, loader, iterations=cfg.iterations, start=start, mesh=mesh,
+                      host_reward=inputs.host_reward, donate=True, on_iteration=on_iteration)
     finally:
         logger.close()
         ckpt.close()
@@ -344,10 +578,48 @@ def run(args: argparse.Namespace) -> int:
     if exit_code == 0 and stop.signal is None and cfg.export:
         actor = parallel.to_host(state.actor_params)  # collective: every process gathers, process 0 writes
         if is_main:
-            out = ppojax.save_pretrained(run_dir / "export", model_config, actor)
-            tokenizer.save_pretrained(out)
+            out = _save_policy(run_dir / "export", inputs.model_config, actor, tokenizer)
             print(f"[ppojax] exported the policy to {out}", file=sys.stderr, flush=True)
     return exit_code
+
+
+def _save_policy(path: Path, model_config, params, tokenizer) -> Path:
+    """The policy in Hugging Face format with its tokenizer, whose BOS/EOS ids go into ``config.json``."""
+    import ppojax
+
+    out = ppojax.save_pretrained(path, model_config, params, bos_token_id=tokenizer.bos_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def export_checkpoint(step: int, cfg, config_dir: Path, run_dir: Path, mesh, is_main: bool) -> int:
+    """``--export-checkpoint STEP``: the policy of one checkpoint in Hugging Face format, to ``export-STEP/``.
+    Reads the run directory without taking its lock (a job may be writing it): only ``export-STEP`` is written."""
+    from ppojax import parallel
+    from ppojax.io.checkpoint import CheckpointCorruptError, Checkpointer
+
+    checkpoints = run_dir / "checkpoints"
+    if not checkpoints.is_dir():
+        raise RunError(f"--export-checkpoint: {run_dir} has no checkpoints/ (is --run-dir the run's directory?)")
+    with Checkpointer(checkpoints, read_only=True) as ckpt:
+        if step not in ckpt.all_steps():
+            raise RunError(f"{checkpoints} has no checkpoint {step}; available: {ckpt.all_steps()}")
+        changes = config_changes(saved_config(checkpoints), cfg)
+        if changes:
+            raise RunError(f"checkpoint {step} in {checkpoints} was written with a different config "
+                           f"({'; '.join(changes[:5])}); export with the run's config")
+        inputs = load_inputs(cfg, config_dir)
+        state = _new_state(cfg, inputs, mesh)
+        try:
+            _, restored, _ = ckpt.restore(_arrays(state), step=step)
+        except CheckpointCorruptError as e:
+            raise RunError(str(e)) from None
+    actor = parallel.to_host(state.setup.roles.actor(restored["params"], restored["frozen"]))
+    if is_main:
+        out = _save_policy(run_dir / f"export-{step}", state.setup.model, actor, inputs.tokenizer)
+        print(f"[ppojax] exported checkpoint {step} to {out}", file=sys.stderr)
+    return 0
 
 
 def _sample_rows(state, ids, mask, tokenizer, cfg, host_reward, mesh):
@@ -369,30 +641,27 @@ def _with_arrays(state, arrays):
     return state.replace(**arrays)
 
 
-def _export_checkpoint(step, ckpt, state, run_dir, tokenizer, is_main=True) -> int:
-    import ppojax
-    from ppojax import parallel
-
-    if step not in ckpt.all_steps():
-        raise RunError(f"{run_dir / 'checkpoints'} has no checkpoint {step}; available: {ckpt.all_steps()}")
-    _, restored, _ = ckpt.restore(_arrays(state), step=step)
-    actor = parallel.to_host(state.setup.roles.actor(restored["params"], restored["frozen"]))
-    if is_main:
-        out = ppojax.save_pretrained(run_dir / f"export-{step}", state.setup.model, actor)
-        tokenizer.save_pretrained(out)
-        print(f"[ppojax] exported checkpoint {step} to {out}", file=sys.stderr)
-    ckpt.close()
-    return 0
-
-
 def _format_warning(message, category, filename, lineno, line=None):
     return f"[ppojax] {category.__name__}: {message}\n"
+
+
+def _not_torch_missing(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("PyTorch was not found")
+
+
+def quiet_third_party() -> None:
+    """Drop transformers' "PyTorch was not found" notice (printed at import; ppojax never needs torch, so it is
+    noise for every start of the offline default). Other transformers messages pass. Call before importing it."""
+    log = logging.getLogger("transformers")
+    if _not_torch_missing not in log.filters:
+        log.addFilter(_not_torch_missing)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import warnings
 
     warnings.formatwarning = _format_warning  # one readable line per warning in a job's log
+    quiet_third_party()
     args = parse_args(argv)
     if args.help_config:
         from ppojax.io import configlib
