@@ -19,7 +19,9 @@ optional Boltzmann noise temperature after a colon: the choice is ``argmax_j (sc
 ``P(choice = j) = softmax(score / T)_j`` (``vader:0.1``); no temperature means the best response. The labeler's
 scores are kept in each row's ``"scores"`` field.
 
-A bad input (missing prompt file, unknown policy, bad flag value) prints one error line and exits with code 2.
+A bad input (missing prompt file, unknown policy, bad flag value) prints one error line and exits with code 2. The
+output is written atomically, by one job at a time: the job holds ``<out>.lock`` (``ppojax.io.lock``) while it
+samples, and a second job on the same ``--out`` exits naming it.
 """
 
 from __future__ import annotations
@@ -160,9 +162,29 @@ def run(args: argparse.Namespace) -> dict:
     if out.is_dir():
         raise UsageError(f"--out {out} is a directory; give a .jsonl file path")
 
+    from ppojax.io.lock import DirectoryLock, LockError
+
+    lock = DirectoryLock(out, is_file=True)
+    try:
+        lock.acquire()
+    except LockError as e:
+        raise UsageError(str(e)) from None
+    except OSError as e:
+        lock.release(remove_created=True)
+        raise UsageError(f"--out {out}: cannot write there ({e})") from None
+    try:
+        return _sample(args, prompts, labeler, out)
+    finally:
+        lock.release(remove_created=True)  # removes only the directories this job created and left empty
+
+
+def _sample(args: argparse.Namespace, prompts: list[str], labeler, out: Path) -> dict:
+    """The job, with ``out`` locked: load the policy, sample, label, write."""
     import jax
 
     from ppojax.generate.sampling import check_sampling_args
+    from ppojax.io.data import PromptError
+    from ppojax.rl import preferences
 
     config, params = load_model(args.policy, args)
     tokenizer = load_tokenizer_for(args.policy, args.tokenizer, config.vocab_size)

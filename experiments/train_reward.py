@@ -23,8 +23,10 @@ is not at hand); ``none`` keeps gain 1 and bias 0.
 
 Writes under ``--out``: the reward model (``config.json``, ``model.safetensors``, ``reward_head.json``: the directory
 ``reward.reward_model_path`` takes), the tokenizer, ``metrics.jsonl`` (one line per epoch: train/val loss, accuracy,
-margin), ``train_report.json`` and ``checkpoints/`` (orbax, one per epoch). Rerunning the same command resumes after
-the last finished epoch; ``--epochs`` may grow. A bad input prints one error line and exits with code 2.
+margin), ``train_report.json`` and ``checkpoints/`` (orbax, one per epoch), each file atomically. Rerunning the same
+command resumes after the last finished epoch; ``--epochs`` may grow. One job per ``--out``: the job holds
+``<out>/ppojax.lock`` (``ppojax.io.lock``) and a second one exits naming it. A bad input prints one error line and
+exits with code 2, leaving ``--out`` as it found it.
 """
 
 from __future__ import annotations
@@ -119,11 +121,8 @@ def _calibration(args, rm, train, config, params, tokenizer):
 
 def run(args: argparse.Namespace) -> dict:
     _check_args(args)
-    import jax
-
-    from ppojax.rl import preferences, reward_training
-    from ppojax.io.checkpoint import Checkpointer, check_writable
-    from ppojax.rl.rewards import reward_model
+    from ppojax.io.lock import DirectoryLock, LockError
+    from ppojax.rl import preferences
 
     t_start = time.time()
     # Inputs first, each checked before anything compiles.
@@ -132,11 +131,42 @@ def run(args: argparse.Namespace) -> dict:
     except preferences.PreferenceError as e:
         raise UsageError(str(e)) from None
     out = Path(args.out).expanduser()
+    lock = DirectoryLock(out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        check_writable(out)
-    except Exception as e:
+        lock.acquire()
+    except LockError as e:
+        raise UsageError(str(e)) from None
+    except OSError as e:
+        lock.release(remove_created=True)
         raise UsageError(f"--out {out} is not writable: {e}") from None
+    try:
+        return _train(args, rows, out, t_start)
+    finally:
+        lock.release(remove_created=True)  # removes only what this job created and left empty
+
+
+def _read_history(path: Path, last_epoch: int) -> list[dict]:
+    """The metrics rows of the epochs up to ``last_epoch`` (those a checkpoint covers), skipping unreadable lines."""
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("epoch", 0) <= last_epoch:
+            rows.append(row)
+    return rows
+
+
+def _train(args: argparse.Namespace, rows, out: Path, t_start: float) -> dict:
+    """The job, with ``out`` locked: model, data, training (resumed from ``out/checkpoints``), normalisation."""
+    import jax
+
+    from ppojax.io.atomic import atomic_write_json, atomic_write_text
+    from ppojax.io.checkpoint import Checkpointer, CheckpointCorruptError, CheckpointMismatchError
+    from ppojax.rl import preferences, reward_training
+    from ppojax.rl.rewards import reward_model
+
     config, lm_params = load_model(args.init, args)
     tokenizer = load_tokenizer_for(args.init, args.tokenizer, config.vocab_size)
     if args.query_length + args.response_length > config.n_positions:
@@ -161,11 +191,19 @@ def run(args: argparse.Namespace) -> dict:
     state = reward_training.create_reward_train_state(config, lm_params, cfg, key=jax.random.key(args.seed))
     settings = {k: getattr(args, k) for k in _RESUME_KEYS}
     settings["data"] = str(Path(args.data).resolve())
-    ckpt = Checkpointer(out / "checkpoints", keep=2)
+    try:
+        ckpt = Checkpointer(out / "checkpoints", keep=2)
+    except OSError as e:
+        raise UsageError(f"--out {out} is not writable: {e}") from None
     start_epoch = 0
     if ckpt.latest_step() is not None:
         arrays = {"params": state.params, "opt_state": state.opt_state, "key": state.key, "step": state.step}
-        _, restored, meta = ckpt.restore(arrays)
+        try:
+            _, restored, meta = ckpt.restore(arrays)
+        except (CheckpointCorruptError, CheckpointMismatchError) as e:
+            ckpt.close()
+            raise UsageError(f"{str(e).splitlines()[0]}; use the same arguments to resume, or move {out} aside "
+                             "(or pass a new --out) to start over") from None
         if meta.get("settings") != json.loads(json.dumps(settings)):
             ckpt.close()
             raise UsageError(f"{out} holds a reward-model run with other settings ({meta.get('settings')}); use the "
@@ -175,17 +213,16 @@ def run(args: argparse.Namespace) -> dict:
         print(f"[train_reward] resuming {out} after epoch {start_epoch}", file=sys.stderr, flush=True)
 
     metrics_path = out / "metrics.jsonl"
-    done = [line for line in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
-            if line.strip() and json.loads(line).get("epoch", 0) <= start_epoch]  # drop epochs not checkpointed
-    metrics_path.write_text("".join(line + "\n" for line in done))
+    history = _read_history(metrics_path, start_epoch)  # drop epochs not checkpointed
+    atomic_write_text(metrics_path, "".join(json.dumps(row) + "\n" for row in history))
     chance = 1.0 / data.k
     print(f"[train_reward] {train.n} training / {0 if val is None else val.n} held-out comparisons of k={data.k} "
           f"(chance {chance:.2f}); {config.n_layer} layers, width {config.n_embd}", file=sys.stderr, flush=True)
 
     def on_epoch(epoch, st, row):
         row = {**row, "time_s": round(time.time() - t_start, 2)}
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        history.append(row)
+        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
         arrays = {"params": st.params, "opt_state": st.opt_state, "key": st.key, "step": st.step}
         ckpt.save(epoch, arrays, {"epoch": epoch, "settings": settings})
         ckpt.wait()
@@ -207,7 +244,6 @@ def run(args: argparse.Namespace) -> dict:
     reward_training.save_reward_model(out, rm)
     tokenizer.save_pretrained(out)
 
-    history = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
     final = history[-1] if history else {}
     report = {
         "data": settings["data"], "init": args.init, "k": data.k, "chance": chance,
@@ -216,7 +252,7 @@ def run(args: argparse.Namespace) -> dict:
         "train_accuracy": final.get("train/accuracy"), "normalization": normalization,
         "train_s": round(train_s, 2), "total_s": round(time.time() - t_start, 2), "reward_model": str(out),
     }
-    (out / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_json(out / "train_report.json", report)
     acc = report["val_accuracy"]
     print(f"[train_reward] held-out accuracy {'n/a' if acc is None else f'{acc:.3f}'} (chance {chance:.2f}); "
           f"wrote the reward model to {out}", file=sys.stderr, flush=True)

@@ -186,3 +186,27 @@ def test_sample_for_labels_writes_unlabeled_and_synthetic_rows(tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert err.startswith("sample_for_labels.py: error:") and "nope.txt" in err and "\n" not in err
     assert sample_for_labels.main(common + ["--out", str(out), "--label-with", "stars"]) == 2
+
+
+def test_sample_for_labels_refuses_an_output_another_job_holds(tmp_path, capsys):
+    import dataclasses
+    import subprocess
+
+    import sample_for_labels
+    from ppojax.io.atomic import atomic_write_json
+    from ppojax.io.lock import LockHolder
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The movie was\n")
+    out = tmp_path / "labels.jsonl"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        record = dict(dataclasses.asdict(LockHolder.of_this_process()), pid=holder.pid, process_start=None)
+        atomic_write_json(tmp_path / "labels.jsonl.lock", record)
+        assert sample_for_labels.main(["--policy", "random", "--prompts", str(prompts), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "is in use by another job" in err and f"PID {holder.pid}" in err and "\n" not in err, err
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()

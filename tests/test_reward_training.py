@@ -154,6 +154,7 @@ def test_train_reward_cli_errors_are_one_line_exit_2(tmp_path, capsys):
         assert train_reward.main(base + extra) == 2, extra
         err = capsys.readouterr().err.strip()
         assert err.startswith("train_reward.py: error:") and words in err and "\n" not in err, err
+        assert not (tmp_path / "rm").exists()  # a failed start leaves no output directory behind
 
 
 def test_train_reward_cli_trains_exports_and_resumes(tmp_path, capsys):
@@ -181,3 +182,27 @@ def test_train_reward_cli_trains_exports_and_resumes(tmp_path, capsys):
     assert rm.config.n_embd == 32 and report["normalization"]["kind"] == "dataset"
     # A different setting in the same directory is refused, not silently mixed.
     assert train_reward.main(argv + ["--epochs", "3", "--lr", "2e-3"]) == 2
+
+
+def test_train_reward_refuses_an_out_directory_another_job_holds(tmp_path, capsys):
+    import dataclasses
+    import subprocess
+
+    import train_reward
+    from ppojax.io.atomic import atomic_write_json
+    from ppojax.io.lock import LockHolder
+
+    out = tmp_path / "rm"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        record = dict(dataclasses.asdict(LockHolder.of_this_process()), pid=holder.pid, process_start=None)
+        atomic_write_json(out / "ppojax.lock", record)
+        data = _labels(tmp_path, [{"query": "The movie was", "responses": [" fine", " bad"], "choice": 0}] * 4)
+        assert train_reward.main(["--data", str(data), "--init", "random", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "is in use by another job" in err and f"PID {holder.pid}" in err and "\n" not in err, err
+        assert sorted(p.name for p in out.iterdir()) == ["ppojax.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
