@@ -1,0 +1,144 @@
+"""Fault injection on experiments/ppo_gpt2.py with the tiny config: kill -9 at random moments, two jobs on one run
+directory, corrupted checkpoint files and a torn metrics.jsonl.
+
+Every case ends with the same check: the run directory's metrics equal those of an uninterrupted run, each
+iteration exactly once; and every failure on the way is one error line with its exit code. About 4 minutes on
+2 CPU cores (each job start costs ~15 s of imports and compilation).
+"""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "experiments" / "ppo_gpt2.py"
+ITERATIONS = 6
+# A checkpoint every iteration (keep 2): kills land in and around saves, and fallbacks have a step to go to.
+ARGS = ["--config", str(REPO / "configs" / "tiny.yaml"), "--iterations", str(ITERATIONS),
+        "--set", "checkpoint.every=1", "--set", "checkpoint.keep=2"]
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+
+
+def _start(run_dir, *extra):
+    return subprocess.Popen([sys.executable, str(SCRIPT), *ARGS, "--run-dir", str(run_dir), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
+
+
+def _run(run_dir, *extra, timeout=600):
+    proc = subprocess.run([sys.executable, str(SCRIPT), *ARGS, "--run-dir", str(run_dir), *extra],
+                          capture_output=True, text=True, env=ENV, cwd=REPO, timeout=timeout)
+    return proc.returncode, proc.stderr
+
+
+def _metrics(run_dir):
+    """Each line of metrics.jsonl without its wall time (the one field a resumed run may change)."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "time_s"} for line in lines]
+
+
+def _errors(stderr):
+    """The runner's error lines (``ppo_gpt2.py: error: ...`` for bad input, ``[ppojax] error: ...`` in training)."""
+    return [line for line in stderr.splitlines() if line.startswith(("ppo_gpt2.py: error:", "[ppojax] error:"))
+            or "Traceback" in line]
+
+
+def _assert_equals_uninterrupted(run_dir, reference):
+    got = _metrics(run_dir)
+    assert [m["iteration"] for m in got] == list(range(1, ITERATIONS + 1))  # each iteration exactly once
+    assert got == reference
+    assert not (Path(run_dir) / "ppojax.lock").exists()
+
+
+def _lines(path):
+    return path.read_text().count("\n") if path.exists() else 0
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The run directory of the run done in one go (checkpoints 5 and 6 kept)."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    code, err = _run(run_dir)
+    assert code == 0, err[-3000:]
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def reference(uninterrupted):
+    return _metrics(uninterrupted)
+
+
+def test_kill_9_at_random_moments_then_resume(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    rng = random.Random(16)
+    for _ in range(3):
+        proc = _start(run_dir)
+        # A random moment: after a random number of logged iterations (0: during start-up or compilation), plus a
+        # random fraction of a second (mid-iteration, mid-save, mid-log line).
+        target, deadline = rng.randint(0, ITERATIONS - 2), time.time() + 300
+        while proc.poll() is None and _lines(run_dir / "metrics.jsonl") < target and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)  # reaped: its lock is stale now, not held by a zombie
+    # What a kill in the middle of writing a metrics line leaves behind.
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"iteration": 99, "score_mean": 0.0')
+    code, err = _run(run_dir)
+    assert code == 0 and not _errors(err), err[-3000:]
+    _assert_equals_uninterrupted(run_dir, reference)
+
+
+def test_two_jobs_on_one_run_directory(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    jobs = [_start(run_dir), _start(run_dir)]
+    outcomes = [(job.pid, job.communicate(timeout=600)[1]) for job in jobs]
+    outcomes = [(pid, job.returncode, err) for (pid, err), job in zip(outcomes, jobs)]
+    codes = sorted(code for _, code, _ in outcomes)
+    assert codes == [0, 2], [err[-2000:] for _, _, err in outcomes]
+    (winner, _, _), = [o for o in outcomes if o[1] == 0]
+    (_, _, loser_err), = [o for o in outcomes if o[1] == 2]
+    errors = _errors(loser_err)
+    assert len(errors) == 1 and "is in use by another job" in errors[0] and f"PID {winner}" in errors[0], loser_err
+    _assert_equals_uninterrupted(run_dir, reference)
+
+
+def _data_files(step_dir):
+    return [p for p in Path(step_dir).rglob("*") if p.is_file() and p.parent.name == "d"]
+
+
+def test_corrupted_checkpoints(uninterrupted, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)  # checkpoints 5 and 6
+
+    # The newest checkpoint's arrays are emptied: the resume falls back to 5 with one warning, and redoes 6.
+    for f in _data_files(run_dir / "checkpoints" / "6"):
+        f.write_bytes(b"")
+    code, err = _run(run_dir)
+    assert code == 0 and not _errors(err), err[-3000:]
+    warned = [line for line in err.splitlines() if "unusable" in line]
+    assert len(warned) == 1 and "checkpoint step 6" in warned[0] and "restored step 5" in warned[0], err[-3000:]
+    assert "OUT_OF_RANGE" in warned[0] or "DATA_LOSS" in warned[0] or "FAILED_PRECONDITION" in warned[0]
+    assert "Traceback" not in err and "TensorStore({" not in err
+    _assert_equals_uninterrupted(run_dir, reference)
+
+    # Every checkpoint unusable (a metadata file deleted, array data truncated): exit 2, one line, nothing changed.
+    (run_dir / "checkpoints" / "6" / "metadata" / "metadata").unlink()
+    for f in _data_files(run_dir / "checkpoints" / "5"):
+        os.truncate(f, f.stat().st_size // 2)
+    before = sorted(str(p) for p in run_dir.rglob("*"))
+    code, err = _run(run_dir, "--iterations", str(ITERATIONS + 2))
+    assert code == 2, err[-3000:]
+    errors = _errors(err)
+    assert len(errors) == 1 and "aside" in errors[0] and "Traceback" not in err, err[-3000:]
+    assert sorted(str(p) for p in run_dir.rglob("*")) == before
+    assert [m["iteration"] for m in _metrics(run_dir)] == list(range(1, ITERATIONS + 1))
