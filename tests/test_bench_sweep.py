@@ -23,3 +23,16 @@ def test_tiny_sweep_and_sequential_run(load_benchmark):
     q = bench.time_sequential(bench.CONFIGS["tiny"], 2, 2)
     assert len(s["steps_s"]) == 2 and s["total_s"] >= s["steady_s"] > 0
     assert len(q["per_run_s"]) == 2 and q["total_s"] >= q["steady_s"] > 0
+
+
+def test_estimator_benchmark_summary(load_benchmark):
+    bench = load_benchmark("estimators")
+    records = [{"estimator": "gae", "seconds": [9.0, 2.0, 4.0, 3.0], "peak_rss_bytes": 10, "params_bytes": 8,
+                "opt_state_bytes": 16, "frozen_bytes": 4},
+               {"estimator": "gae", "seconds": [9.0, 5.0, 6.0], "peak_rss_bytes": 30, "params_bytes": 8,
+                "opt_state_bytes": 16, "frozen_bytes": 4},
+               {"estimator": "grpo", "seconds": [9.0, 1.0], "peak_rss_bytes": 20, "params_bytes": 4,
+                "opt_state_bytes": 8, "frozen_bytes": 4}]
+    out = bench.summarise(records)
+    assert out["gae"]["s_per_iteration_range"] == [3.0, 5.5] and out["gae"]["s_per_iteration_median"] == 4.25
+    assert out["gae"]["peak_rss_bytes_median"] == 20 and out["grpo"]["s_per_iteration_median"] == 1.0
