@@ -7,7 +7,8 @@ the optimised HLO to map every op to its source (``op_name`` metadata). Ops are 
 
 - ``vocab matmul``: the three matmuls of the tied LM head (logits, d hidden, d embedding);
 - ``vocab elementwise``: the rest of the vocabulary-sized work (log-sum-exp chunks, softmax gradients);
-- ``optimizer``: Adam on the parameters (the elementwise updates outside the gradient);
+- ``optimizer``: Adam on the parameters (``optimizer_step``'s scope; in older traces, the elementwise updates
+  outside the gradient);
 - ``actor trunk`` / ``critic trunk`` (``fwd`` / ``bwd``): the transformer blocks, matmuls and elementwise apart;
 - ``sampling``: the decode loop's sampler; ``other``: everything else.
 
@@ -54,6 +55,8 @@ def categorize(name: str, shape: str, op_name: str, vocab: int) -> str:
     last = op_name.rsplit("/", 1)[-1]
     if any(e in op_name for e in ("nd,vd->nv", "nv,vd->nd", "nv,nd->vd")):
         return "vocab matmul"
+    if "optimizer_step" in op_name:  # the fused Adam update's scope (ppojax.rl.state.optimizer_step)
+        return "optimizer"
     if "while/body" not in op_name and ("sample" in op_name or "_inverse_cdf" in op_name):
         return "sampling"
     is_vocab = str(vocab) in shape or "token_logprobs" in op_name

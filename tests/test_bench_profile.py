@@ -15,6 +15,7 @@ HLO = """
   %dot.148 = f32[768,3072]{1,0} dot(%e, %f), metadata={op_name="jit(inner)/while/transpose(jvp(GPT2Trunk))/while/body/closed_call/h/c_fc/transpose"}
   %tanh_fusion = f32[8,88,3072]{2,1,0} fusion(%g), kind=kLoop, metadata={op_name="jit(inner)/while/jvp(GPT2Trunk)/while/body/closed_call/h/tanh"}
   %subtract_exponential_fusion = f32[192,4096]{1,0} fusion(%h), kind=kLoop, metadata={op_name="jit(inner)/while/jvp(token_logprobs)/while/body/closed_call/exp"}
+  %divide_subtract_fusion = f32[1024,256]{1,0} fusion(%i), kind=kLoop, metadata={op_name="jit(inner)/cond/branch_1_fun/while/body/closed_call/while/body/closed_call/optimizer_step/convert_element_type"}
 """
 
 
@@ -29,6 +30,7 @@ def test_ops_fall_in_their_groups(prof):
         "dot.148": "actor trunk bwd matmul",
         "tanh_fusion": "actor trunk fwd elementwise",
         "subtract_exponential_fusion": "vocab elementwise",  # a chunk: named by token_logprobs' scope
+        "divide_subtract_fusion": "optimizer",  # by optimizer_step's scope (its last name is no Adam op)
     }
 
 

@@ -28,7 +28,6 @@ import chex
 import flax.struct
 import jax
 import jax.numpy as jnp
-import optax
 
 from ppojax.generate.logprobs import token_logprobs
 from ppojax.generate.sampling import sample
@@ -38,7 +37,7 @@ from ppojax.rl import rewards as rewards_lib
 from ppojax.rl.advantages import AdvantageInputs, masked_mean, run_estimator, whiten
 from ppojax.rl.kl import update_kl_state
 from ppojax.rl.losses import LossInputs, explained_variance
-from ppojax.rl.state import InState, PPOSetup, TrainState, learning_rate_at, make_optimizer, update_count
+from ppojax.rl.state import InState, PPOSetup, TrainState, learning_rate_at, optimizer_step, update_count
 
 Metrics = Dict[str, jax.Array]
 
@@ -235,10 +234,8 @@ def _minibatch_update(state: TrainState, mb: Rollout, advantages, returns):
     grads = coll.gradients(grads)
     metrics = {k: (coll.max(v) if k.endswith("_max") else coll.sum(v)) for k, v in metrics.items()}
     hp = state.hparams
-    tx = make_optimizer(setup, hp, learning_rate_at(setup, hp, update_count(state.opt_state)))
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    lr = learning_rate_at(setup, hp, update_count(state.opt_state))
+    params, opt_state, metrics["grad_norm"] = optimizer_step(setup, hp, lr, grads, state.opt_state, state.params)
     return state.replace(params=params, opt_state=opt_state), metrics
 
 

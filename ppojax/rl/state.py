@@ -454,6 +454,51 @@ def update_count(opt_state) -> jax.Array:
     return counts[0] if counts else jnp.zeros((), jnp.int32)
 
 
+def optimizer_step(setup: "PPOSetup", hparams: HParams, learning_rate, grads, opt_state, params):
+    """One update of :func:`make_optimizer`'s chain, fused per parameter: ``(params, opt_state, grad_norm)``.
+
+    The math of optax's ``clip_by_global_norm -> adam`` (or ``adamw``) and the same optimizer-state tree (the chain's
+    ``ScaleByAdamState`` is replaced in place), written as one expression per output so that XLA makes three
+    elementwise passes per parameter (``m``, ``v``, ``p``). Through optax's chain it makes four to five on a CPU: the
+    clipped gradient is written out and read back, and without clipping the ``g^2`` of Adam's second moment is
+    shared with the global norm's and written out too. With ``k`` the updates done so far::
+
+        n  = ||g||_2 over every parameter                            (returned: the logged grad_norm)
+        c  = 1 if n < max_grad_norm else max_grad_norm / n           (1 without clipping)
+        m' = b1 m + (1 - b1) c g
+        v' = b2 v + (1 - b2) c^2 g^2
+        p' = p - lr [ (m' / (1 - b1^(k+1))) / (sqrt(v' / (1 - b2^(k+1))) + eps) + wd p ]     (wd: AdamW only)
+
+    Each output keeps its input's dtype. Equal to the optax chain up to float rounding (tests/test_perf_options.py).
+    """
+    from optax import tree_utils as otu
+
+    opt = setup.optimizer
+    grad_norm = optax.global_norm(grads)
+    scale = jnp.float32(1.0)
+    if opt.max_grad_norm is not None:  # optax: g if n < max_norm else (g / n) * max_norm
+        scale = jnp.where(grad_norm < hparams.max_grad_norm, 1.0, hparams.max_grad_norm / grad_norm)
+    b1, b2, eps = hparams.b1, hparams.b2, hparams.eps
+    count = optax.safe_increment(otu.tree_get(opt_state, "count"))
+    c1, c2 = (1.0 - b1) * scale, (1.0 - b2) * scale * scale  # scalars folded in: no clipped gradient in memory
+    bc1, bc2 = 1.0 - b1 ** count, 1.0 - b2 ** count
+    decay = hparams.weight_decay if opt.name == "adamw" else None
+
+    def leaf(p, m, v, g):
+        m_new = b1 * m + c1 * g
+        v_new = b2 * v + (c2 * g) * g
+        step = (m_new / bc1) / (jnp.sqrt(v_new / bc2) + eps)
+        if decay is not None:
+            step = step + decay * p
+        return (p - learning_rate * step).astype(p.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype)
+
+    leaves, treedef = jax.tree.flatten(params)
+    others = [treedef.flatten_up_to(t) for t in (otu.tree_get(opt_state, "mu"), otu.tree_get(opt_state, "nu"), grads)]
+    with jax.named_scope("optimizer_step"):  # names its ops in profiles (benchmarks/profile_iteration.py)
+        new_p, new_m, new_v = (treedef.unflatten(list(col)) for col in zip(*map(leaf, leaves, *others)))
+    return new_p, otu.tree_set(opt_state, count=count, mu=new_m, nu=new_v), grad_norm
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Roles: which params are the actor, the reference and the critic
 
