@@ -3,7 +3,7 @@
     sample k responses per prompt (KV-cache decode, temperature)
       -> optional truncation at a stop token
       -> recompute actor and reference log-probs (and critic values, when the estimator needs a critic) with the
-         training forward path
+         training forward path (``ppo.reuse_sampler_logprobs``: the actor's come from the sampler instead)
       -> scores (jittable reward or reward model; a host reward comes in between ``rollout`` and ``update``)
       -> penalties, per-token KL-shaped rewards, the advantage estimator (GAE, GRPO, RLOO, ... or a user's own),
          whitening
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from ppojax.generate.logprobs import token_logprobs
 from ppojax.generate.sampling import sample
-from ppojax.models import forward_hidden, lm_head, value_forward
+from ppojax.models import forward_hidden, lm_head, scalar_head, value_forward
 from ppojax.parallel.sharding import constrain_rows
 from ppojax.rl import rewards as rewards_lib
 from ppojax.rl.advantages import AdvantageInputs, masked_mean, run_estimator, whiten
@@ -51,10 +51,10 @@ class Rollout:
     prompt_mask: jax.Array
     tokens: jax.Array  # response tokens (pad after EOS / truncation)
     mask: jax.Array  # int32, 1 on real response tokens
-    logprobs: jax.Array  # actor, tempered, recomputed with the training forward
+    logprobs: jax.Array  # actor, tempered, recomputed with the training forward (or the sampler's)
     ref_logprobs: jax.Array  # reference, tempered
     values: Optional[jax.Array]  # critic V(s_t), the value before emitting token t; None without a critic
-    entropy: jax.Array  # per-token entropy of the tempered actor distribution
+    entropy: Optional[jax.Array]  # per-token entropy of the tempered actor; None with reuse_sampler_logprobs
     found_stop: jax.Array  # [batch] bool: truncate token found (True when truncation is off)
 
 
@@ -62,24 +62,54 @@ class Rollout:
 # Forward helpers shared by rollout and update: one code path, so the first ratio is exactly 1.
 
 
-def _response_logprobs(setup: PPOSetup, params, ids, mask, prompt_len: int, temperature, recompute: bool = False):
-    """Log-prob of each response token and the entropy of the tempered distribution, ``[batch, response]``.
+def _response_hidden(setup: PPOSetup, params, ids, mask, prompt_len: int):
+    """Final hidden states ``[batch, response, width]`` of the positions that predict the response tokens.
 
-    ``ids``/``mask`` are prompt + response; the hidden state predicting response token t sits at position P - 1 + t,
-    so only those positions meet the vocabulary, in chunks (``token_logprobs``: no ``[batch, response, vocab]``
-    logits in memory).
+    ``ids``/``mask`` are prompt + response; the hidden state predicting response token t sits at position P - 1 + t.
     """
-    model, cfg = setup.model, setup.ppo
-    hidden = forward_hidden(model, params, ids, mask)[:, prompt_len - 1:-1]  # [batch, resp, width]
+    return forward_hidden(setup.model, params, ids, mask)[:, prompt_len - 1:-1]
+
+
+def _head_logprobs(setup: PPOSetup, params, hidden, ids, mask, prompt_len: int, temperature, recompute: bool = False):
+    """Log-prob of each response token and the entropy of the tempered distribution, ``[batch, response]``, from
+    the response positions' hidden states: only they meet the vocabulary, in chunks (``token_logprobs``: no
+    ``[batch, response, vocab]`` logits in memory)."""
+    model = setup.model
     tokens = jnp.where(mask[:, prompt_len:] > 0, ids[:, prompt_len:], 0)  # pad ids may lie outside the vocabulary
     out = token_logprobs(hidden, lm_head(model, params), tokens, temperature=temperature,
-                         chunk_size=cfg.vocab_chunk_size, recompute=recompute, compute_dtype=model.compute_dtype)
+                         chunk_size=setup.ppo.vocab_chunk_size, recompute=recompute, compute_dtype=model.compute_dtype)
     return out.logprobs, out.entropy
 
 
-def _response_values(setup: PPOSetup, critic_params, ids, mask, prompt_len: int):
-    """Critic values ``V(s_t)`` for each response position (the hidden state before token t)."""
-    return value_forward(setup.model, critic_params, ids, mask)[:, prompt_len - 1:-1]
+def _response_logprobs(setup: PPOSetup, params, ids, mask, prompt_len: int, temperature, recompute: bool = False):
+    """``_head_logprobs`` of the model's own forward: a policy's (the reference's) log-probs and entropies."""
+    hidden = _response_hidden(setup, params, ids, mask, prompt_len)
+    return _head_logprobs(setup, params, hidden, ids, mask, prompt_len, temperature, recompute)
+
+
+def _policy_and_values(setup: PPOSetup, actor, critic, ids, mask, prompt_len: int, temperature, *,
+                       logprobs: bool = True, recompute: bool = False):
+    """The actor's ``(logprobs, entropy)`` and the critic's values ``V(s_t)`` of every response position,
+    ``[batch, response]`` each: what the rollout stores and what every update recomputes, through this one code path
+    (so the first minibatch's ratio is exactly 1).
+
+    ``actor``/``critic`` are the role views' params (``critic`` None without a critic). A separate critic runs its
+    own trunk; a shared one (``setup.shared_critic``) reads the actor's hidden states, ``V(s_t) =
+    scalar_head(value_head, h_t)``: one trunk forward for both heads. ``logprobs=False`` (the rollout with
+    ``ppo.reuse_sampler_logprobs``) skips the vocabulary, and the actor's trunk too unless a shared critic needs
+    it; what is not computed is None.
+    """
+    logp = entropy = values = hidden = None
+    if logprobs or setup.shared_critic:
+        hidden = _response_hidden(setup, actor, ids, mask, prompt_len)  # [batch, resp, width]
+    if logprobs:
+        logp, entropy = _head_logprobs(setup, actor, hidden, ids, mask, prompt_len, temperature, recompute)
+    if critic is not None:
+        if setup.shared_critic:
+            values = scalar_head(critic, hidden)
+        else:
+            values = value_forward(setup.model, critic, ids, mask)[:, prompt_len - 1:-1]
+    return logp, entropy, values
 
 
 def _concat(prompt_ids, prompt_mask, tokens, mask):
@@ -138,19 +168,23 @@ def _rollout(state: TrainState, prompt_ids, prompt_mask):
     chunk = min(cfg.rollout_chunk_size or cfg.minibatch_size, batch)
     while batch % chunk:  # a local (per-device) batch smaller than the configured chunk
         chunk -= 1
-    logprobs = lambda params: _chunked(
-        lambda i, m: _response_logprobs(setup, params, i, m, prompt_len, hp.temperature), chunk, ids, full_mask)
-    logp, entropy = logprobs(actor)
-    ref_logp, _ = logprobs(setup.roles.reference(state.params, state.frozen))
-    values = None
-    if setup.has_critic:
-        critic = setup.roles.critic(state.params, state.frozen)
-        values = _chunked(lambda i, m: _response_values(setup, critic, i, m, prompt_len), chunk, ids, full_mask)
+    critic = setup.roles.critic(state.params, state.frozen) if setup.has_critic else None
+    reuse = cfg.reuse_sampler_logprobs
+    logp = entropy = values = None
+    if not reuse or critic is not None:
+        logp, entropy, values = _chunked(
+            lambda i, m: _policy_and_values(setup, actor, critic, i, m, prompt_len, hp.temperature,
+                                            logprobs=not reuse), chunk, ids, full_mask)
+    if reuse:  # the sampler's log-prob of each sampled token: tempered, unfiltered (see PPOConfig)
+        logp = out.logprobs
+    reference = setup.roles.reference(state.params, state.frozen)
+    ref_logp, _ = _chunked(lambda i, m: _response_logprobs(setup, reference, i, m, prompt_len, hp.temperature),
+                           chunk, ids, full_mask)
     real = mask > 0
+    masked = lambda x: None if x is None else jnp.where(real, x, 0.0)
     rollout = Rollout(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask.astype(jnp.int32), tokens=tokens, mask=mask.astype(jnp.int32),
-        logprobs=jnp.where(real, logp, 0.0), ref_logprobs=jnp.where(real, ref_logp, 0.0),
-        values=None if values is None else jnp.where(real, values, 0.0), entropy=jnp.where(real, entropy, 0.0),
+        logprobs=masked(logp), ref_logprobs=masked(ref_logp), values=masked(values), entropy=masked(entropy),
         found_stop=found,
     )
     return state.replace(key=key), _constrain(setup, rollout)
@@ -181,16 +215,14 @@ def compute_scores(state: TrainState, rollout: Rollout) -> jax.Array:
 
 
 def _loss(params, state: TrainState, mb: Rollout, advantages, returns, n_tokens, n_seqs):
-    """The combined loss on one (micro)batch: forward actor (and critic), then the composed terms."""
+    """The combined loss on one (micro)batch: forward actor and critic (one trunk when shared), then the terms."""
     setup = state.setup
     ids, mask = _concat(mb.prompt_ids, mb.prompt_mask, mb.tokens, mb.mask)
     P = mb.prompt_ids.shape[1]
     actor = setup.roles.actor(params, state.frozen)
-    logp, entropy = _response_logprobs(setup, actor, ids, mask, P, state.hparams.temperature,
-                                       recompute=setup.ppo.recompute_logits)
-    values = None
-    if setup.has_critic:
-        values = _response_values(setup, setup.roles.critic(params, state.frozen), ids, mask, P)
+    critic = setup.roles.critic(params, state.frozen) if setup.has_critic else None
+    logp, entropy, values = _policy_and_values(setup, actor, critic, ids, mask, P, state.hparams.temperature,
+                                               recompute=setup.ppo.recompute_logits)
     inputs = LossInputs.create(
         mask=mb.mask, n_tokens=n_tokens, n_seqs=n_seqs, logprobs=logp, old_logprobs=mb.logprobs,
         ref_logprobs=mb.ref_logprobs, entropy=entropy, values=values, old_values=mb.values, advantages=advantages,
@@ -330,7 +362,9 @@ def _update(state: TrainState, rollout: Rollout, scores: jax.Array):
         "reward": coll.mean(jnp.where(real, rewards, 0.0).sum(-1).mean()),
         "kl": mean_kl,
         "kl_coef": state.kl.coef,
-        "entropy": masked_mean(rollout.entropy, mask, axis_name=axis),
+        # reuse_sampler_logprobs: no actor forward in the rollout; the update's first minibatch is the rollout policy
+        "entropy": (stats["entropy"][0, 0] if rollout.entropy is None
+                    else masked_mean(rollout.entropy, mask, axis_name=axis)),
         "response_length": coll.mean(lengths.mean()),
         "advantage_mean": masked_mean(advantages, mask, axis_name=axis),
         "truncate_found": coll.mean(rollout.found_stop.astype(jnp.float32).mean()),

@@ -4,7 +4,9 @@
 
 - ``params``: what the optimizer sees. ``{'actor': LM params}`` plus ``'critic'`` (a scalar-head model: the
   actor's trunk and a zero value head at the start) when the advantage estimator needs one. One optimizer state
-  over all of it, so global grad-norm clipping sees actor and critic together, as in TRL's PPO.
+  over all of it, so global grad-norm clipping sees actor and critic together, as in TRL's PPO. With
+  ``ppo.critic='shared'`` (:class:`SharedCritic`, lm-human-preferences' design) the critic is a value head on the
+  actor's trunk instead: ``{'actor': LM params, 'value_head': {'kernel', 'bias'}}``.
 - ``frozen``: inputs that never train. ``{'ref': the reference policy}`` (the initial actor: the KL anchor); the
   LoRA setup keeps the frozen base here instead.
 - ``reward``: the jittable reward (a lexicon table, a reward model's params, a static function), or None when the
@@ -26,14 +28,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, ClassVar, Literal, Optional
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
-from ppojax.models import ModelConfig, Params, init_value_params
+from ppojax.models import ModelConfig, Params, init_head, init_value_params
 from ppojax.parallel.sharding import Collectives
 from ppojax.rl.advantages import Estimator, get_estimator
 from ppojax.rl.kl import KLControlConfig, KLState, init_kl_state
@@ -183,6 +185,24 @@ class PPOConfig:
     """KL coefficient control."""
     extra_loss_terms: tuple[ExtraLossTerm, ...] = ()
     """User loss terms added to the PPO loss."""
+    reuse_sampler_logprobs: bool = False
+    """Less work, off by default. The rollout takes the actor's log-probs from the sampler (``SampleOutput.logprobs``:
+    ``log softmax(logits / T)`` at each sampled token, the tempered unfiltered distribution, computed on the KV-cache
+    decode path) instead of a second forward pass over prompt + response: with a separate critic the actor's trunk
+    and vocabulary projection do not run in the rollout at all; with ``critic='shared'`` the trunk still runs (for
+    the values) and the vocabulary projection is saved. The price: the two paths round differently, so the first
+    minibatch's ratio ``exp(logp - logp_old)`` is 1 only up to float error instead of exactly (the pitfall in
+    RLHF-FACTS; fp32, tests/test_perf_options.py: rollout log-probs within 1e-5 of the recomputed ones,
+    ``first_minibatch/ratio_max`` within 1e-4 of 1; bf16 compute moves it further). The rollout then has no entropy
+    (``Rollout.entropy`` is None): the logged ``entropy`` is the update's first minibatch's, which is the rollout
+    policy itself on ``minibatch_size`` of the responses (all of them with one minibatch)."""
+    critic: Literal["separate", "shared"] = "separate"
+    """'separate': the critic is a model of its own (the actor's trunk + a zero value head at the start; TRL PPOv2,
+    Tunix). 'shared': lm-human-preferences' original design, a zero-initialised value head on the policy's trunk
+    (:class:`SharedCritic`): params are ``{'actor', 'value_head'}``, one trunk forward gives both the log-probs and
+    the values in the rollout and in every update, the value loss trains the policy's trunk too (weighted by
+    ``vf_coef``), and no critic copy (weights, gradients, two Adam moments) is held. Needs an estimator with a
+    critic (GAE); full fine-tuning only (refused with LoRA roles)."""
 
     def __post_init__(self):
         for name in ("batch_size", "minibatch_size", "ppo_epochs", "response_length"):
@@ -251,6 +271,14 @@ class PPOConfig:
             raise ValueError(f"ppo.clip_eps_high={self.clip_eps_high} must be >= ppo.clip_eps={self.clip_eps} "
                              "(clip-higher widens the upper bound; None means symmetric)")
         get_policy_loss(self.policy_loss)
+        if not isinstance(self.reuse_sampler_logprobs, bool):
+            raise ValueError(f"ppo.reuse_sampler_logprobs must be true or false, got {self.reuse_sampler_logprobs!r}")
+        if self.critic not in ("separate", "shared"):
+            raise ValueError(f"ppo.critic must be 'separate' or 'shared', got {self.critic!r}")
+        if self.critic == "shared" and not estimator.needs_critic:
+            raise ValueError(f"ppo.critic='shared' puts a value head on the policy's trunk, but "
+                             f"ppo.advantage_estimator={self.advantage_estimator!r} uses no critic: leave ppo.critic "
+                             "at 'separate' (no critic is built) or use an estimator with a critic ('gae')")
         names = [t.name for t in self.extra_loss_terms]
         reserved = {"policy", "value", "entropy", "kl"}
         if reserved & set(names) or len(set(names)) != len(names):
@@ -529,6 +557,34 @@ class FullFineTune:
         return trainable, {"ref": ref}
 
 
+@dataclasses.dataclass(frozen=True)
+class SharedCritic(FullFineTune):
+    """lm-human-preferences' actor-critic (``ppo.critic='shared'``): one trunk, two heads.
+
+    ``params = {'actor': LM params, 'value_head': {'kernel': [width, 1], 'bias': [1]}}`` (the head starts at zero,
+    ``ppojax.models.init_head``); the reference is a frozen copy of the initial actor, as in :class:`FullFineTune`.
+    The critic view is the actor's trunk under that head, ``V(s_t) = scalar_head(value_head, h_t)`` with ``h_t`` the
+    actor's final hidden state, so code that asks for critic params (``state.critic_params``, ``value_forward``)
+    sees an ordinary scalar-head model. ``shares_actor_trunk`` tells the iteration to run the trunk once for both
+    heads: the gradient of ``policy + vf_coef * value`` reaches the trunk through both.
+    """
+
+    shares_actor_trunk: ClassVar[bool] = True
+
+    def critic(self, params, frozen):
+        return {"transformer": params["actor"]["transformer"], "head": params["value_head"]}
+
+    def init(self, model_config, actor_params, *, critic: bool, critic_params=None, ref_params=None, key=None):
+        if not critic:
+            raise ValueError("ppo.critic='shared' needs an advantage estimator with a critic (e.g. 'gae')")
+        if critic_params is not None:
+            raise ValueError("with ppo.critic='shared' the critic is the actor's trunk plus a zero value head: "
+                             "critic_params cannot be given (use ppo.critic='separate' to start from your own critic)")
+        trainable = {"actor": actor_params, "value_head": init_head(model_config)}
+        ref = jax.tree.map(jnp.copy, actor_params) if ref_params is None else ref_params
+        return trainable, {"ref": ref}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The static setup
 
@@ -558,6 +614,11 @@ class PPOSetup:
     @property
     def has_critic(self) -> bool:
         return self.estimator.needs_critic
+
+    @property
+    def shared_critic(self) -> bool:
+        """The critic's value head reads the actor's hidden states (:class:`SharedCritic`): one trunk forward."""
+        return self.has_critic and getattr(self.roles, "shares_actor_trunk", False)
 
     @property
     def whiten_advantages(self) -> bool:
@@ -597,6 +658,22 @@ def build_loss(ppo: PPOConfig, extra: tuple = ()) -> Callable:
     return loss_fn
 
 
+def _roles_for(ppo: PPOConfig, roles: Any) -> Any:
+    """The role view for ``ppo.critic``: :class:`FullFineTune` or :class:`SharedCritic` when none is given; a given
+    view must agree with ``ppo.critic`` (a shared critic is implemented for full fine-tuning only)."""
+    shared = ppo.critic == "shared"
+    if roles is None:
+        return SharedCritic() if shared else FullFineTune()
+    if shared != bool(getattr(roles, "shares_actor_trunk", False)):
+        if shared:
+            raise ValueError(f"ppo.critic='shared' is implemented for full fine-tuning only, not with "
+                             f"{type(roles).__name__} roles (e.g. LoRA, whose critic is the base plus its own "
+                             "adapters and head): use ppo.critic='separate'")
+        raise ValueError(f"roles={type(roles).__name__}() share the actor's trunk with the critic: set "
+                         "ppo.critic='shared'")
+    return roles
+
+
 _SETUPS: dict = {}
 
 
@@ -605,7 +682,7 @@ def make_setup(model_config: ModelConfig, ppo: PPOConfig, optimizer: OptimizerCo
     """The static setup for these configs. Configs equal up to their array hyperparameters give the same object, so
     rebuilding a state (a resumed run, a test, another grid point of a sweep) reuses the compiled iteration."""
     ppo_s, opt_s = static_view(ppo, optimizer)
-    roles = FullFineTune() if roles is None else roles
+    roles = _roles_for(ppo, roles)
     updates = total_updates(ppo, optimizer, total_iterations) if optimizer.schedule == "linear" else 0
     key = repr((model_config, ppo_s, opt_s, updates, axis_name, roles,
                 tuple((t.name, id(t.fn), t.weight, sorted(t.kwargs.items())) for t in extra_loss_terms)))
@@ -627,7 +704,8 @@ class TrainState:
     """Everything the PPO iteration reads and writes, as one pytree (see the module docstring)."""
 
     params: Params
-    """Trainable: ``{'actor': ..., 'critic': ...}`` (no critic when the estimator needs none)."""
+    """Trainable: ``{'actor': ..., 'critic': ...}`` (no critic when the estimator needs none; ``'value_head'``
+    instead of ``'critic'`` with ``ppo.critic='shared'``)."""
     opt_state: optax.OptState
     """The optimizer state over ``params`` only."""
     frozen: Params
