@@ -116,6 +116,29 @@ class OtherLoad:
         return round(max(other, 0.0) / wall, 3)
 
 
+BUSY_OTHER_CORES = 0.25
+"""Other processes keeping more than this many cores busy make a timing untrustworthy (the 'trustworthy' flag of
+every benchmark, and the busy gate of the interleaved ones)."""
+
+
+def other_load_probe(seconds: float = 2.0) -> float:
+    """Cores OTHER processes kept busy while this one slept ``seconds``: the busyness check to run before and
+    between repeats (no benchmark process is running then, so all of the load is someone else's)."""
+    probe = OtherLoad()
+    time.sleep(seconds)
+    return probe.cores()
+
+
+def wait_until_quiet(max_wait_s: float, *, probe=other_load_probe, threshold: float = BUSY_OTHER_CORES) -> list:
+    """Probe until one probe is quiet (``<= threshold`` cores) or ``max_wait_s`` seconds have passed (at least one
+    probe either way). Returns every probe value; the last one says whether the machine is quiet now."""
+    t0 = time.time()
+    values = [probe()]
+    while values[-1] > threshold and time.time() - t0 < max_wait_s:
+        values.append(probe())
+    return values
+
+
 def warn_if_busy(sample: dict, *, stream=sys.stderr) -> None:
     if sample["busy"]:
         print(
