@@ -205,11 +205,24 @@ def test_resume_is_decided_by_the_checkpoints_not_config_yaml(straight, tmp_path
     metrics = (run_dir / "metrics.jsonl").read_text()
     (run_dir / "config.yaml").unlink()
     assert runner.main(["--config", str(TINY), "--run-dir", str(run_dir), "--iterations", "4"]) == 0
-    assert "already has 4 of 4 iterations" in capsys.readouterr().err
+    assert f"resuming {run_dir} from iteration 4" in capsys.readouterr().err
     (run_dir / "config.yaml").write_text("seed: 0\nmodel:\n  n_lay")  # torn
     assert runner.main(["--config", str(TINY), "--run-dir", str(run_dir), "--iterations", "4"]) == 0
     assert "already has 4 of 4 iterations" in capsys.readouterr().err
     assert (run_dir / "metrics.jsonl").read_text() == metrics  # nothing wiped
+
+
+def test_a_run_killed_while_exporting_exports_when_rerun(straight, tmp_path, capsys):
+    from safetensors.numpy import load_file
+
+    from ppojax.train import runner
+
+    run_dir = _copy_run(straight, tmp_path / "run")  # every iteration and checkpoint done, no export/
+    assert runner.main(["--config", str(TINY), "--run-dir", str(run_dir), "--iterations", "4"]) == 0
+    assert "exported the policy" in capsys.readouterr().err
+    a, b = load_file(str(straight / "export" / "model.safetensors")), load_file(str(run_dir / "export" /
+                                                                                    "model.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_every_checkpoint_corrupt_exits_2_with_advice(straight, tmp_path):
@@ -248,7 +261,7 @@ def test_second_job_on_a_run_directory_exits_2_naming_the_holder(straight, tmp_p
     # Its holder gone, the lock is stale: the next job takes it over with a warning, and removes it at the end.
     with pytest.warns(UserWarning, match=f"took over the stale lock .*PID {holder.pid}"):
         assert runner.main(["--config", str(TINY), "--run-dir", str(run_dir), "--iterations", "4"]) == 0
-    assert "already has 4 of 4" in capsys.readouterr().err
+    assert f"resuming {run_dir} from iteration 4" in capsys.readouterr().err
     assert not (run_dir / "ppojax.lock").exists()
 
 

@@ -288,6 +288,37 @@ def check_model_fits(cfg, model_config, prompt_ids, prompt_mask) -> None:
                        f"{model_config.vocab_size}")
 
 
+def lora_roles(cfg, model_config):
+    """The run's LoRA role view (``ppojax.models.lora.LoraRoles``), or None when ``lora.rank`` is 0. ``RunError``
+    for settings no model could take (e.g. a family without LoRA targets)."""
+    from ppojax.models import lora
+
+    try:
+        return lora.roles_from_config(cfg.lora, model_config)
+    except lora.LoraError as e:
+        raise RunError(f"lora: {e}") from None
+
+
+def check_lora(cfg, model_config, params=None) -> None:
+    """LoRA's targets and rank against the model's params, before anything is initialised or compiled: every target
+    must name one of the family's projections and match one stacked kernel, and the rank must be at most the
+    narrower side of each adapted kernel. ``params`` None (a random init not built yet): checked on their shapes."""
+    import jax
+
+    import ppojax
+    from ppojax.models import lora
+
+    roles = lora_roles(cfg, model_config)
+    if roles is None:
+        return
+    if params is None:
+        params = jax.eval_shape(lambda: ppojax.init_params(model_config, jax.random.key(0)))
+    try:
+        roles.check(model_config, params)
+    except lora.LoraError as e:
+        raise RunError(f"lora: {e}") from None
+
+
 def _reward_label(cfg) -> str:
     r = cfg.reward
     if r.kind == "function":
@@ -297,16 +328,19 @@ def _reward_label(cfg) -> str:
     return f"reward.kind={r.kind!r}"
 
 
-def check_reward(reward, cfg) -> None:
+def check_reward(reward, cfg, model_config=None, params=None) -> None:
     """The reward's contract, on the rollout's shapes, before anything compiles: ``jax.eval_shape`` traces it
     (nothing runs) on what the iteration passes it -- ``(tokens, mask)`` of the responses, or the prompt +
     response sequence for a reward model (``uses_prompt``), all ``[batch, time]`` int32 -- and the output must be
-    ``[batch]`` float32. A host reward (None here) is checked by the iteration on the host."""
+    ``[batch]`` float32. A reward on the run's frozen base (``uses_base``: a LoRA reward model) is traced with the
+    policy's params (``params``, or the shapes of ``model_config``'s init) as that base. A host reward (None here)
+    is checked by the iteration on the host."""
     if reward is None:
         return
     import jax
     import jax.numpy as jnp
 
+    import ppojax
     from ppojax.rl import rewards
 
     batch, length = cfg.ppo.batch_size, cfg.ppo.response_length
@@ -314,8 +348,15 @@ def check_reward(reward, cfg) -> None:
         length += cfg.prompts.max_prompt_tokens
     ids = mask = jax.ShapeDtypeStruct((batch, length), jnp.int32)
     what = "prompt + response" if getattr(reward, "uses_prompt", False) else "response"
+    if getattr(reward, "uses_base", False):  # scored on the frozen base, as the iteration binds it
+        if params is None:
+            params = jax.eval_shape(lambda: ppojax.init_params(model_config, jax.random.key(0)))
+        base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+        traced, args = (lambda fn, b, i, m: fn.with_base(b)(i, m)), (reward, base, ids, mask)
+    else:
+        traced, args = (lambda fn, i, m: fn(i, m)), (reward, ids, mask)
     try:
-        scores = jax.eval_shape(lambda fn, i, m: fn(i, m), reward, ids, mask)
+        scores = jax.eval_shape(traced, *args)
     except Exception as e:  # noqa: BLE001 -- whatever the user's function raises, one line naming it
         raise RunError(f"{_reward_label(cfg)} fails on {what} tokens and mask of shape [{batch}, {length}] int32: "
                        f"{type(e).__name__}: {_first_line(e)}") from None
@@ -354,8 +395,9 @@ def load_inputs(cfg, config_dir: Path) -> _Inputs:
     _, prompt_ids, prompt_mask = load_prompts(cfg, config_dir, tokenizer)
     model_config, actor_params = model_config_of(cfg)
     check_model_fits(cfg, model_config, prompt_ids, prompt_mask)
+    check_lora(cfg, model_config, actor_params)
     reward, host_reward = build_reward(cfg, tokenizer, model_config, config_dir)
-    check_reward(reward, cfg)
+    check_reward(reward, cfg, model_config, actor_params)
     if actor_params is None:
         _, actor_params = build_model(cfg)
     return _Inputs(tokenizer, prompt_ids, prompt_mask, model_config, actor_params, reward, host_reward)
@@ -394,13 +436,40 @@ def saved_config(checkpoints: Path) -> Optional[dict]:
                    + _START_OVER.format(dir=checkpoints))
 
 
-def check_resume(run_dir: Path, cfg) -> bool:
+def lora_change(saved: dict, cfg, model_config) -> Optional[str]:
+    """Why a checkpoint's adapters cannot be this run's (``lora.describe_config_change``: LoRA into a full
+    fine-tune, the reverse, another rank or other targets), from the checkpoint's config; None when they fit."""
+    from ppojax.io import configlib
+    from ppojax.models import lora
+    from ppojax.train.config import LoraConfig
+
+    def rank_and_targets(lora_config):
+        roles = lora_roles(argparse.Namespace(lora=lora_config), model_config)
+        return (0, ()) if roles is None else (roles.rank, roles.targets)
+
+    section = saved.get("lora")
+    try:
+        before = configlib.from_dict(LoraConfig, section) if isinstance(section, dict) else LoraConfig()
+    except (configlib.ConfigError, ValueError):
+        return None  # unreadable: the plain config diff names the fields
+    try:
+        return lora.describe_config_change(rank_and_targets(before), rank_and_targets(cfg.lora))
+    except RunError:
+        return None
+
+
+def check_resume(run_dir: Path, cfg, model_config=None) -> bool:
     """True when the run directory holds checkpoints of this config (resume from them), False when it has none
-    (a fresh run). ``RunError``, changing nothing, when they were written with another config."""
+    (a fresh run). ``RunError``, changing nothing, when they were written with another config; when the difference
+    is LoRA's (a LoRA run resumed without LoRA, the reverse, another rank or other targets) the error says so first
+    (``model_config`` resolves an empty ``lora.targets`` to the family's)."""
     saved = saved_config(run_dir / "checkpoints")
     if saved is None:
         return False
     changes = config_changes(saved, cfg)
+    why = lora_change(saved, cfg, model_config) if model_config is not None else None
+    if why is not None:
+        raise RunError(f"run directory {run_dir}: {why}")
     if changes:
         raise RunError(
             f"run directory {run_dir} holds checkpoints of a different config ({'; '.join(changes[:5])}); "
@@ -420,9 +489,20 @@ def restore_latest(ckpt, state, run_dir: Path):
         raise RunError(f"{e}; every checkpoint is unusable: " + _START_OVER.format(dir=run_dir / "checkpoints")
                        ) from None
     except CheckpointMismatchError as e:
-        raise RunError(f"{_first_line(e)} (the model or optimizer differs from the checkpoint's); resume with "
-                       "the same config, or pass a new --run-dir") from None
+        raise RunError(_mismatch_line(e, state)) from None
     return _with_arrays(state, restored), int(meta.get("iteration", step))
+
+
+def _mismatch_line(error, state) -> str:
+    """One line for a checkpoint that does not fit the state: LoRA's reason when it is the cause
+    (``lora.describe_mismatch``), else the first line of the mismatch with advice."""
+    from ppojax.models import lora
+
+    described = lora.describe_mismatch(error, state)
+    if described != str(error):
+        return _first_line(RuntimeError(described))
+    return (f"{_first_line(error)} (the model or optimizer differs from the checkpoint's); resume with the same "
+            "config, or pass a new --run-dir")
 
 
 
@@ -476,7 +556,7 @@ def run(args: argparse.Namespace) -> int:
     lock = lock_run_dir(run_dir, is_main)
     try:
         inputs = load_inputs(cfg, config_dir)
-        resuming = check_resume(run_dir, cfg)
+        resuming = check_resume(run_dir, cfg, inputs.model_config)
         return train_run(cfg, run_dir, inputs, mesh, is_main, resuming)
     finally:
         if lock is not None:
@@ -484,15 +564,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _new_state(cfg, inputs: _Inputs, mesh):
-    """A fresh train state from the checked inputs, laid out over the mesh."""
-    import jax
-
+    """A fresh train state from the checked inputs (``ppojax.train.build.create_state``, the sweeps' construction:
+    LoRA roles when ``lora.rank > 0``), laid out over the mesh."""
     from ppojax import parallel
-    from ppojax.rl.state import create_train_state
+    from ppojax.models import lora
+    from ppojax.train.build import create_state
 
-    state = create_train_state(inputs.model_config, inputs.actor_params, ppo=cfg.ppo, reward=inputs.reward,
-                               key=jax.random.key(cfg.seed), optimizer=cfg.optimizer,
-                               total_iterations=cfg.iterations)
+    try:
+        state = create_state(cfg, inputs.model_config, inputs.actor_params, inputs.reward)
+    except lora.LoraError as e:
+        raise RunError(f"lora: {e}") from None
+    except ValueError as e:  # settings that do not combine, e.g. ppo.critic='shared' with LoRA
+        raise RunError(_first_line(e)) from None
     return parallel.shard_state(state, mesh)  # params over `fsdp`, replicated over `data`
 
 
@@ -500,7 +583,6 @@ def train_run(cfg, run_dir: Path, inputs: _Inputs, mesh, is_main: bool, resuming
     """Build the state, restore it when resuming, then write the run's files and train."""
     import jax
 
-    from ppojax import parallel
     from ppojax.io import configlib
     from ppojax.io.checkpoint import Checkpointer
     from ppojax.io.data import PromptLoader
@@ -523,9 +605,12 @@ def train_run(cfg, run_dir: Path, inputs: _Inputs, mesh, is_main: bool, resuming
         ckpt.close()
         raise
     if start >= cfg.iterations:
+        ckpt.close()
+        if cfg.export and not all(d.is_dir() for d in _export_dirs(run_dir, state)):  # e.g. killed while exporting
+            _export_final(state, run_dir, inputs, is_main, cfg)
+            return 0
         print(f"[ppojax] {run_dir} already has {start} of {cfg.iterations} iterations; nothing to do",
               file=sys.stderr)
-        ckpt.close()
         return 0
 
     # Every check has passed: from here on the run writes its files.
@@ -576,11 +661,44 @@ def train_run(cfg, run_dir: Path, inputs: _Inputs, mesh, is_main: bool, resuming
         ckpt.close()
     exit_code = outcome["exit_code"]
     if exit_code == 0 and stop.signal is None and cfg.export:
-        actor = parallel.to_host(state.actor_params)  # collective: every process gathers, process 0 writes
-        if is_main:
-            out = _save_policy(run_dir / "export", inputs.model_config, actor, tokenizer)
-            print(f"[ppojax] exported the policy to {out}", file=sys.stderr, flush=True)
+        _export_final(state, run_dir, inputs, is_main, cfg)
     return exit_code
+
+
+def _export_dirs(run_dir: Path, state, suffix: str = "") -> list:
+    """Where a run exports: ``export{suffix}/``, and ``export-adapter{suffix}/`` for a LoRA run."""
+    from ppojax.models import lora
+
+    dirs = [run_dir / f"export{suffix}"]
+    if lora.is_lora(state.setup.roles):
+        dirs.append(run_dir / f"export-adapter{suffix}")
+    return dirs
+
+
+def _export_final(state, run_dir: Path, inputs: _Inputs, is_main: bool, cfg) -> None:
+    """The trained policy to ``run_dir/export`` (a collective: every process gathers, process 0 writes); a LoRA
+    run also writes its policy adapter alone, in PEFT's format, to ``run_dir/export-adapter``."""
+    _export(state.setup, state.params, state.frozen, _export_dirs(run_dir, state), inputs.tokenizer, is_main, cfg)
+
+
+def _export(setup, params, frozen, dirs: list, tokenizer, is_main: bool, cfg) -> None:
+    """The merged policy (``roles.actor``) in Hugging Face format to ``dirs[0]``; with LoRA roles, the actor's
+    adapters as a PEFT adapter of ``cfg.model.name_or_path`` (none named for a random init) to ``dirs[1]``."""
+    from ppojax import parallel
+    from ppojax.models import lora
+
+    actor = parallel.to_host(setup.roles.actor(params, frozen))
+    adapters = parallel.to_host(params["actor"]) if lora.is_lora(setup.roles) else None
+    if not is_main:
+        return
+    out = _save_policy(dirs[0], setup.model, actor, tokenizer)
+    print(f"[ppojax] exported the policy to {out}", file=sys.stderr, flush=True)
+    if adapters is not None:
+        out = lora.save_adapter(dirs[1], setup.model, adapters, setup.roles.spec(),
+                                base_model_name_or_path=None if cfg.model.name_or_path == "random"
+                                else cfg.model.name_or_path)
+        tokenizer.save_pretrained(out)
+        print(f"[ppojax] exported the policy's LoRA adapter (PEFT format) to {out}", file=sys.stderr, flush=True)
 
 
 def _save_policy(path: Path, model_config, params, tokenizer) -> Path:
@@ -594,10 +712,10 @@ def _save_policy(path: Path, model_config, params, tokenizer) -> Path:
 
 
 def export_checkpoint(step: int, cfg, config_dir: Path, run_dir: Path, mesh, is_main: bool) -> int:
-    """``--export-checkpoint STEP``: the policy of one checkpoint in Hugging Face format, to ``export-STEP/``.
-    Reads the run directory without taking its lock (a job may be writing it): only ``export-STEP`` is written."""
-    from ppojax import parallel
-    from ppojax.io.checkpoint import CheckpointCorruptError, Checkpointer
+    """``--export-checkpoint STEP``: the policy of one checkpoint in Hugging Face format, to ``export-STEP/`` (a LoRA
+    run's adapter alone too, in PEFT's format, to ``export-adapter-STEP/``). Reads the run directory without taking
+    its lock (a job may be writing it): only those directories are written."""
+    from ppojax.io.checkpoint import CheckpointCorruptError, CheckpointMismatchError, Checkpointer
 
     checkpoints = run_dir / "checkpoints"
     if not checkpoints.is_dir():
@@ -605,20 +723,27 @@ def export_checkpoint(step: int, cfg, config_dir: Path, run_dir: Path, mesh, is_
     with Checkpointer(checkpoints, read_only=True) as ckpt:
         if step not in ckpt.all_steps():
             raise RunError(f"{checkpoints} has no checkpoint {step}; available: {ckpt.all_steps()}")
-        changes = config_changes(saved_config(checkpoints), cfg)
-        if changes:
+        saved = saved_config(checkpoints)
+        changes = config_changes(saved, cfg)
+        if changes and not any(c.startswith("lora.") for c in changes):
             raise RunError(f"checkpoint {step} in {checkpoints} was written with a different config "
                            f"({'; '.join(changes[:5])}); export with the run's config")
         inputs = load_inputs(cfg, config_dir)
+        why = lora_change(saved, cfg, inputs.model_config)
+        if why is not None:
+            raise RunError(f"checkpoint {step} in {checkpoints}: {why}")
+        if changes:
+            raise RunError(f"checkpoint {step} in {checkpoints} was written with a different config "
+                           f"({'; '.join(changes[:5])}); export with the run's config")
         state = _new_state(cfg, inputs, mesh)
         try:
             _, restored, _ = ckpt.restore(_arrays(state), step=step)
         except CheckpointCorruptError as e:
             raise RunError(str(e)) from None
-    actor = parallel.to_host(state.setup.roles.actor(restored["params"], restored["frozen"]))
-    if is_main:
-        out = _save_policy(run_dir / f"export-{step}", state.setup.model, actor, inputs.tokenizer)
-        print(f"[ppojax] exported checkpoint {step} to {out}", file=sys.stderr)
+        except CheckpointMismatchError as e:
+            raise RunError(_mismatch_line(e, state)) from None
+    _export(state.setup, restored["params"], restored["frozen"], _export_dirs(run_dir, state, f"-{step}"),
+            inputs.tokenizer, is_main, cfg)
     return 0
 
 
