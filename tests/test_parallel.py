@@ -284,3 +284,37 @@ def test_rendezvous_releases_every_process_together():
     assert sorted(done) == [1, 2]
     with socket.create_server(("127.0.0.1", port)):  # the port is free again, for JAX's service
         pass
+
+
+_LOCK_TWO_PROCESSES = r"""
+import sys
+from pathlib import Path
+from ppojax.parallel import distributed
+from ppojax.train import runner
+
+port, pid, run_dir = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+distributed.initialize(distributed.DistributedConfig(coordinator=f"127.0.0.1:{port}", num_processes=2,
+                                                     process_id=pid, timeout_s=60))
+lock = runner.lock_run_dir(run_dir, is_main=pid == 0)  # held: only process 0 holds a lock object
+print("LOCKED", lock is not None, flush=True)
+try:
+    runner.lock_run_dir(run_dir, is_main=pid == 0)  # a second job, while this one holds it
+except runner.RunError as e:
+    print("REFUSED", e, flush=True)
+if lock is not None:
+    lock.release()
+"""
+
+
+def test_only_process_0_takes_the_run_lock_and_every_process_learns_the_outcome(tmp_path):
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", _LOCK_TWO_PROCESSES, str(port), str(pid), str(tmp_path / "run")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+             for pid in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert "LOCKED True" in outs[0][0] and "LOCKED False" in outs[1][0]
+    assert "REFUSED" in outs[0][0] and "is in use by another job" in outs[0][0]
+    assert "REFUSED process 0 could not lock the run directory" in outs[1][0]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []
