@@ -68,6 +68,7 @@ __all__ = [
     "LoraError",
     "LoraRoles",
     "LoraSpec",
+    "describe_config_change",
     "describe_mismatch",
     "init_adapters",
     "is_lora",
@@ -493,23 +494,53 @@ def describe_mismatch(error: BaseException, target: Any) -> str:
     target_lora = is_lora(getattr(getattr(target, "setup", None), "roles", target))
     saved_lora = not _FULL_ONLY.search(only_saved) if target_lora else bool(_LORA_ONLY.search(only_saved))
     if target_lora and not saved_lora:
-        head = ("this checkpoint was saved by a full fine-tuning run (no LoRA adapters), but this run uses LoRA "
-                "(lora.rank > 0): resume it with lora.rank: 0, or start the LoRA run in a new run directory")
+        head = _FULL_INTO_LORA
     elif saved_lora and not target_lora:
-        head = ("this checkpoint was saved by a LoRA run (adapters over a frozen base), but this run fine-tunes "
-                "every weight (lora.rank: 0): resume it with the run's lora settings, or start a new run directory")
+        head = _LORA_INTO_FULL
     elif target_lora:
         ranks = _RANKS.search(differ)
         in_target, in_saved = set(_ACTOR_ADAPTER.findall(only_target)), set(_ACTOR_ADAPTER.findall(only_saved))
         if ranks:
-            head = (f"this checkpoint's LoRA adapters have rank {ranks.group(1)}, this run's rank {ranks.group(2)}: "
-                    "resume with the checkpoint's lora.rank")
+            head = _other_rank(ranks.group(1), ranks.group(2))
         elif in_target or in_saved:
-            head = (f"this checkpoint's LoRA adapters are on other modules than this run's lora.targets (only in the "
-                    f"checkpoint: {sorted(in_saved) or 'none'}; only in this run: {sorted(in_target) or 'none'}): "
-                    "resume with the checkpoint's lora.targets")
+            head = _other_targets(in_saved, in_target)
         else:
             return text
     else:
         return text
     return f"{head}.\n{text}"
+
+
+_FULL_INTO_LORA = ("this checkpoint was saved by a full fine-tuning run (no LoRA adapters), but this run uses LoRA "
+                   "(lora.rank > 0): resume it with lora.rank: 0, or start the LoRA run in a new run directory")
+_LORA_INTO_FULL = ("this checkpoint was saved by a LoRA run (adapters over a frozen base), but this run fine-tunes "
+                   "every weight (lora.rank: 0): resume it with the run's lora settings, or start a new run directory")
+
+
+def _other_rank(saved, now) -> str:
+    return f"this checkpoint's LoRA adapters have rank {saved}, this run's rank {now}: resume with the checkpoint's " \
+           "lora.rank"
+
+
+def _other_targets(saved: set, now: set) -> str:
+    return (f"this checkpoint's LoRA adapters are on other modules than this run's lora.targets (only in the "
+            f"checkpoint: {sorted(saved - now) or 'none'}; only in this run: {sorted(now - saved) or 'none'}): "
+            "resume with the checkpoint's lora.targets")
+
+
+def describe_config_change(saved: tuple[int, Sequence[str]], now: tuple[int, Sequence[str]]) -> Optional[str]:
+    """The sentence :func:`describe_mismatch` would lead with, from the two runs' LoRA settings alone, so that a job
+    can refuse a resume before building any state. ``saved``/``now``: ``(rank, targets)`` of the checkpoint's run and
+    of this one, rank 0 for full fine-tuning, targets resolved (``roles_from_config(...).targets``: an empty config
+    list means all of the family's). None when the adapters' shapes agree (an ``alpha`` change alone is a plain
+    config change)."""
+    (saved_rank, saved_targets), (rank, targets) = saved, now
+    if rank and not saved_rank:
+        return _FULL_INTO_LORA
+    if saved_rank and not rank:
+        return _LORA_INTO_FULL
+    if saved_rank != rank:
+        return _other_rank(saved_rank, rank)
+    if rank and set(saved_targets) != set(targets):
+        return _other_targets(set(saved_targets), set(targets))
+    return None
