@@ -5,7 +5,8 @@
         [--epochs 1] [--lr 5e-5] [--batch-size 32] [--val-fraction 0.1] [--seed 0] \\
         [--query-length 64] [--response-length 24] \\
         [--normalize reference|dataset|none] [--reference SPEC] [--normalize-samples 256] \\
-        [--temperature 1.0] [--top-k 0] [--top-p 1.0] [--stop-at-eos]
+        [--temperature 1.0] [--top-k 0] [--top-p 1.0] [--stop-at-eos] \\
+        [--lora-rank 0] [--lora-alpha 16] [--lora-targets q_proj,v_proj]
     python experiments/ppo_gpt2.py --set reward.kind=reward_model --set reward.reward_model_path=runs/rm
 
 ``--init`` is the language model the reward model starts from (an export dir, a local transformers GPT-2 dir, a hub
@@ -13,6 +14,11 @@ id, or ``random`` with ``--n-layer --n-head --n-embd --n-positions --vocab-size 
 scalar head of init std ``1/sqrt(width + 1)``. The loss is the softmax cross-entropy of the labeled choice among
 the k responses (Bradley-Terry for pairs; ``ppojax.reward_training.preference_loss``). A seeded ``--val-fraction``
 of the comparisons is held out and its accuracy reported after every epoch (chance is 1/k).
+
+``--lora-rank R`` (> 0) trains LoRA adapters of rank R on the trunk (``--lora-targets``: the family's projection names,
+comma-separated; default all of them) and the head, with the ``--init`` model frozen: the output directory then holds
+the adapter in PEFT's format and the head (no copy of the trunk), and a PPO run whose policy starts from that same
+model scores with it on its own frozen base (``ppojax.rewards.LoraRewardModel``).
 
 Normalisation (lm-human-preferences): after training, gain and bias are set so that the scores of
 ``--normalize-samples`` responses have mean 0 and std 1. ``reference`` (the default) samples them from the
@@ -45,7 +51,7 @@ from sample_for_labels import UsageError, add_model_args, load_model, load_token
 
 # Settings that must not change when a run resumes (the data split and the model depend on them).
 _RESUME_KEYS = ("data", "init", "lr", "batch_size", "val_fraction", "seed", "query_length", "response_length",
-                "head_init_std")
+                "head_init_std", "lora_rank", "lora_alpha", "lora_targets")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -61,6 +67,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--query-length", type=int, default=64, help="query tokens (left-padded / left-truncated)")
     p.add_argument("--response-length", type=int, default=24, help="response tokens (right-padded / truncated)")
     p.add_argument("--head-init-std", type=float, default=None, help="default 1/sqrt(n_embd + 1)")
+    g = p.add_argument_group("LoRA (adapters over the frozen --init model)")
+    g.add_argument("--lora-rank", type=int, default=0, help="adapter rank; 0 (default) trains every weight")
+    g.add_argument("--lora-alpha", type=float, default=16.0, help="the update is scaled by alpha / rank")
+    g.add_argument("--lora-targets", default="", help="comma-separated projection names (default: all of the "
+                   "family's)")
     g = p.add_argument_group("normalisation")
     g.add_argument("--normalize", choices=("reference", "dataset", "none"), default="reference")
     g.add_argument("--reference", default=None, help="reference policy to sample (default: the --init model)")
@@ -80,6 +91,25 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--lr must be > 0, got {args.lr}")
     if not 0.0 <= args.val_fraction < 1.0:
         raise UsageError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if args.lora_rank < 0:
+        raise UsageError(f"--lora-rank must be >= 0 (0: no LoRA), got {args.lora_rank}")
+
+
+def _lora_spec(args: argparse.Namespace, config, lm_params):
+    """The adapters' ``LoraSpec`` (None without ``--lora-rank``), checked against the model before compiling."""
+    from ppojax.models import lora
+    from ppojax.train.config import LoraConfig
+
+    if args.lora_rank == 0:
+        return None
+    try:
+        roles = lora.roles_from_config(LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha,
+                                                  targets=args.lora_targets), config)
+        spec = roles.spec()
+        spec.check(config, lm_params)
+    except (lora.LoraError, ValueError) as e:
+        raise UsageError(f"--lora-*: {e}") from None
+    return spec
 
 
 def _calibration(args, rm, train, config, params, tokenizer):
@@ -165,13 +195,12 @@ def _train(args: argparse.Namespace, rows, out: Path, t_start: float) -> dict:
     from ppojax.io.atomic import atomic_write_json, atomic_write_text
     from ppojax.io.checkpoint import Checkpointer, CheckpointCorruptError, CheckpointMismatchError
     from ppojax.rl import preferences, reward_training
-    from ppojax.rl.rewards import reward_model
 
     config, lm_params = load_model(args.init, args)
     tokenizer = load_tokenizer_for(args.init, args.tokenizer, config.vocab_size)
-    if args.query_length + args.response_length > config.n_positions:
+    if args.query_length + args.response_length > config.max_positions:
         raise UsageError(f"--query-length {args.query_length} + --response-length {args.response_length} exceeds the "
-                         f"model's context of {config.n_positions} tokens")
+                         f"model's context of {config.max_positions} tokens")
     try:
         data = preferences.tokenize_preferences(tokenizer, rows, query_length=args.query_length,
                                                 response_length=args.response_length, source=args.data)
@@ -188,7 +217,9 @@ def _train(args: argparse.Namespace, rows, out: Path, t_start: float) -> dict:
     except ValueError as e:
         raise UsageError(str(e)) from None
 
-    state = reward_training.create_reward_train_state(config, lm_params, cfg, key=jax.random.key(args.seed))
+    spec = _lora_spec(args, config, lm_params)
+    state = reward_training.create_reward_train_state(config, lm_params, cfg, key=jax.random.key(args.seed),
+                                                      lora=spec)
     settings = {k: getattr(args, k) for k in _RESUME_KEYS}
     settings["data"] = str(Path(args.data).resolve())
     try:
@@ -217,7 +248,7 @@ def _train(args: argparse.Namespace, rows, out: Path, t_start: float) -> dict:
     atomic_write_text(metrics_path, "".join(json.dumps(row) + "\n" for row in history))
     chance = 1.0 / data.k
     print(f"[train_reward] {train.n} training / {0 if val is None else val.n} held-out comparisons of k={data.k} "
-          f"(chance {chance:.2f}); {config.n_layer} layers, width {config.n_embd}", file=sys.stderr, flush=True)
+          f"(chance {chance:.2f}); {config.n_layer} layers, width {config.width}", file=sys.stderr, flush=True)
 
     def on_epoch(epoch, st, row):
         row = {**row, "time_s": round(time.time() - t_start, 2)}
@@ -235,11 +266,11 @@ def _train(args: argparse.Namespace, rows, out: Path, t_start: float) -> dict:
         ckpt.close()
     train_s = time.time() - t_start
 
-    rm = reward_model(config, state.params)
+    rm = reward_training.trained_reward_model(state)  # under LoRA: adapters and head only
     normalization = {"kind": args.normalize}
     if args.normalize != "none":
         calib = _calibration(args, rm, train, config, lm_params, tokenizer)
-        rm = reward_training.normalize_reward_model(rm, *calib)
+        rm = reward_training.normalize_reward_model(rm, *calib, base=lm_params if spec is not None else None)
         normalization.update(samples=int(calib[0].shape[0]), gain=float(rm.gain), bias=float(rm.bias))
     reward_training.save_reward_model(out, rm)
     tokenizer.save_pretrained(out)
@@ -248,7 +279,9 @@ def _train(args: argparse.Namespace, rows, out: Path, t_start: float) -> dict:
     report = {
         "data": settings["data"], "init": args.init, "k": data.k, "chance": chance,
         "train_comparisons": train.n, "val_comparisons": 0 if val is None else val.n,
-        "epochs": cfg.epochs, "val_accuracy": final.get("val/accuracy"), "val_loss": final.get("val/loss"),
+        "epochs": cfg.epochs, "lora": None if spec is None else {"rank": spec.rank, "alpha": spec.alpha,
+                                                                  "targets": list(spec.targets)},
+        "val_accuracy": final.get("val/accuracy"), "val_loss": final.get("val/loss"),
         "train_accuracy": final.get("train/accuracy"), "normalization": normalization,
         "train_s": round(train_s, 2), "total_s": round(time.time() - t_start, 2), "reward_model": str(out),
     }

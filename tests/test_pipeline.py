@@ -1,9 +1,11 @@
 """The RLHF pipeline end to end on tiny models: synthetic VADER labels -> reward model -> PPO against the learned
-reward raises the labeler's TRUE score.
+reward raises the labeler's TRUE score; and a LoRA reward model on the policy's own frozen weights, as the SmolLM2
+pipeline trains one, scoring a LoRA PPO run through the runner.
 
-Setting (``rlhf_pipeline.py --fast --vocab words``): a random 1-layer GPT-2 over a ~560-word English vocabulary (the
-prompt file's words plus 128 positive and 128 negative VADER words), so that samples carry sentiment VADER can read
-and every stage takes seconds; see the pipeline's docstring for why not GPT-2's 50k tokens here.
+Setting (``rlhf_pipeline.py --fast``): a random 1-layer GPT-2 over a ~560-word English vocabulary (the prompt file's
+words plus 128 positive and 128 negative VADER words), so that samples carry sentiment VADER can read and every stage
+takes seconds; see the pipeline's docstring for why not GPT-2's 50k tokens here, and README.md for the pipeline's
+SmolLM2 run (minutes, not a test).
 """
 
 import json
@@ -67,3 +69,35 @@ def test_ppo_runner_refuses_a_bad_reward_model_path(pipeline, capsys):
     assert runner.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("ppo_gpt2.py: error: reward.reward_model_path=") and "does not exist" in err
+
+
+def test_a_lora_reward_model_on_the_policys_base_scores_a_lora_ppo_run(pipeline, tmp_path):
+    """What the SmolLM2 pipeline does, at the tiny policy's size: train_reward.py --lora-rank writes adapters and a
+    head only (no copy of the trunk), and a LoRA PPO run on the same base scores with it (the runner checks its
+    contract on the run's base before compiling)."""
+    import train_reward
+
+    from ppojax.rl import reward_training
+    from ppojax.rl.rewards import LoraRewardModel
+    from ppojax.train import runner
+
+    out, _ = pipeline
+    policy, rm_dir = out / "policy", tmp_path / "lora_rm"
+    assert train_reward.main(["--data", str(out / "labels.jsonl"), "--init", str(policy), "--out", str(rm_dir),
+                              "--lora-rank", "2", "--lora-targets", "c_attn,c_proj", "--epochs", "1", "--lr", "3e-3",
+                              "--query-length", "8", "--response-length", "8", "--normalize-samples", "32"]) == 0
+    report = json.loads((rm_dir / "train_report.json").read_text())
+    assert report["lora"] == {"rank": 2, "alpha": 16.0, "targets": ["c_attn", "c_proj"]}
+    names = {p.name for p in rm_dir.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "reward_head.json"} <= names
+    assert "model.safetensors" not in names
+    assert isinstance(reward_training.load_reward_model(rm_dir), LoraRewardModel)
+
+    run_dir = tmp_path / "ppo"
+    argv = ["--config", str(REPO / "configs" / "tiny.yaml"), "--run-dir", str(run_dir), "--iterations", "2",
+            "--set", f"model.name_or_path={policy}", "--set", f"tokenizer={policy}",
+            "--set", "prompts.max_prompt_tokens=8", "--set", "lora.rank=2", "--set", "logging.tensorboard=false",
+            "--set", "reward.kind=reward_model", "--set", f"reward.reward_model_path={rm_dir}"]
+    assert runner.main(argv) == 0
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all(abs(m["score_mean"]) < 10 and m["score_std"] > 0 for m in metrics)
