@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""PPO-RLHF of a GPT-2 policy: the main job.
+"""PPO-RLHF of a language model: the main job.
 
-    python experiments/ppo_gpt2.py                                  # offline default: configs/offline.yaml
+    python experiments/ppo_gpt2.py                                  # default: configs/smollm2_sentiment.yaml
+    python experiments/ppo_gpt2.py --config configs/offline.yaml    # the tiny random GPT-2 task, for smoke runs
     python experiments/ppo_gpt2.py --config configs/gpt2_sentiment.yaml --run-dir runs/sentiment
     python experiments/ppo_gpt2.py --set ppo.batch_size=32 --set optimizer.learning_rate=3e-4
     python experiments/ppo_gpt2.py --help-config                    # every config field, documented

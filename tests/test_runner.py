@@ -374,3 +374,15 @@ def test_nan_before_the_first_checkpoint_says_no_checkpoint_exists(bad_rewards):
     line = _one_error(proc.stderr, "non-finite")
     assert "No checkpoint was saved yet" in line and "iteration 0" not in line
     assert "NaN or Inf" not in proc.stderr  # tensorboardX's notice, once per metric and iteration
+
+
+def test_the_default_config_is_the_checkouts_smollm2_run():
+    """``ppo_gpt2.py`` without --config (README's main command) finds its config in the checkout's configs/ and
+    writes under the checkout's runs/, wherever it is started from."""
+    from ppojax.train import runner
+
+    assert runner.DEFAULT_CONFIG == REPO / "configs" / "smollm2_sentiment.yaml" and runner.DEFAULT_CONFIG.is_file()
+    cfg, config_dir = runner.build_config(runner.parse_args([]))
+    assert config_dir == REPO / "configs" and cfg.lora.rank > 0
+    assert cfg.model.name_or_path == cfg.tokenizer == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert runner.REPO_ROOT == REPO

