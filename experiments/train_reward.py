@@ -104,7 +104,7 @@ def _lora_spec(args: argparse.Namespace, config, lm_params):
         return None
     try:
         roles = lora.roles_from_config(LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha,
-                                                  targets=args.lora_targets), config)
+                                                  targets=args.lora_targets or ()), config)  # (): all
         spec = roles.spec()
         spec.check(config, lm_params)
     except (lora.LoraError, ValueError) as e:

@@ -148,6 +148,10 @@ def test_train_reward_cli_errors_are_one_line_exit_2(tmp_path, capsys):
         (["--data", str(_labels(tmp_path, [good] * 4)), "--val-fraction", "1.5"], "--val-fraction"),
         (["--data", str(_labels(tmp_path, [good] * 4)), "--query-length", "30"], "context of 32"),
         (["--data", str(_labels(tmp_path, [good] * 4)), "--init", "/nonexistent/model"], "does not exist"),
+        (["--data", str(_labels(tmp_path, [good] * 4)), "--lora-rank", "-1"], "--lora-rank must be >= 0"),
+        (["--data", str(_labels(tmp_path, [good] * 4)), "--lora-rank", "2", "--lora-targets", "c_attn,q_proj"],
+         "LoRA targets ['q_proj'] match no projection"),
+        (["--data", str(_labels(tmp_path, [good] * 4)), "--lora-rank", "64"], "LoRA rank 64 is larger"),
     ]
     for extra, words in cases:
         capsys.readouterr()
