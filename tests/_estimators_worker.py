@@ -17,6 +17,8 @@ import ppojax  # noqa: E402
 from ppojax import parallel  # noqa: E402
 
 VOCAB, BATCH, K = 40, 32, 4
+# (the settings, the device counts they run on): every count for one case, the extremes for the others.
+DEVICES = {"grpo seq-mean-token-mean": (1, 2, 4, 8)}
 CASES = {
     "grpo seq-mean-token-mean": dict(advantage_estimator="grpo", loss_aggregation="seq-mean-token-mean"),
     "rloo gspo seq-mean-token-sum-norm": dict(advantage_estimator="rloo", policy_loss="gspo",
@@ -66,7 +68,7 @@ def main():
         n_prompts = BATCH // state0.setup.ppo.samples_per_prompt
         ids, mask = prompts(n_prompts)
         out[case] = {}
-        for n in (1, 2, 4, 8):
+        for n in DEVICES.get(case, (1, 8)):
             mesh = parallel.make_mesh("", devices=jax.devices()[:n])
             state = parallel.shard_state(make_state(case), mesh)
             p = parallel.shard_batch(mesh, ids, mask)

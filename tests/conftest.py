@@ -71,3 +71,16 @@ def load_benchmark():
         return module
 
     return load
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop every module's compiled programs and cached arrays when it ends: one pytest process runs hundreds of
+    jits, and without this the session's memory only grows."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
