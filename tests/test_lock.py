@@ -138,3 +138,27 @@ def test_filesystem_without_hard_links_falls_back_to_exclusive_create(tmp_path, 
     with pytest.warns(UserWarning, match="took over the stale lock"):
         DirectoryLock(tmp_path).acquire().release()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_takeover_guard_left_by_a_dead_breaker_is_cleared(tmp_path):
+    """A breaker killed between creating ``ppojax.lock.break`` and deleting it must not block the directory
+    forever: a guard older than 30 s is removed and the stale lock is then taken over."""
+    _write_record(tmp_path / "ppojax.lock", pid=_dead_pid(), process_start=None)
+    guard = tmp_path / "ppojax.lock.break"
+    guard.write_text("")
+    old = time.time() - 120
+    os.utime(guard, (old, old))
+    with pytest.warns(UserWarning, match="took over the stale lock"):
+        lock = DirectoryLock(tmp_path).acquire()
+    assert lock.held
+    lock.release()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fresh_takeover_guard_is_respected(tmp_path):
+    """While another job holds a fresh guard, this one does not delete the stale lock behind its back."""
+    _write_record(tmp_path / "ppojax.lock", pid=_dead_pid(), process_start=None)
+    (tmp_path / "ppojax.lock.break").write_text("")
+    with pytest.raises(LockError, match="other jobs keep taking it"):
+        DirectoryLock(tmp_path).acquire()
+    assert (tmp_path / "ppojax.lock").exists()

@@ -14,9 +14,12 @@ a process that started later means a stale lock, which is taken over with a warn
 cannot be checked from here, so that lock is never broken automatically: the error names the host and PID and says
 to delete the lock file once that job is known to be dead.
 
-Taking over a stale lock is itself race-free: the stale file is renamed to a unique name (one rename wins), and
-the winner checks that what it moved is the record it judged stale before deleting it; a fresh lock moved by
-mistake is linked back.
+Taking over a stale lock is itself race-free. Jobs that find the same stale lock serialise on a guard file,
+``<lock>.break``, created with ``O_CREAT | O_EXCL``; the one that creates it re-reads the lock and deletes it only
+if it still holds the record judged stale. While the guard exists the lock file cannot change under the breaker:
+a new lock can only be linked where no file is, and the stale holder is dead, so nobody else removes it. (An
+earlier rename-and-put-back scheme let a racing job delete a fresh lock: two winners.) A guard left by a breaker
+killed mid-takeover, which takes milliseconds, is removed once it is older than 30 seconds.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ from ppojax.io.atomic import atomic_write_json
 __all__ = ["DirectoryLock", "LockError", "LockHolder", "LOCK_NAME", "lock_path_for"]
 
 LOCK_NAME = "ppojax.lock"
-_TRIES = 5  # acquire attempts when a lock vanishes or is taken over under us
+_TRIES = 50  # acquire attempts when a lock vanishes or another job is taking a stale one over
+_BREAK_STALE_S = 30.0  # a takeover guard older than this was left by a breaker that died
 
 
 class LockError(RuntimeError):
@@ -144,6 +148,8 @@ class DirectoryLock:
             if _take_over(self.path, holder):
                 warnings.warn(f"took over the stale lock {self.path} of a job that is gone ({holder.describe()})",
                               stacklevel=2)
+            else:
+                time.sleep(0.01)  # another job is taking it over: its lock (or none) is there in milliseconds
         raise LockError(f"could not take the lock {self.path}: other jobs keep taking it; try again")
 
     def release(self, *, remove_created: bool = False) -> None:
@@ -236,28 +242,26 @@ def _read_holder(path: Path) -> "LockHolder | str | None":
 
 
 def _take_over(path: Path, stale: LockHolder) -> bool:
-    """Remove ``path`` if it still holds ``stale``'s record. True if this call removed it."""
-    moved = path.with_name(f".{path.name}.stale-{uuid.uuid4().hex}")
+    """Delete ``path`` if it still holds ``stale``'s record, under the takeover guard. True if this call deleted it;
+    False if the lock changed, or another job holds the guard (the caller retries)."""
+    guard = path.with_name(path.name + ".break")
     try:
-        os.rename(path, moved)
-    except FileNotFoundError:
-        return False  # another job took it over first
-    found = _read_holder(moved)
-    if isinstance(found, LockHolder) and found.token == stale.token:
-        moved.unlink()
-        return True
-    try:  # a fresh lock replaced the stale one after we read it: put it back
-        os.link(moved, path)
+        os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
     except FileExistsError:
-        pass
-    except OSError as e:
-        if e.errno not in _NO_HARD_LINKS:
-            raise
-        if not path.exists():  # without hard links, a rename (which would replace a newer lock) is the way back
-            os.rename(moved, path)
-            return False
-    moved.unlink()
-    return False
+        try:
+            if time.time() - guard.stat().st_mtime > _BREAK_STALE_S:
+                guard.unlink()  # its breaker died mid-takeover
+        except FileNotFoundError:
+            pass
+        return False
+    try:
+        found = _read_holder(path)
+        if isinstance(found, LockHolder) and found.token == stale.token:
+            path.unlink()
+            return True
+        return False
+    finally:
+        guard.unlink()
 
 
 def _make_dirs(directory: Path) -> list[Path]:
