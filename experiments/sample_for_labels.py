@@ -170,7 +170,6 @@ def run(args: argparse.Namespace) -> dict:
     except LockError as e:
         raise UsageError(str(e)) from None
     except OSError as e:
-        lock.release(remove_created=True)
         raise UsageError(f"--out {out}: cannot write there ({e})") from None
     try:
         return _sample(args, prompts, labeler, out)

@@ -167,7 +167,6 @@ def run(args: argparse.Namespace) -> dict:
     except LockError as e:
         raise UsageError(str(e)) from None
     except OSError as e:
-        lock.release(remove_created=True)
         raise UsageError(f"--out {out} is not writable: {e}") from None
     try:
         return _train(args, rows, out, t_start)

@@ -162,3 +162,16 @@ def test_fresh_takeover_guard_is_respected(tmp_path):
     with pytest.raises(LockError, match="other jobs keep taking it"):
         DirectoryLock(tmp_path).acquire()
     assert (tmp_path / "ppojax.lock").exists()
+
+
+def test_failed_acquire_removes_the_directories_it_created(tmp_path, monkeypatch):
+    """A disk that refuses the lock file (here ENOSPC from link) leaves no half-made run directory behind."""
+    import errno
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "link", full)
+    with pytest.raises(OSError, match="No space left"):
+        DirectoryLock(tmp_path / "a" / "b").acquire()
+    assert list(tmp_path.iterdir()) == []

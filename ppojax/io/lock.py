@@ -131,10 +131,18 @@ class DirectoryLock:
 
     def acquire(self) -> "DirectoryLock":
         """Take the lock, or raise ``LockError`` naming the live holder. A stale lock (same host, holder gone) is
-        taken over with a warning. ``OSError`` if the directory cannot be created or written."""
+        taken over with a warning. ``OSError`` if the directory cannot be created or written. On any failure the
+        directories this call created are removed again, so nothing is left behind."""
         if self._holder is not None:
             return self
-        self.created = _make_dirs(self.path.parent)
+        try:
+            self.created = _make_dirs(self.path.parent)
+            return self._acquire()
+        except BaseException:
+            self.release(remove_created=True)
+            raise
+
+    def _acquire(self) -> "DirectoryLock":
         me = LockHolder.of_this_process()
         for _ in range(_TRIES):
             if _link_record(self.path, me):

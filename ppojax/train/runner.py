@@ -186,7 +186,6 @@ def lock_run_dir(run_dir: Path, is_main: bool):
         except LockError as e:
             error = str(e)
         except OSError as e:
-            lock.release(remove_created=True)
             error = f"run directory {run_dir} is not writable: {e}"
     if jax.process_count() > 1:  # the other processes wait here for process 0's outcome
         import numpy as np

@@ -108,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
         lock.acquire()
     except LockError as e:
         raise SweepRunError(str(e)) from None
+    except OSError as e:
+        raise SweepRunError(f"run directory {run_dir} is not writable: {e}") from None
     try:
         return _run_locked(args, path, data, base, runs, seeds, grid, run_dir, atomic_write_json, atomic_write_text)
     finally:
