@@ -17,6 +17,7 @@ def test_summary_ratios_and_memory_extrapolation(load_benchmark):
     assert mem["per_run_bytes"] == 200 and mem["largest_R_that_fits"] == (10_000 - 800) // 200
 
 
+@pytest.mark.slow
 def test_tiny_sweep_and_sequential_run(load_benchmark):
     bench = load_benchmark("sweep")
     s = bench.time_sweep(bench.CONFIGS["tiny"], 2, 2)

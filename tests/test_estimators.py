@@ -74,7 +74,8 @@ def test_k_samples_of_a_prompt_are_distinct_samples_of_that_prompt():
         np.testing.assert_array_equal(np.asarray(alone.tokens)[0], tokens[row])
 
 
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("mode", ["token-mean", pytest.param("seq-mean-token-mean", marks=pytest.mark.slow),
+                                  "seq-mean-token-sum-norm"])
 def test_aggregation_is_exact_across_micro_batches(mode):
     kw = dict(advantage_estimator="grpo", samples_per_prompt=4, loss_aggregation=mode)
     a, ma = ppojax.ppo_iteration(_state(**kw), *_prompts(4))
@@ -84,6 +85,7 @@ def test_aggregation_is_exact_across_micro_batches(mode):
     np.testing.assert_allclose(float(ma["loss/total"]), float(mb["loss/total"]), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_aggregation_and_groups_are_exact_across_devices():
     """1, 2, 4 and 8 virtual devices (jit + NamedSharding), and shard_map on 4, give one device's result."""
     proc = subprocess.run([sys.executable, str(WORKER)], capture_output=True, text=True, timeout=900,

@@ -99,6 +99,7 @@ def test_learns_dense_reward():
     assert end > start + 0.25, scores
 
 
+@pytest.mark.slow
 def test_user_loss_term_pushes_its_token():
     """A one-function loss term that rewards emitting token 5 raises its frequency; without it nothing does."""
     zero = rewards.FunctionReward(lambda tokens, mask: jnp.zeros(tokens.shape[0], jnp.float32))

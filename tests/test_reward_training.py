@@ -161,6 +161,7 @@ def test_train_reward_cli_errors_are_one_line_exit_2(tmp_path, capsys):
         assert not (tmp_path / "rm").exists()  # a failed start leaves no output directory behind
 
 
+@pytest.mark.slow
 def test_train_reward_cli_trains_exports_and_resumes(tmp_path, capsys):
     import train_reward
 

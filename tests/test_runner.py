@@ -104,6 +104,7 @@ def test_resume_gives_identical_metrics(straight, tmp_path):
         assert _comparable(a) == _comparable(b), a["iteration"]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_the_run_resumes(tmp_path):
     run_dir = tmp_path / "preempted"
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
@@ -143,6 +144,7 @@ def test_bad_config_key_suggests_the_field(tmp_path):
     _fails_with(["--config", tmp_path / "nope.yaml"], "does not exist", tmp_path / "r")
 
 
+@pytest.mark.slow
 def test_bad_prompt_files(tmp_path):
     _fails_with(["--config", TINY, "--set", f"prompts.path={tmp_path / 'missing.txt'}"], "does not exist",
                 tmp_path / "a")

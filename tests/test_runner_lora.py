@@ -120,6 +120,7 @@ def test_export_checkpoint_writes_the_adapter_too(straight):
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_an_interrupted_lora_run_resumes_exactly(straight, tmp_path):
     run_dir = tmp_path / "resumed"
     _run("--config", TINY, "--run-dir", run_dir, "--iterations", 2, *LORA)
@@ -144,6 +145,7 @@ def test_bad_lora_settings_fail_before_compiling(setting, message, tmp_path):
     assert not run_dir.exists()  # failed before the model was initialised: nothing written
 
 
+@pytest.mark.slow
 def test_resuming_across_lora_and_full_fine_tuning_says_so(straight, tmp_path):
     # A LoRA run's checkpoints, resumed without LoRA or with another rank.
     line = _error_line(_run("--config", TINY, "--run-dir", straight, "--iterations", 6, check=False))

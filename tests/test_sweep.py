@@ -74,6 +74,7 @@ def test_one_compilation_per_group():
     assert ppojax.compile_count("sweep/iteration") - before == 2
 
 
+@pytest.mark.slow
 def test_one_and_eight_devices_give_the_same_sweep(tmp_path):
     code = (
         "import os, sys, json\n"
@@ -108,6 +109,7 @@ def _rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_cli_resume_is_exact_and_equals_the_single_run_command(tmp_path):
     common = ["--config", TINY, "--seeds", "3,7", "--grid", "ppo.clip_eps=0.1,0.3", "--set", "checkpoint.every=2"]
     full = _sweep_cli(*common, "--iterations", 4, "--run-dir", tmp_path / "full")
