@@ -139,6 +139,21 @@ def wait_until_quiet(max_wait_s: float, *, probe=other_load_probe, threshold: fl
     return values
 
 
+def run_record(load_before: dict, others_cores: float, packages=DEFAULT_PACKAGES) -> dict:
+    """The fields every result JSON ends with: machine, versions, the load samples, other processes' cores during
+    the run and whether that makes the timings trustworthy. Call it when the timed work is over."""
+    return {
+        "machine": machine_info(),
+        "versions": versions(packages),
+        "load_before": load_before,
+        "load_after": load_sample(),
+        "other_processes_cores": others_cores,
+        # The load average lags (it still counts a run that just ended) and, after the run, includes the benchmark
+        # itself; the CPU time other processes used DURING the run is the direct measure of a shared machine.
+        "trustworthy": others_cores <= BUSY_OTHER_CORES,
+    }
+
+
 def warn_if_busy(sample: dict, *, stream=sys.stderr) -> None:
     if sample["busy"]:
         print(

@@ -145,8 +145,7 @@ def main(argv=None) -> dict | None:
             times["jax", k].append(time_call(lambda: run_jax(k)))
             times["torch", k].append(time_call(lambda: run_torch(k)))
     med = {key: statistics.median(v) for key, v in times.items()}
-    load_after = _env.load_sample()
-    others_cores = others.cores()
+    record = _env.run_record(load_before, others.cores())
 
     def side(name, extra):
         total, prefill = med[name, n], med[name, 1]
@@ -186,14 +185,7 @@ def main(argv=None) -> dict | None:
         "ppojax": jax_res,
         "torch": torch_res,
         "ratio_tokens_per_s_ppojax_over_torch": jax_res["tokens_per_s"] / torch_res["tokens_per_s"],
-        "machine": _env.machine_info(),
-        "versions": _env.versions(),
-        "load_before": load_before,
-        "load_after": load_after,
-        "other_processes_cores": others_cores,
-        # The load average lags (it still counts a run that just ended) and, after the run, includes the benchmark
-        # itself; the CPU time other processes used DURING the run is the direct measure of a shared machine.
-        "trustworthy": others_cores < 0.25,
+        **record,
     }
     print_summary(result)
     if args.out is not None:

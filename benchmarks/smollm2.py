@@ -174,8 +174,7 @@ def main(argv=None) -> dict:
             for s in order:
                 times[s, k].append(time_call(lambda: sides[s](k)))
         times["ppo"].append(time_call(run_ppo))
-    load_after = _env.load_sample()
-    others_cores = others.cores()
+    record = _env.run_record(load_before, others.cores(), PACKAGES)
 
     def decode_side(s):
         total, prefill = statistics.median(times[s, n]), statistics.median(times[s, 1])
@@ -213,13 +212,8 @@ def main(argv=None) -> dict:
         "method": "median and spread of interleaved rounds after one warm-up per side and shape; the side that goes "
                   "first alternates; prefill = median of 1-new-token calls; decode step = (median(n) - median(1)) "
                   "/ (n - 1); compile_s = first call - median call",
-        "machine": _env.machine_info(),
-        "versions": _env.versions(PACKAGES),
         "jax_devices": [str(d) for d in jax.devices()],
-        "load_before": load_before,
-        "load_after": load_after,
-        "other_processes_cores": others_cores,
-        "trustworthy": others_cores < 0.25,
+        **record,
     }
     print_summary(result)
     if args.out is not None:
