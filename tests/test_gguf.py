@@ -205,6 +205,26 @@ def test_shipped_tokenizer_equals_transformers_gguf_tokenizer_offline():
 
 
 @needs_smollm2
+def test_shipped_tokenizer_builds_without_torch():
+    """The offline default installs `.[offline]`, without torch; transformers' own GGUF reader imports torch, so
+    ppojax reads the metadata itself. Here torch is made unimportable in a fresh process: the ids must still equal
+    transformers' GGUF tokenizer's (built in this process, with torch)."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import sys, json; sys.modules['torch'] = None\n"
+            "import ppojax\n"
+            f"tok = ppojax.load_tokenizer({SMOL_ID!r})\n"
+            f"print(json.dumps([tok(t)['input_ids'] for t in {SENTENCES!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    path = _smollm2_file()
+    ref = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [ref(t)["input_ids"] for t in SENTENCES]
+
+
+@needs_smollm2
 @pytest.mark.slow  # ~40 s on 2 CPU cores: both sides decode 272 tensors of a 135M model
 def test_shipped_gguf_logits_and_greedy_tokens_equal_transformers():
     config, params = ppojax.load_pretrained(SMOL_ID)  # offline: falls back to the PyPI copy

@@ -6,8 +6,9 @@ safe because the model maps padded positions to id 0 before embedding them and m
 Padding is on the left, as batched generation needs. Models whose tokenizer keeps its pad token equal to EOS
 (SmolLM2's is ``<|im_end|>``) get the same ``<|pad|>`` treatment.
 
-A ``.gguf`` file carries its tokenizer in its metadata (``tokenizer.ggml.*``); transformers rebuilds it from there
-(``AutoTokenizer.from_pretrained(folder, gguf_file=name)``, no network).
+A ``.gguf`` file carries its tokenizer in its metadata (``tokenizer.ggml.*``); ppojax reads it with the ``gguf``
+package and builds the tokenizer with transformers' GGUF tokenizer builder, as
+``AutoTokenizer.from_pretrained(folder, gguf_file=name)`` does but without torch (no network either).
 """
 
 from __future__ import annotations
@@ -53,14 +54,35 @@ def gpt2_offline_tokenizer():
 
 
 def gguf_tokenizer(path: str | os.PathLike):
-    """The tokenizer stored in a GGUF file's metadata, as a transformers tokenizer (not yet configured)."""
-    from transformers import AutoTokenizer
+    """The tokenizer stored in a GGUF file's metadata, as a transformers tokenizer (not yet configured).
+
+    The metadata is read with the ``gguf`` package (:class:`ppojax.io.gguf.GGUFFile`) and handed to transformers'
+    GGUF tokenizer builder, the code behind ``AutoTokenizer.from_pretrained(folder, gguf_file=name)``: the same
+    tokenizer, but without that call's file reader, which needs PyTorch (transformers 5.24), so the offline default
+    also works on an install without torch. ``tokenizer.ggml.*`` keys follow transformers' own renaming table.
+    """
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
+    from ppojax.io.gguf import GGUFFile
 
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file {path} does not exist")
+    f = GGUFFile(path)  # FileNotFoundError / CheckpointError for a missing or unreadable file
     try:
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        groups = {group: {name: f.get(f"tokenizer.{key}") for key, name in renames.items()
+                          if f"tokenizer.{key}" in f}
+                  for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+        tokenizer_dict, config = groups["tokenizer"], groups["tokenizer_config"]
+        if "tokens" not in tokenizer_dict:
+            raise ValueError("the file has no tokenizer.ggml.tokens")
+        if tokenizer_dict.get("tokenizer_type") == "llama":  # sentencepiece files that say nothing add BOS
+            config.setdefault("add_bos_token", True)
+        for name in ("bos", "eos", "unk", "pad"):
+            key = {"unk": "unknown", "pad": "padding"}.get(name, name)
+            token_id = f.get(f"tokenizer.ggml.{key}_token_id")
+            config[f"{name}_token"] = tokenizer_dict["tokens"][token_id] if token_id is not None else None
+        backend, extra = convert_gguf_tokenizer(f.architecture, tokenizer_dict)
+        return PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)
     except Exception as e:
         raise ValueError(f"{path}: no tokenizer could be built from its GGUF metadata ({type(e).__name__}: {e})") from e
 
