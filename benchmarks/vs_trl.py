@@ -96,7 +96,7 @@ JOBS = {
     "b": dict(n_layer=4, n_head=4, n_embd=256, batch=32, query=32, response=24, epochs=4, minibatches=4),
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, batch=8, query=16, response=8, epochs=2, minibatches=1),
 }
-TARGETS = {"a": 2.0, "b": 3.5}  # wanted speed-up of ppojax over TRL (issue 7)
+TARGETS = {"a": 1.5, "b": 3.0}  # wanted speed-up of ppojax over TRL on this CPU (issue 17)
 VOCAB = 50257
 LR, ADAM_EPS, KL_COEF, VF_COEF, CLIP, TEMPERATURE = 1e-5, 1e-5, 0.05, 0.1, 0.2, 0.7
 
