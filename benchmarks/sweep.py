@@ -48,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="output JSON (default benchmarks/results/sweep_<device>.json)")
     p.add_argument("--force", action="store_true", help="write results even if the machine was busy")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    p.add_argument("--memory-only", action="store_true",
+                   help="re-measure only the memory of --configs at the largest of --runs, into the existing --out")
     p.add_argument("--memory-child", nargs=2, metavar=("CONFIG", "R"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -79,7 +81,24 @@ def time_sweep(config_path: Path, R: int, iterations: int) -> dict:
         group.step(it)  # pulls the metrics to the host: the iteration is finished
         steps.append(time.perf_counter() - t)
     total = time.perf_counter() - t0
-    return {"total_s": total, "build_s": t_built - t0, "steps_s": steps, "steady_s": sum(steps[1:])}
+    return {"total_s": total, "build_s": t_built - t0, "steps_s": steps, "steady_s": sum(steps[1:]),
+            **state_bytes(group)}
+
+
+def state_bytes(group) -> dict:
+    """Exact bytes of the group's state: those held per run (the fields with a run axis, divided by the number of
+    stacked runs) and those held once for all runs (a shared reference policy and reward model)."""
+    import jax
+
+    stacked = group.n + group.pad
+    per_run = shared = 0
+    for name, axis in group.axes.field_axes().items():
+        nbytes = sum(x.nbytes for x in jax.tree.leaves(getattr(group.state, name)))
+        if axis is None:
+            shared += nbytes
+        else:
+            per_run += nbytes // stacked
+    return {"state_bytes_per_run": per_run, "state_bytes_shared": shared}
 
 
 def time_sequential(config_path: Path, R: int, iterations: int) -> dict:
@@ -146,8 +165,10 @@ def memory_child(config: str, R: int) -> None:
     """In a child process: build and run 2 iterations of the sweep, print the peak RSS in bytes."""
     import resource
 
-    time_sweep(CONFIGS[config], R, 2)
-    print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    res = time_sweep(CONFIGS[config], R, 2)
+    print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      "state_bytes_per_run": res["state_bytes_per_run"],
+                      "state_bytes_shared": res["state_bytes_shared"]}))
 
 
 def peak_memory(config: str, R: int) -> int:
@@ -155,7 +176,7 @@ def peak_memory(config: str, R: int) -> int:
                           text=True, cwd=REPO, timeout=3600)
     if proc.returncode:
         raise RuntimeError(proc.stderr[-2000:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def memory_limit_bytes() -> float:
@@ -169,19 +190,43 @@ def memory_limit_bytes() -> float:
     return (_env.machine_info().get("ram_gib") or 0) * 2**30
 
 
-def largest_r(mem_1: int, mem_r: int, R: int, ram_bytes: float) -> dict:
-    """Linear extrapolation of peak memory in R: ``mem(R) = base + R * per_run``; the largest R under the RAM."""
-    per_run = max((mem_r - mem_1) / max(R - 1, 1), 1)
-    base = mem_1 - per_run
-    return {"per_run_bytes": per_run, "base_bytes": base,
-            "largest_R_that_fits": int((ram_bytes - base) // per_run), "method": "linear extrapolation of peak RSS "
-            f"at R=1 and R={R} to the machine's RAM (not run at that R)"}
+def largest_r(child_1: dict, child_r: dict, R: int, ram_bytes: float) -> dict:
+    """The largest R whose state fits beside the measured peak at R: ``peak(R) + (R' - R) * per_run <= RAM``, with
+    ``per_run`` the larger of the exact per-run state bytes and the per-run growth of peak RSS from 1 to R (the
+    growth is below the RSS's resolution for tiny models, whose peak is the process's libraries and compiler)."""
+    mem_1, mem_r = child_1["peak_rss_bytes"], child_r["peak_rss_bytes"]
+    growth = (mem_r - mem_1) / max(R - 1, 1)
+    per_run = max(child_r["state_bytes_per_run"], growth, 1)
+    return {"peak_rss_bytes_R1": mem_1, f"peak_rss_bytes_R{R}": mem_r, "peak_rss_growth_per_run_bytes": growth,
+            "state_bytes_per_run": child_r["state_bytes_per_run"], "state_bytes_shared": child_r["state_bytes_shared"],
+            "largest_R_that_fits": int(R + (ram_bytes - mem_r) // per_run),
+            "method": f"peak RSS measured at R=1 and R={R}; beyond R={R}, each run adds max(its exact state bytes, "
+                      "the measured RSS growth per run): an estimate, not run at that R (with --vmap-width 1, the "
+                      "CPU default, activations do not grow with R)"}
+
+
+def memory_only(args) -> int:
+    """Replace the memory entries of an existing result (its timings untouched), recording when and how busy."""
+    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / "sweep_cpu.json"
+    results = json.loads(out.read_text())
+    r_max = max(int(r) for r in args.runs.split(","))
+    load = _env.OtherLoad()
+    for name in (c.strip() for c in args.configs.split(",") if c.strip()):
+        results["configs"][name]["memory"] = {**largest_r(peak_memory(name, 1), peak_memory(name, r_max), r_max,
+                                                          memory_limit_bytes()), "measured": _env.now_utc()}
+    results["memory_other_processes_cores"] = load.cores()
+    _env.write_json(out, results)
+    print(json.dumps({n: c["memory"] for n, c in results["configs"].items()}, indent=1))
+    print(f"wrote {out}")
+    return 0
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.memory_child:
         return memory_child(args.memory_child[0], int(args.memory_child[1]))
+    if args.memory_only:
+        return memory_only(args)
     import jax
 
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -203,10 +248,8 @@ def main(argv=None):
             results["configs"][name]["runs"].append(summarise(R, args.iterations, sweeps, seqs))
         if not args.no_memory and len(Rs) > 1:
             r_max = max(Rs)
-            m1, mr = peak_memory(name, 1), peak_memory(name, r_max)
-            ram = memory_limit_bytes()
-            results["configs"][name]["memory"] = {"peak_rss_bytes_R1": m1, f"peak_rss_bytes_R{r_max}": mr,
-                                                  **largest_r(m1, mr, r_max, ram)}
+            results["configs"][name]["memory"] = largest_r(peak_memory(name, 1), peak_memory(name, r_max), r_max,
+                                                           memory_limit_bytes())
     other = load.cores()
     results["other_processes_cores"] = other
     results["busy"] = other > BUSY_CORES

@@ -13,8 +13,14 @@ def test_summary_ratios_and_memory_extrapolation(load_benchmark):
     assert ce["speedup_range"] == [1.5, 2.0]
     assert ci["sweep_run_iterations_per_s"] == pytest.approx(4 * 3 / 11.0)
     assert ce["sweep_run_iterations_per_s"] == pytest.approx(4 * 2 / 5.0)
-    mem = bench.largest_r(mem_1=1_000, mem_r=1_600, R=4, ram_bytes=10_000)
-    assert mem["per_run_bytes"] == 200 and mem["largest_R_that_fits"] == (10_000 - 800) // 200
+    # RSS grows 200 bytes per run, more than the 50 bytes of state: the growth bounds the estimate.
+    mem = bench.largest_r({"peak_rss_bytes": 1_000}, {"peak_rss_bytes": 1_600, "state_bytes_per_run": 50,
+                                                      "state_bytes_shared": 7}, R=4, ram_bytes=10_000)
+    assert mem["peak_rss_growth_per_run_bytes"] == 200 and mem["largest_R_that_fits"] == 4 + (10_000 - 1_600) // 200
+    # A tiny model: the peak does not move with R; each further run still needs its state.
+    mem = bench.largest_r({"peak_rss_bytes": 1_000}, {"peak_rss_bytes": 1_000, "state_bytes_per_run": 300,
+                                                      "state_bytes_shared": 7}, R=16, ram_bytes=10_000)
+    assert mem["largest_R_that_fits"] == 16 + 9_000 // 300 and mem["state_bytes_shared"] == 7
 
 
 @pytest.mark.slow
