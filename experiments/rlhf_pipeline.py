@@ -171,7 +171,7 @@ def _random_policy(args, preset, out: Path) -> tuple[str, int]:
 def _tokenizer_of(policy: str) -> str:
     """A policy's tokenizer: the directory's own (exports carry one), else the hub id itself (SmolLM2's comes from
     its GGUF file offline)."""
-    return sample_for_labels.tokenizer_name(policy) if Path(policy).expanduser().is_dir() else policy
+    return sample_for_labels.tokenizer_name(policy)
 
 
 def _load_policy(policy: str):

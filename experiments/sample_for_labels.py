@@ -48,7 +48,8 @@ def add_model_args(p: argparse.ArgumentParser, flag: str, what: str) -> None:
     p.add_argument(f"--{flag}", required=True, help=f"{what}: an export dir, a local HF GPT-2 dir, a hub id, or "
                    "'random' (shape from --n-layer ...)")
     p.add_argument("--tokenizer", default=None,
-                   help="tokenizer hub id or dir (default: the model dir's own, else 'gpt2')")
+                   help="tokenizer hub id, dir or .gguf (default: the model's own, from its dir, GGUF file or "
+                        "hub id; 'gpt2' for random)")
     g = p.add_argument_group("random init (with 'random')")
     g.add_argument("--n-layer", type=int, default=2)
     g.add_argument("--n-head", type=int, default=4)
@@ -76,12 +77,15 @@ def load_model(spec: str, args: argparse.Namespace):
 
 
 def tokenizer_name(spec: str, explicit: Optional[str] = None) -> str:
-    """``explicit``, else the model directory when it holds a tokenizer (exports do), else ``gpt2``."""
+    """``explicit``; else the model's own: a directory that holds a tokenizer (exports do), a ``.gguf`` file (its
+    metadata carries one) or a hub id; else (``random``, a directory without one) ``gpt2``."""
     if explicit is not None:
         return explicit
     path = Path(spec).expanduser()
-    has_own = path.is_dir() and any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
-    return str(path) if has_own else "gpt2"
+    if path.is_dir():
+        has_own = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+        return str(path) if has_own else "gpt2"
+    return "gpt2" if spec == "random" else spec
 
 
 def load_tokenizer_for(spec: str, explicit: Optional[str], vocab_size: int):

@@ -210,3 +210,17 @@ def test_sample_for_labels_refuses_an_output_another_job_holds(tmp_path, capsys)
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_sample_for_labels_takes_the_policys_own_tokenizer(tmp_path):
+    """A hub id or a .gguf policy brings its own tokenizer (SmolLM2's is not GPT-2's); a random policy or a directory
+    without tokenizer files falls back to gpt2; --tokenizer always wins."""
+    import sample_for_labels
+
+    name = sample_for_labels.tokenizer_name
+    assert name("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert name(str(tmp_path / "m.gguf")) == str(tmp_path / "m.gguf")
+    assert name("random") == "gpt2" and name(str(tmp_path)) == "gpt2"
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert name(str(tmp_path)) == str(tmp_path)
+    assert name("HuggingFaceTB/SmolLM2-135M-Instruct", "gpt2") == "gpt2"
