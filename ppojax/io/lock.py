@@ -155,7 +155,7 @@ class DirectoryLock:
                 raise LockError(self._held_message(holder))
             if _take_over(self.path, holder):
                 warnings.warn(f"took over the stale lock {self.path} of a job that is gone ({holder.describe()})",
-                              stacklevel=2)
+                              stacklevel=3)  # the caller of acquire(), past _acquire
             else:
                 time.sleep(0.01)  # another job is taking it over: its lock (or none) is there in milliseconds
         raise LockError(f"could not take the lock {self.path}: other jobs keep taking it; try again")
