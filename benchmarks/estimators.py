@@ -53,7 +53,7 @@ def child(config: str, estimator: str, iterations: int) -> dict:
     from ppojax.io import configlib
     from ppojax.io.data import PromptLoader
     from ppojax.io.tokenizer import load_tokenizer
-    from ppojax.train import runner
+    from ppojax.train import run as runner
     from ppojax.train.build import create_state
     from ppojax.train.config import ExperimentConfig
     from ppojax.train.loop import metrics_to_host

@@ -118,7 +118,7 @@ def measure(args, side: str) -> dict:
     import ppojax
     from ppojax.rl import rewards
     from ppojax.train.build import create_state
-    from ppojax.train.runner import build_model
+    from ppojax.train.run import build_model
 
     cfg = experiment_config(args, side)
     t0 = time.perf_counter()

@@ -108,7 +108,7 @@ def time_sequential(config_path: Path, R: int, iterations: int) -> dict:
     import ppojax
     from ppojax.io.data import PromptLoader
     from ppojax.io.tokenizer import load_tokenizer
-    from ppojax.train import runner
+    from ppojax.train import run as runner
     from ppojax.train import sweep as sw
     from ppojax.train.build import create_state
     from ppojax.train.config import ExperimentConfig

@@ -47,10 +47,8 @@ score does not move (-0.11 -> -0.12): reward hacking, shown honestly.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import re
-import signal
 import sys
 import time
 from pathlib import Path
@@ -182,17 +180,6 @@ def _load_policy(policy: str):
     return config, params, tokenizer
 
 
-@contextlib.contextmanager
-def _own_signal_handlers():
-    """The PPO runner installs SIGTERM/SIGINT handlers for checkpoint-on-preemption; restore ours afterwards."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
-
-
 def _evaluate(policy: str, reward_dir: Path, base_params, scorer, queries, preset, seed: int) -> dict:
     """Fresh samples of ``policy``: the TRUE score and the reward model's normalised score, mean and std error.
     ``base_params``: the initial policy's weights, which a LoRA reward model's adapters apply to."""
@@ -228,7 +215,8 @@ def run(args: argparse.Namespace) -> dict:
     from ppojax.io.data import read_prompts
     from ppojax.models import family_of
     from ppojax.rl import preferences
-    from ppojax.train import runner
+    from ppojax.train import build_run
+    from ppojax.train.run import RunError
 
     out = Path(args.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -259,7 +247,7 @@ def run(args: argparse.Namespace) -> dict:
 
     def stage(name, module, argv):
         t0 = time.time()
-        command = "ppo_gpt2" if module is runner else module.__name__
+        command = module.__name__
         print(f"[pipeline] {name}: {command}.py {' '.join(argv)}", file=sys.stderr, flush=True)
         code = module.main(argv)
         timings[f"{name}_s"] = round(time.time() - t0, 2)
@@ -297,12 +285,18 @@ def run(args: argparse.Namespace) -> dict:
         overrides.update({f"ppo.{k}": preset[k] for k in ("batch_size", "minibatch_size", "ppo_epochs")})
     else:  # configs/smollm2_sentiment.yaml's LoRA and PPO, on this policy's family
         overrides["lora.targets"] = ATTENTION_TARGETS.get(family, "")
-    argv = ["--config", str(OFFLINE if random_policy else PRETRAINED_CONFIG), "--run-dir", str(ppo_dir),
-            "--iterations", str(preset["iterations"]), "--seed", str(args.seed)]
-    for key, value in overrides.items():
-        argv += ["--set", f"{key}={value}"]
-    with _own_signal_handlers():
-        stage("ppo", runner, argv)
+    config = OFFLINE if random_policy else PRETRAINED_CONFIG
+    sets = [f"iterations={preset['iterations']}", f"seed={args.seed}"] + [f"{k}={v}" for k, v in overrides.items()]
+    print(f"[pipeline] ppo: build_run({config.name}, {ppo_dir}) with {' '.join(sets)}", file=sys.stderr, flush=True)
+    t0 = time.time()
+    try:
+        with build_run(config, ppo_dir, overrides=sets) as ppo_run:
+            code = ppo_run.train().exit_code
+    except RunError as e:
+        raise PipelineError(f"stage ppo: {e}") from None
+    timings["ppo_s"] = round(time.time() - t0, 2)
+    if code != 0:
+        raise PipelineError(f"stage ppo failed (exit {code}); see the error above")
 
     t = time.time()
     scorer = preferences.text_scorer(labeler, sample_for_labels.load_tokenizer_for(policy, tokenizer, vocab_size),

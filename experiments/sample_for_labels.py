@@ -64,7 +64,7 @@ def load_model(spec: str, args: argparse.Namespace):
     import types
 
     from ppojax.train.config import ModelConfig
-    from ppojax.train.runner import RunError, build_model
+    from ppojax.train.run import RunError, build_model
 
     try:
         model = ModelConfig(name_or_path=spec, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,

@@ -1,4 +1,5 @@
-"""Seeds x hyperparameter grids in one compiled program per group of runs (see ppojax/train/sweep_job.py).
+"""Seeds x hyperparameter grids in one compiled program per group of runs (``ppojax.cli`` parses the flags,
+``ppojax.train.sweep_job`` runs it).
 
     python experiments/sweep.py --config configs/offline.yaml --seeds 4 --grid ppo.clip_eps=0.1,0.2,0.3
 """
@@ -8,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from ppojax.train.sweep_job import main  # noqa: E402
+from ppojax.cli import sweep_main as main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -79,7 +79,6 @@ _MOVED = {
     "logger": "ppojax.io.logger",
     "data": "ppojax.io.data",
     "config": "ppojax.train.config",
-    "runner": "ppojax.train.runner",
     "distributed": "ppojax.parallel.distributed",
 }
 

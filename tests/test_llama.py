@@ -292,7 +292,7 @@ def test_one_reward_model_epoch_on_a_tiny_llama():
 
 def test_runner_builds_a_random_llama():
     from ppojax.train import config as train_config
-    from ppojax.train import runner
+    from ppojax.train import run as runner
 
     cfg = train_config.ExperimentConfig(model=train_config.ModelConfig(
         family="llama", n_layer=1, n_head=4, num_key_value_heads=2, n_embd=32, n_positions=16, vocab_size=64))

@@ -167,7 +167,7 @@ def test_distributed_settings_are_checked(monkeypatch):
 
 
 def test_runner_rejects_a_bad_mesh_before_compiling(tmp_path, capsys):
-    from ppojax.train import runner
+    from ppojax import cli as runner
 
     code = runner.main(["--config", str(REPO / "configs" / "tiny.yaml"), "--run-dir", str(tmp_path / "run"),
                         "--mesh", "data=3"])
@@ -235,7 +235,7 @@ def test_a_service_that_is_not_process_0_fails_cleanly(banner, match):
 
 
 def test_process_0_whose_peers_never_join_fails_cleanly_in_the_runner(tmp_path, capsys):
-    from ppojax.train import runner
+    from ppojax import cli as runner
 
     port = _free_port()
     t0 = time.monotonic()
@@ -290,7 +290,7 @@ _LOCK_TWO_PROCESSES = r"""
 import sys
 from pathlib import Path
 from ppojax.parallel import distributed
-from ppojax.train import runner
+from ppojax.train import run as runner
 
 port, pid, run_dir = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 distributed.initialize(distributed.DistributedConfig(coordinator=f"127.0.0.1:{port}", num_processes=2,

@@ -61,7 +61,7 @@ def test_stages_wrote_their_outputs(pipeline):
 
 
 def test_ppo_runner_refuses_a_bad_reward_model_path(pipeline, capsys):
-    from ppojax.train import runner
+    from ppojax import cli as runner
 
     out, _ = pipeline
     argv = ["--config", str(REPO / "configs" / "tiny.yaml"), "--run-dir", str(out / "bad_run"),
@@ -81,7 +81,7 @@ def test_a_lora_reward_model_on_the_policys_base_scores_a_lora_ppo_run(pipeline,
 
     from ppojax.rl import reward_training
     from ppojax.rl.rewards import LoraRewardModel
-    from ppojax.train import runner
+    from ppojax import cli as runner
 
     out, _ = pipeline
     policy, rm_dir = out / "policy", tmp_path / "lora_rm"

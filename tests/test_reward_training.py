@@ -101,7 +101,7 @@ def test_normalize_gives_mean_0_std_1_on_the_calibration_set():
 
 
 def test_save_load_round_trip_gives_identical_scores(tmp_path):
-    from ppojax.train import runner
+    from ppojax.train import run as runner
 
     lm = ppojax.init_params(MODEL, jax.random.key(0))
     params = ppojax.init_value_params(MODEL, lm, head_init_std=0.3, key=jax.random.key(3))

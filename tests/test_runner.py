@@ -201,7 +201,7 @@ def _one_error(stderr, match):
 
 
 def test_resume_is_decided_by_the_checkpoints_not_config_yaml(straight, tmp_path, capsys):
-    from ppojax.train import runner
+    from ppojax import cli as runner
 
     run_dir = _copy_run(straight, tmp_path / "run")
     metrics = (run_dir / "metrics.jsonl").read_text()
@@ -217,7 +217,7 @@ def test_resume_is_decided_by_the_checkpoints_not_config_yaml(straight, tmp_path
 def test_a_run_killed_while_exporting_exports_when_rerun(straight, tmp_path, capsys):
     from safetensors.numpy import load_file
 
-    from ppojax.train import runner
+    from ppojax import cli as runner
 
     run_dir = _copy_run(straight, tmp_path / "run")  # every iteration and checkpoint done, no export/
     assert runner.main(["--config", str(TINY), "--run-dir", str(run_dir), "--iterations", "4"]) == 0
@@ -246,7 +246,7 @@ def test_every_checkpoint_corrupt_exits_2_with_advice(straight, tmp_path):
 def test_second_job_on_a_run_directory_exits_2_naming_the_holder(straight, tmp_path, capsys):
     from ppojax.io.atomic import atomic_write_json
     from ppojax.io.lock import LockHolder
-    from ppojax.train import runner
+    from ppojax import cli as runner
 
     run_dir = _copy_run(straight, tmp_path / "run")
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
@@ -301,7 +301,7 @@ def bad_rewards(tmp_path, monkeypatch):
 def test_reward_contract_is_checked_before_the_model_is_initialised(bad_rewards, monkeypatch, capsys, function,
                                                                      match):
     import ppojax
-    from ppojax.train import runner
+    from ppojax import cli as runner
 
     def init_params(*args, **kwargs):
         raise AssertionError("the model was initialised before every input was checked")
@@ -319,7 +319,7 @@ def test_reward_contract_is_checked_before_the_model_is_initialised(bad_rewards,
 
 def test_model_shape_checks_come_before_its_initialisation(tmp_path, monkeypatch, capsys):
     import ppojax
-    from ppojax.train import runner
+    from ppojax import cli as runner
 
     monkeypatch.setattr(ppojax, "init_params", lambda *a, **k: pytest.fail("initialised before the checks"))
     code = runner.main(["--config", str(TINY), "--run-dir", str(tmp_path / "run"), "--set",
@@ -331,14 +331,16 @@ def test_model_shape_checks_come_before_its_initialisation(tmp_path, monkeypatch
 
 
 def test_overlong_prompts_are_cut_with_one_warning(tmp_path, monkeypatch):
-    from ppojax.train import runner
+    from ppojax import cli as runner
+
+    from ppojax.train import run as run_module
 
     def stop_after_the_prompts(*args):
-        raise runner.RunError("stop here")
+        raise run_module.RunError("stop here")
 
     prompts = tmp_path / "long.txt"
     prompts.write_text("a short prompt\n" + "word " * 40 + "\n" + "more words " * 20 + "\n")
-    monkeypatch.setattr(runner, "check_reward", stop_after_the_prompts)
+    monkeypatch.setattr(run_module, "check_reward", stop_after_the_prompts)
     with pytest.warns(UserWarning, match=r"long.txt: 2 of 3 prompts are longer than 16 tokens; each keeps its last "
                                          r"16") as caught:
         assert runner.main(["--config", str(TINY), "--run-dir", str(tmp_path / "run"), "--set",
@@ -347,7 +349,7 @@ def test_overlong_prompts_are_cut_with_one_warning(tmp_path, monkeypatch):
 
 
 def test_export_of_a_run_directory_that_does_not_exist_creates_nothing(tmp_path, capsys):
-    from ppojax.train import runner
+    from ppojax import cli as runner
 
     code = runner.main(["--config", str(TINY), "--run-dir", str(tmp_path / "new"), "--export-checkpoint", "2"])
     assert code == 2
@@ -357,7 +359,7 @@ def test_export_of_a_run_directory_that_does_not_exist_creates_nothing(tmp_path,
 
 def test_offline_start_without_torch_prints_no_pytorch_notice(tmp_path):
     code = ("import sys; sys.modules['torch'] = None; sys.path.insert(0, sys.argv[1]); "
-            "from ppojax.train.runner import main; sys.exit(main(sys.argv[2:]))")
+            "from ppojax.cli import main; sys.exit(main(sys.argv[2:]))")
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.run([sys.executable, "-c", code, str(REPO), "--config", str(TINY), "--run-dir",
                            str(tmp_path / "run"), "--set", f"prompts.path={tmp_path / 'missing.txt'}"],
@@ -382,7 +384,7 @@ def test_nan_before_the_first_checkpoint_says_no_checkpoint_exists(bad_rewards):
 def test_the_default_config_is_the_checkouts_smollm2_run():
     """``ppo_gpt2.py`` without --config (README's main command) finds its config in the checkout's configs/ and
     writes under the checkout's runs/, wherever it is started from."""
-    from ppojax.train import runner
+    from ppojax import cli as runner
 
     assert runner.DEFAULT_CONFIG == REPO / "configs" / "smollm2_sentiment.yaml" and runner.DEFAULT_CONFIG.is_file()
     cfg, config_dir = runner.build_config(runner.parse_args([]))

@@ -14,7 +14,7 @@ import pytest
 import ppojax
 from ppojax.io import configlib
 from ppojax.io.data import PromptLoader
-from ppojax.train import runner
+from ppojax.train import run as runner
 from ppojax.train import sweep as sw
 from ppojax.train.build import create_state
 from ppojax.train.config import ExperimentConfig

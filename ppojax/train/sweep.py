@@ -405,14 +405,14 @@ class _Builder:
 
     def run_inputs(self, cfg):
         from ppojax.io.tokenizer import load_tokenizer
-        from ppojax.train import runner
+        from ppojax.train import run as runs
 
         tok = self._once(("tokenizer", cfg.tokenizer), lambda: load_tokenizer(cfg.tokenizer))
         prompts = self._once(("prompts", repr(cfg.prompts), cfg.tokenizer),
-                             lambda: runner.load_prompts(cfg, self.config_dir, tok))
-        model = self._once(("model", repr(cfg.model)), lambda: runner.build_model(cfg))
+                             lambda: runs.load_prompts(cfg, self.config_dir, tok))
+        model = self._once(("model", repr(cfg.model)), lambda: runs.build_model(cfg))
         reward = self._once(("reward", repr(cfg.reward), cfg.tokenizer, repr(cfg.model)),
-                            lambda: runner.build_reward(cfg, tok, model[0], self.config_dir))
+                            lambda: runs.build_reward(cfg, tok, model[0], self.config_dir))
         return tok, prompts, model, reward
 
 

@@ -1,9 +1,10 @@
-"""The sweep job behind ``experiments/sweep.py``: seeds x grids in one program per group, with a run directory.
+"""A sweep with a run directory (``experiments/sweep.py``, whose flags ``ppojax.cli`` parses): seeds x grids in
+one program per group, driven by the one training loop (``ppojax.train.loop.train``) with a step that advances
+every group.
 
-    python experiments/sweep.py --config CONFIG [--seeds N | --seeds 3,7,11] [--grid a.b=v1,v2,...]...
-                                [--iterations N] [--run-dir DIR] [--set a.b=value]...
+    run_sweep("configs/offline.yaml", seeds="4", grid=["ppo.clip_eps=0.1,0.2,0.3"], run_dir="runs/clip")
 
-The run directory (default ``runs/sweep-<config name>``) gets ``metrics.jsonl`` (one object per run and iteration:
+The run directory gets ``metrics.jsonl`` (one object per run and iteration:
 ``run``, ``seed``, every grid field under its dotted name, ``iteration`` and the iteration's metrics),
 ``summary.md`` (per grid point: the final score as mean +- 95% CI over seeds, KL, entropy, time), ``sweep.png``
 (curves per grid point with a band over seeds), ``sweep.json`` (the specification) and ``checkpoints/`` (one
@@ -13,38 +14,17 @@ before anything compiles; another job holding the directory is exit 2 too.
 
 from __future__ import annotations
 
-import argparse
 import json
-import signal
 import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "offline.yaml"
 FINAL_WINDOW = 5  # iterations averaged into a run's final score (one iteration's score is noisy)
 
 
 class SweepRunError(Exception):
     """An input problem: one line, exit code 2."""
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sweep.py", description="Seeds x hyperparameter grids, one compiled program per "
-                                "group of runs that differ only in array hyperparameters.")
-    p.add_argument("--config", type=str, default=None, help="YAML config (default: configs/offline.yaml)")
-    p.add_argument("--seeds", type=str, default=None, help="N (seeds 0..N-1) or a list 3,7,11 (default: the config's)")
-    p.add_argument("--grid", action="append", default=[], metavar="a.b=v1,v2,...",
-                   help="a field and its values; several --grid flags make a Cartesian product")
-    p.add_argument("--iterations", type=int, default=None, help="iterations of every run")
-    p.add_argument("--run-dir", type=str, default=None, help="where the sweep writes (default runs/sweep-<config>)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="a.b=value",
-                   help="override a config field of every run (repeatable)")
-    p.add_argument("--vmap-width", type=str, default="auto", metavar="auto|all|N",
-                   help="runs batched per vmap on a device: all of them, N, or auto (1 on CPUs, where batching gains "
-                        "little and width 1 keeps every run bit-identical to the single run; all elsewhere)")
-    return p.parse_args(argv)
 
 
 def _width(text: str):
@@ -61,8 +41,8 @@ def _width(text: str):
     return value
 
 
-def _spec(args, data) -> dict:
-    return {"config": data, "seeds": args.seeds, "grid": list(args.grid)}
+def _spec(seeds, grid, data) -> dict:
+    return {"config": data, "seeds": seeds, "grid": list(grid)}
 
 
 def _rows_upto(path: Path, last: int) -> list[dict]:
@@ -79,28 +59,32 @@ def _rows_upto(path: Path, last: int) -> list[dict]:
     return rows
 
 
-def run(args: argparse.Namespace) -> int:
+def run_sweep(config, *, seeds: Optional[str] = None, grid: Sequence[str] = (), run_dir, overrides: Sequence[str] = (),
+              imports: Sequence[str] = (), vmap_width: str = "auto") -> int:
+    """Run (or resume) the sweep of ``config`` (a YAML path) over ``seeds`` (``'N'`` or ``'3,7,11'``; None: the
+    config's seed) and ``grid`` (``'a.b=v1,v2'`` specs) in ``run_dir``; 0 when done or stopped by a signal after
+    saving. ``SweepRunError`` (one line) for a bad input, before anything compiles."""
     from ppojax.io import configlib
     from ppojax.train import sweep as sw
     from ppojax.train.config import ExperimentConfig
+    from ppojax.train.run import RunError, resolve_config
 
-    path = Path(args.config) if args.config else DEFAULT_CONFIG
+    path = Path(config)
     if not path.exists():
         raise SweepRunError(f"config file {path} does not exist")
     try:
-        data = configlib.load_yaml(path)
-        overrides = list(args.overrides) + ([f"iterations={args.iterations}"] if args.iterations is not None else [])
-        data = configlib.apply_overrides(data, overrides, ExperimentConfig)
-        base = configlib.from_dict(ExperimentConfig, data)
-        seeds = sw.parse_seeds(args.seeds, base.seed)
-        grid = sw.parse_grid(args.grid, ExperimentConfig)
-        runs = sw.plan_runs(data, ExperimentConfig, seeds, grid)
-        args.width = _width(args.vmap_width)
+        base, _ = resolve_config(path, overrides=overrides, imports=imports)
+        data = configlib.to_dict(base)
+        seed_list = sw.parse_seeds(seeds, base.seed)
+        grid_values = sw.parse_grid(grid, ExperimentConfig)
+        runs = sw.plan_runs(data, ExperimentConfig, seed_list, grid_values)
+        width = _width(vmap_width)
+    except RunError as e:
+        raise SweepRunError(str(e)) from None
     except (configlib.ConfigError, sw.SweepError, ValueError) as e:
         raise SweepRunError(f"config {path}: {e}") from None
-    run_dir = (Path(args.run_dir) if args.run_dir else REPO_ROOT / "runs" / f"sweep-{path.stem}").expanduser().resolve()
+    run_dir = Path(run_dir).expanduser().resolve()
 
-    from ppojax.io.atomic import atomic_write_json, atomic_write_text
     from ppojax.io.lock import DirectoryLock, LockError
 
     lock = DirectoryLock(run_dir)
@@ -111,20 +95,22 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         raise SweepRunError(f"run directory {run_dir} is not writable: {e}") from None
     try:
-        return _run_locked(args, path, data, base, runs, seeds, grid, run_dir, atomic_write_json, atomic_write_text)
+        return _run_locked(path, data, base, runs, seeds, grid, grid_values, run_dir, width)
     finally:
         lock.release()
 
 
-def _run_locked(args, path, data, base, runs, seeds, grid, run_dir, atomic_write_json, atomic_write_text) -> int:
-    import jax
+def _run_locked(path: Path, data: dict, base, runs, seeds, grid: Sequence[str], grid_values: dict, run_dir: Path,
+                width) -> int:
     import numpy as np
 
+    from ppojax.io.atomic import atomic_write_json, atomic_write_text
     from ppojax.io.checkpoint import Checkpointer
-    from ppojax.rl.iteration import check_metrics
+    from ppojax.rl.hparams import is_array_path
+    from ppojax.train import loop
     from ppojax.train import sweep as sw
 
-    spec = _spec(args, {k: v for k, v in data.items() if k != "iterations"})
+    spec = _spec(seeds, grid, {k: v for k, v in data.items() if k != "iterations"})
     spec_file = run_dir / "sweep.json"
     ckpt_dir = run_dir / "checkpoints"
     resuming = ckpt_dir.exists() and any(ckpt_dir.iterdir())
@@ -135,12 +121,13 @@ def _run_locked(args, path, data, base, runs, seeds, grid, run_dir, atomic_write
                                 "rerun its own command to resume it, or pass a new --run-dir")
 
     groups_of = sw.group_runs(runs)
-    splitting = sorted({k for k in grid if not sw._is_array_path(k)})
-    print(f"[sweep] {len(runs)} runs ({len(seeds)} seeds x {len(runs) // len(seeds)} grid points) in "
-          f"{len(groups_of)} program(s)" + (f": {', '.join(splitting)} change the program, so each of their values "
-                                            "compiles its own" if splitting else ""), file=sys.stderr, flush=True)
+    n_seeds = len({r.seed for r in runs})
+    splitting = sorted({k for k in grid_values if not is_array_path(k)})
+    _say(f"{len(runs)} runs ({n_seeds} seeds x {len(runs) // n_seeds} grid points) "
+         f"in {len(groups_of)} program(s)" + (f": {', '.join(splitting)} change the program, so each of "
+                                                            "their values compiles its own" if splitting else ""))
     groups = sw.build_groups(runs, path.resolve().parent, log=lambda m: print(m, file=sys.stderr, flush=True),
-                             width=args.width)
+                             width=width)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(spec_file, spec)
@@ -155,62 +142,82 @@ def _run_locked(args, path, data, base, runs, seeds, grid, run_dir, atomic_write
         for group, ckpt in zip(groups, ckpts):
             _, restored, _ = ckpt.restore(_arrays(group))
             group.state = group.state.replace(**restored)
-        print(f"[sweep] resuming {run_dir} from iteration {start}", file=sys.stderr, flush=True)
+        _say(f"resuming {run_dir} from iteration {start}")
     metrics_file = run_dir / "metrics.jsonl"
     rows = _rows_upto(metrics_file, start)
     atomic_write_text(metrics_file, "".join(json.dumps(r) + "\n" for r in rows))
-
-    stop = {"signal": None}
-
-    def handler(signum, frame):
-        if stop["signal"] is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        stop["signal"] = signum
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-    from tqdm import tqdm
-
     total = base.iterations
-    bar = tqdm(total=total, initial=start, desc="sweep", unit="it", file=sys.stderr, dynamic_ncols=True,
-               mininterval=1.0)
-    with metrics_file.open("a") as out:
-        for it in range(start, total):
-            done = it + 1
-            for group in groups:
-                t0 = time.time()
-                per_run = group.step(it)
-                seconds = time.time() - t0
-                for r, m in zip(group.runs, per_run):
-                    m["time_s"] = seconds
-                    row = {"run": r.index, "seed": r.seed, **r.grid, "iteration": done, **m}
-                    out.write(json.dumps(row) + "\n")
-                    rows.append(row)
-                    try:
-                        check_metrics(m, done)
-                    except FloatingPointError as e:
-                        print(f"[sweep] run {r.index} ({r.grid}, seed {r.seed}): {e}", file=sys.stderr, flush=True)
-            out.flush()
-            scores = [row["score_mean"] for row in rows if row["iteration"] == done]
-            bar.set_postfix(score=f"{np.mean(scores):.3f}")
-            bar.update(1)
-            if done % base.checkpoint.every == 0 or done == total or stop["signal"] is not None:
-                for group, ckpt in zip(groups, ckpts):
-                    ckpt.save(done, _arrays(group), {"iteration": done, "spec": spec})
-                    ckpt.wait()
-            if stop["signal"] is not None:
-                print(f"\n[sweep] received signal {stop['signal']}: checkpoint saved at iteration {done}; rerun the "
-                      "same command to resume", file=sys.stderr, flush=True)
-                break
-    bar.close()
-    for c in ckpts:
-        c.close()
-    summary = write_summary(run_dir, runs, grid, rows, atomic_write_text)
-    plot_sweep(run_dir / "sweep.png", runs, grid, rows)
+
+    def step(groups, it):
+        """Iteration ``it`` of every group: one metrics row per run (with the group's program time)."""
+        done, rows_now = it + 1, []
+        for group in groups:
+            t0 = time.time()
+            per_run = group.step(it)
+            seconds = time.time() - t0
+            for r, m in zip(group.runs, per_run):
+                m["time_s"] = seconds
+                rows_now.append({"run": r.index, "seed": r.seed, **r.grid, "iteration": done, **m})
+        return groups, rows_now, None
+
+    def check(rows_now, done):
+        # One run going non-finite does not stop the others: it is reported and its rows are kept.
+        for row in rows_now:
+            try:
+                check_metrics(row, done)
+            except FloatingPointError as e:
+                _say(f"run {row['run']} (seed {row['seed']}): {e}")
+        return None
+
+    out = metrics_file.open("a")
+    progress = _Progress(total, start)
+
+    def record(it) -> bool:
+        for row in it.metrics:
+            out.write(json.dumps(row) + "\n")
+            rows.append(row)
+        out.flush()
+        progress.update(it.done, float(np.mean([row["score_mean"] for row in it.metrics])))
+        if it.done % base.checkpoint.every == 0 or it.last:
+            for group, ckpt in zip(it.state, ckpts):
+                ckpt.save(it.done, _arrays(group), {"iteration": it.done, "spec": spec})
+                ckpt.wait()
+        if it.stopping:
+            _say(f"received signal {it.signal}: checkpoint saved at iteration {it.done}; rerun the same command to "
+                 "resume")
+        return False
+
+    from ppojax.rl.iteration import check_metrics
+
+    try:
+        result = loop.train(groups, iterations=total, start=start, step=step, callbacks=[record], check=check,
+                            handle_signals=True)
+    finally:
+        out.close()
+        for c in ckpts:
+            c.close()
+    if result.stop_reason == "signal":
+        return 0
+    summary = write_summary(run_dir, runs, grid_values, rows, atomic_write_text)
+    plot_sweep(run_dir / "sweep.png", runs, grid_values, rows)
     print(summary, file=sys.stderr)
-    print(f"[sweep] wrote {run_dir / 'metrics.jsonl'}, {run_dir / 'summary.md'} and {run_dir / 'sweep.png'}",
-          file=sys.stderr, flush=True)
+    _say(f"wrote {run_dir / 'metrics.jsonl'}, {run_dir / 'summary.md'} and {run_dir / 'sweep.png'}")
     return 0
+
+
+def _say(message: str) -> None:
+    print(f"[sweep] {message}", file=sys.stderr, flush=True)
+
+
+class _Progress:
+    """One line per iteration on stderr (no carriage returns: logs stay readable when redirected)."""
+
+    def __init__(self, total: int, start: int):
+        self.total, self.t0, self.start = total, time.time(), start
+
+    def update(self, done: int, score: float) -> None:
+        rate = (time.time() - self.t0) / max(done - self.start, 1)
+        _say(f"iteration {done}/{self.total}: mean score {score:.3f} ({rate:.1f} s/iteration)")
 
 
 def _arrays(group):
@@ -305,13 +312,4 @@ def plot_sweep(out_png: Path, runs, grid: dict, rows: list[dict]) -> None:
     atomic_write_bytes(out_png, buf.getvalue())
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except SweepRunError as e:
-        print(f"sweep.py: error: {e}", file=sys.stderr)
-        return 2
-
-
-__all__ = ["main", "parse_args", "plot_sweep", "run", "write_summary"]
+__all__ = ["SweepRunError", "plot_sweep", "run_sweep", "write_summary"]

