@@ -41,7 +41,8 @@ class PromptSource(Protocol):
     def batch(self, iteration: int) -> tuple[np.ndarray, np.ndarray]: ...
 
 
-def _score_on_host(host_reward: HostReward, tokens, mask, prompt_ids, prompt_mask) -> np.ndarray:
+def score_on_host(host_reward: HostReward, tokens, mask, prompt_ids, prompt_mask) -> np.ndarray:
+    """``host_reward(tokens, mask)``, with ``prompts=(prompt_ids, prompt_mask)`` for a reward that wants them."""
     if getattr(host_reward, "wants_prompts", False):
         return host_reward(tokens, mask, prompts=(prompt_ids, prompt_mask))
     return host_reward(tokens, mask)
@@ -98,7 +99,7 @@ def train_step(state: TrainState, prompt_ids, prompt_mask, *, mesh: Optional[jax
     else:
         # Every process scores the global batch (``to_host`` gathers it).
         tokens, mask, p_ids, p_mask = to_host((batch.tokens, batch.mask, batch.prompt_ids, batch.prompt_mask))
-        scores = _score_on_host(host_reward, tokens, mask, p_ids, p_mask)
+        scores = score_on_host(host_reward, tokens, mask, p_ids, p_mask)
     t2 = time.perf_counter()
     state, metrics = do_update(after, batch, scores)
     if timing:
@@ -273,17 +274,17 @@ def sample_table(state: TrainState, prompt_ids, prompt_mask, *, mesh: Optional[j
     if mesh is None:
         _, batch = iteration.rollout(state, prompt_ids, prompt_mask)
         host = jax.device_get(batch)
-        scores = (_score_on_host(host_reward, host.tokens, host.mask, host.prompt_ids, host.prompt_mask)
+        scores = (score_on_host(host_reward, host.tokens, host.mask, host.prompt_ids, host.prompt_mask)
                   if host_reward else jax.device_get(iteration.score_rollout(state, batch)))
         return host, np.asarray(scores)
     from ppojax.parallel import step, to_host
 
     _, batch = step.rollout(state, prompt_ids, prompt_mask, mesh)
     host = to_host(batch)
-    scores = (_score_on_host(host_reward, host.tokens, host.mask, host.prompt_ids, host.prompt_mask)
+    scores = (score_on_host(host_reward, host.tokens, host.mask, host.prompt_ids, host.prompt_mask)
               if host_reward else to_host(step.score_rollout(state, batch, mesh)))
     return host, np.asarray(scores)
 
 
 __all__ = ["Callback", "HostReward", "Iteration", "LoopResult", "PromptSource", "StopSignal", "default_step",
-           "metrics_to_host", "sample_table", "train", "train_step"]
+           "metrics_to_host", "sample_table", "score_on_host", "train", "train_step"]

@@ -491,7 +491,13 @@ def _export_dirs(run_dir: Path, state, suffix: str = "") -> list:
 
 def _export(setup, params, frozen, dirs: list, tokenizer, is_main: bool, cfg) -> None:
     """The merged policy (``roles.actor``) in Hugging Face format to ``dirs[0]``; with LoRA roles, the actor's
-    adapters as a PEFT adapter of ``cfg.model.name_or_path`` (none named for a random init) to ``dirs[1]``."""
+    adapters as a PEFT adapter of ``cfg.model.name_or_path`` (none named for a random init) to ``dirs[1]``.
+
+    Each directory is written whole under a ``.partial`` name beside it and renamed into place only when every file
+    is there: an export cut short (a full disk, a kill) leaves no directory that looks finished, so a rerun exports
+    again instead of saying there is nothing to do."""
+    import shutil
+
     from ppojax import parallel
     from ppojax.models import lora
 
@@ -499,14 +505,27 @@ def _export(setup, params, frozen, dirs: list, tokenizer, is_main: bool, cfg) ->
     adapters = parallel.to_host(params["actor"]) if lora.is_lora(setup.roles) else None
     if not is_main:
         return
-    out = _save_policy(dirs[0], setup.model, actor, tokenizer)
-    print(f"[ppojax] exported the policy to {out}", file=sys.stderr, flush=True)
+    staged = [d.with_name(f".{d.name}.partial") for d in dirs]
+    for tmp in staged:
+        shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _save_policy(staged[0], setup.model, actor, tokenizer)
+        if adapters is not None:
+            lora.save_adapter(staged[1], setup.model, adapters, setup.roles.spec(),
+                              base_model_name_or_path=None if cfg.model.name_or_path == "random"
+                              else cfg.model.name_or_path)
+            tokenizer.save_pretrained(staged[1])
+    except BaseException:
+        for tmp in staged:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for tmp, final in zip(staged, dirs):
+        if tmp.exists():
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+    _log(f"exported the policy to {dirs[0]}")
     if adapters is not None:
-        out = lora.save_adapter(dirs[1], setup.model, adapters, setup.roles.spec(),
-                                base_model_name_or_path=None if cfg.model.name_or_path == "random"
-                                else cfg.model.name_or_path)
-        tokenizer.save_pretrained(out)
-        print(f"[ppojax] exported the policy's LoRA adapter (PEFT format) to {out}", file=sys.stderr, flush=True)
+        _log(f"exported the policy's LoRA adapter (PEFT format) to {dirs[1]}")
 
 
 def _save_policy(path: Path, model_config, params, tokenizer) -> Path:

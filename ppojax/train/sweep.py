@@ -285,9 +285,13 @@ def vmapped_step(state: TrainState, axes: RunAxes, prompt_ids, prompt_mask, *, m
     if host_reward is None:
         return _vmapped("iteration", setup, axes, mesh, donate, width)(state, prompt_ids, prompt_mask)
     after, batch = _vmapped("rollout", setup, axes, mesh, False, width)(state, prompt_ids, prompt_mask)
-    tokens, mask = jax.device_get((batch.tokens, batch.mask))
+    from ppojax.train.loop import score_on_host
+
+    tokens, mask, p_ids, p_mask = jax.device_get((batch.tokens, batch.mask, batch.prompt_ids, batch.prompt_mask))
     R, B = tokens.shape[:2]
-    scores = np.asarray(host_reward(tokens.reshape(R * B, -1), mask.reshape(R * B, -1)), np.float32).reshape(R, B)
+    flat = lambda x: x.reshape(R * B, -1)  # noqa: E731
+    scores = np.asarray(score_on_host(host_reward, flat(tokens), flat(mask), flat(p_ids), flat(p_mask)),
+                        np.float32).reshape(R, B)
     if mesh is not None:
         scores = jax.device_put(scores, NamedSharding(mesh, P(RUN_AXIS)))
     return _vmapped("update", setup, axes, mesh, donate, width)(after, batch, jnp.asarray(scores))
@@ -491,12 +495,18 @@ def sweep(config, *, seeds: Sequence[int] = (0,), grid: Optional[dict] = None, i
     parse_grid([f"{k}=0" for k in grid], ExperimentConfig)  # unknown / fixed fields fail here
     runs = plan_runs(data, ExperimentConfig, list(seeds), grid)
     groups = build_groups(runs, config_dir, devices, log, width)
-    n_iter = runs[0].config.iterations
+    from ppojax.train import loop
+
     rows: list[list[dict]] = [[] for _ in runs]
-    for it in range(n_iter):
-        for group in groups:
-            for run, metrics in zip(group.runs, group.step(it)):
-                rows[run.index].append(metrics)
+
+    def step(groups, it):
+        return groups, [(run, m) for group in groups for run, m in zip(group.runs, group.step(it))], None
+
+    def record(it):
+        for run, metrics in it.metrics:
+            rows[run.index].append(metrics)
+
+    loop.train(groups, iterations=runs[0].config.iterations, step=step, callbacks=[record], check=None)
     names = sorted(set().union(*(m.keys() for r in rows for m in r)))
     stacked = {k: np.asarray([[m.get(k, np.nan) for m in r] for r in rows]) for k in names}
     return SweepResult(runs=runs, metrics=stacked)
