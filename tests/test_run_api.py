@@ -67,7 +67,7 @@ def test_build_run_refuses_bad_input_in_one_line_and_leaves_no_directory(tmp_pat
         build_run(TINY, tmp_path / "a", overrides=["ppo.minibatch_sise=8"])
     with pytest.raises(RunError, match="does not exist"):
         build_run(tmp_path / "nope.yaml", tmp_path / "b")
-    with pytest.raises(RunError, match="prompts"):
+    with pytest.raises(RunError, match="prompt file .*missing.txt does not exist"):
         build_run(TINY, tmp_path / "c", overrides=[f"prompts.path={tmp_path / 'missing.txt'}"])
     assert not any(tmp_path.iterdir())
 
