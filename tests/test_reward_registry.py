@@ -149,6 +149,13 @@ def test_builtins_are_registered_names():
     assert {"lexicon", "vader", "reward_model", "function", "host_function"} <= set(rewards.reward_names())
 
 
+def test_errors_about_a_built_reward_name_its_config_key():
+    assert rewards.reward_label(RewardConfig(kind="function", function="m:f")) == "reward.function='m:f'"
+    assert rewards.reward_label(RewardConfig(kind="reward_model", reward_model_path="rm")) == \
+        "reward.reward_model_path='rm'"
+    assert rewards.reward_label(RewardConfig(kind="vader")) == "reward.kind='vader'"
+
+
 def test_lexicon_and_vader_build_by_name(tokenizer):
     reward, host = rewards.build_reward(RewardConfig(kind="lexicon", lexicon_reduce="sum"), tokenizer=tokenizer,
                                         model_config=MODEL, config_dir=None)

@@ -81,6 +81,7 @@ __all__ = [
     "register_reward_builder",
     "reward_names",
     "check_reward_config",
+    "reward_label",
     "build_reward",
 ]
 
@@ -664,11 +665,15 @@ RewardBuilder = Callable[[Any, RewardContext], BuiltReward]
 RewardCheck = Callable[[Any], None]
 """``check(reward_cfg)``: raises ValueError for a config the builder cannot take; runs when the config is built."""
 
+RewardLabel = Callable[[Any], str]
+"""``label(reward_cfg) -> str``: the config key an error about this reward names, e.g. ``reward.function='m:f'``."""
+
 
 @dataclasses.dataclass(frozen=True)
 class _Entry:
     builder: RewardBuilder
     check: RewardCheck | None
+    label: RewardLabel | None
 
 
 _REWARDS: dict[str, _Entry] = {}
@@ -681,7 +686,7 @@ def _same_definition(a: Callable, b: Callable) -> bool:
 
 
 def register_reward_builder(name: str, builder: RewardBuilder, *, check: RewardCheck | None = None,
-                            replace: bool = False) -> RewardBuilder:
+                            label: RewardLabel | None = None, replace: bool = False) -> RewardBuilder:
     """Registers ``builder`` as ``reward.kind: name`` (the low-level form: the builder gets the run's context).
 
     Args:
@@ -689,18 +694,20 @@ def register_reward_builder(name: str, builder: RewardBuilder, *, check: RewardC
       builder: ``builder(reward_cfg, ctx) -> BuiltReward``.
       check: optional ``check(reward_cfg)`` run when the config is built (before any model or tokenizer is
         loaded), e.g. that a required field is set; raises ValueError.
+      label: optional ``label(reward_cfg) -> str``, the config key that errors about the built reward name
+        (:func:`reward_label`); default ``reward.kind='name'``.
       replace: allow replacing a different builder under the same name.
 
     Returns ``builder``. Raises ValueError for a bad name or one taken by another builder.
     """
     if not isinstance(name, str) or not name or name != name.strip() or ":" in name:
         raise ValueError(f"a reward name is a non-empty string without spaces or ':', got {name!r}")
-    if not callable(builder) or (check is not None and not callable(check)):
-        raise TypeError(f"reward {name!r}: the builder and the check must be callable")
+    if not callable(builder) or any(f is not None and not callable(f) for f in (check, label)):
+        raise TypeError(f"reward {name!r}: the builder, the check and the label must be callable")
     old = _REWARDS.get(name)
     if old is not None and not replace and not _same_definition(old.builder, builder):
         raise ValueError(f"a reward named {name!r} is already registered (pass replace=True to replace it)")
-    _REWARDS[name] = _Entry(builder, check)
+    _REWARDS[name] = _Entry(builder, check, label)
     return builder
 
 
@@ -758,6 +765,13 @@ def check_reward_config(reward_cfg: Any) -> None:
     entry = _entry(reward_cfg.kind)
     if entry.check is not None:
         entry.check(reward_cfg)
+
+
+def reward_label(reward_cfg: Any) -> str:
+    """The config key that names this reward in an error about it (a failed trace, a bad output): e.g.
+    ``reward.function='pkg.mod:fn'`` for ``kind: function``, ``reward.kind='name'`` by default."""
+    entry = _entry(reward_cfg.kind)
+    return entry.label(reward_cfg) if entry.label is not None else f"reward.kind={reward_cfg.kind!r}"
 
 
 def build_reward(reward_cfg: Any, *, tokenizer: Any, model_config: Any,
@@ -921,6 +935,9 @@ def _build_host_function(cfg: Any, ctx: RewardContext) -> BuiltReward:
 
 register_reward_builder("lexicon", _build_lexicon)
 register_reward_builder("vader", _build_vader)
-register_reward_builder("reward_model", _build_reward_model, check=_check_reward_model)
-register_reward_builder("function", _build_function, check=_needs_function)
-register_reward_builder("host_function", _build_host_function, check=_needs_function)
+register_reward_builder("reward_model", _build_reward_model, check=_check_reward_model,
+                        label=lambda cfg: f"reward.reward_model_path={cfg.reward_model_path!r}")
+register_reward_builder("function", _build_function, check=_needs_function,
+                        label=lambda cfg: f"reward.function={cfg.function!r}")
+register_reward_builder("host_function", _build_host_function, check=_needs_function,
+                        label=lambda cfg: f"reward.function={cfg.function!r}")
