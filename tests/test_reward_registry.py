@@ -17,6 +17,11 @@ from ppojax.train.config import ExperimentConfig, ModelConfig, RewardConfig, loa
 MODEL = ModelConfig(vocab_size=50257).random_init_config()
 
 
+@pytest.fixture(autouse=True)
+def _restore_sys_path(monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))  # imports: appends the config's directory for the process
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return gpt2_offline_tokenizer()
@@ -217,6 +222,25 @@ def test_bad_user_rewards_fail_to_build_in_one_line_naming_the_key(tokenizer, re
     with pytest.raises(ValueError) as e:
         _build(cfg, tokenizer)
     assert match in _one_line(e)
+
+
+def test_a_module_registering_a_reward_of_the_wrong_signature_fails_to_import_in_one_line(tmp_path):
+    (tmp_path / "wrong_arity_reg.py").write_text(textwrap.dedent("""\
+        import ppojax.rl.rewards as rewards
+
+        @rewards.register_reward("wrong_arity_reg")
+        def only_tokens(tokens):
+            return tokens.sum(-1)
+    """))
+    try:
+        with pytest.raises(configlib.ConfigError) as e:
+            configlib.import_modules(["wrong_arity_reg"], search_dirs=[tmp_path])
+    finally:
+        sys.modules.pop("wrong_arity_reg", None)
+    assert _one_line(e).startswith("imports: module 'wrong_arity_reg' could not be imported: ValueError: "
+                                   "register_reward('wrong_arity_reg'): only_tokens(tokens) cannot be called as "
+                                   "fn(tokens, mask): ")
+    assert "wrong_arity_reg" not in rewards.reward_names()
 
 
 def test_register_reward_refuses_a_second_function_under_a_taken_name():

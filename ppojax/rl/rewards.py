@@ -733,6 +733,7 @@ def register_reward(name: str, *, host: bool = False, replace: bool = False) -> 
     def decorator(fn: Callable) -> Callable:
         if not callable(fn):
             raise TypeError(f"register_reward({name!r}) decorates a function, got {type(fn).__name__}")
+        _check_arity(fn, host=host, where=f"register_reward({name!r})")
         if host:
             builder = lambda cfg, ctx: _host_text_reward(fn, cfg, ctx, name=name, key=f"reward.kind={name!r}")  # noqa: E731
         else:
@@ -817,6 +818,28 @@ def _check_call(fn: Callable, args: tuple, kwargs: dict[str, Any], *, key: str, 
         signature.bind(*args, **kwargs)
     except TypeError as e:
         raise ValueError(f"{key}: {_describe(fn)} cannot be called as {how}: {e}") from None
+
+
+def _check_arity(fn: Callable, *, host: bool, where: str) -> None:
+    """At registration: ``fn`` takes the reward's positional arguments (its required keyword-only ones come from
+    ``reward.kwargs`` when it is built)."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    required = {p.name: None for p in signature.parameters.values()
+                if p.kind is p.KEYWORD_ONLY and p.default is p.empty}
+    if host:
+        how = "fn(responses)"
+        args: tuple = ([""],)
+        if "prompts" in signature.parameters:
+            required["prompts"], how = [""], "fn(responses, prompts=prompts)"
+    else:
+        how, args = "fn(tokens, mask)", (None, None)
+    try:
+        signature.bind(*args, **required)
+    except TypeError as e:
+        raise ValueError(f"{where}: {_describe(fn)} cannot be called as {how}: {e}") from None
 
 
 def _bind(fn: Callable, kwargs: dict[str, Any]) -> Callable:
