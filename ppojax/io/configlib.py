@@ -56,6 +56,7 @@ __all__ = [
     "load_yaml",
     "save_yaml",
     "load_config",
+    "import_modules",
     "describe",
     "field_docs",
 ]
@@ -627,6 +628,49 @@ def load_config(
             data = _merge(data, load_yaml(source))
     data = apply_overrides(data, overrides, cls)
     return from_dict(cls, data)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# User modules
+
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def import_modules(names: Sequence[str], *, search_dirs: Sequence[str | os.PathLike] = (),
+                   key: str = "imports") -> list[types.ModuleType]:
+    """Imports each module of ``names`` (dotted names, in order) and returns them: what they register at import
+    (a reward, an advantage estimator, a model family) can then be named in a config.
+
+    Modules are looked up on ``sys.path``, then in ``search_dirs`` (typically the config file's directory and the
+    working directory), which are appended to ``sys.path`` for the rest of the process, so that a module's own
+    later imports, and ``'module:function'`` specs naming it, resolve the same way.
+
+    Raises:
+      ConfigError: one line naming ``key`` and the module, for a malformed name or a module that cannot be
+        imported (not found, a syntax error, or any exception raised while it runs), e.g.
+        ``imports: module 'mypkg.rewards' could not be imported: ModuleNotFoundError: No module named 'mypkg'``.
+    """
+    import importlib
+    import sys
+
+    if isinstance(names, str):
+        raise ConfigError(f"{key}: expected a list of module names, got the string {names!r} (write [{names}])")
+    for d in search_dirs:
+        d = os.fspath(pathlib.Path(d).resolve())
+        if d not in sys.path:
+            sys.path.append(d)
+    modules = []
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not _MODULE_NAME.match(name):
+            hint = " (a module, not 'module:function')" if isinstance(name, str) and ":" in name else ""
+            raise ConfigError(f"{key}[{i}]: expected a module name like 'package.module'{hint}, got {_given(name)}")
+        try:
+            modules.append(importlib.import_module(name))
+        except (Exception, SystemExit) as e:  # whatever the module raises: one line, not its traceback
+            lines = str(e).strip().splitlines()
+            detail = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+            raise ConfigError(f"{key}: module {name!r} could not be imported: {detail}") from e
+    return modules
 
 
 # --------------------------------------------------------------------------------------------------------------

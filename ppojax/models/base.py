@@ -10,6 +10,8 @@ A family is one :class:`ModelFamily` value, a handful of pure functions over ``(
     lm_head(config, params)                        -> W [vocab, width]  the LM-head matrix, tied or untied:
                                                                       logits = h W^T
     init_cache(config, batch, max_len)             -> KVCache
+    random_config(*, vocab_size, n_embd, ...)      -> config  (optional) a random init's config from a run config's
+                                                                      generic shape fields (``model.family``)
     hf: HFConverter (optional)                     -> config and tensors to and from transformers' layout
     gguf: GGUFConverter (optional)                 -> config and tensors from a llama.cpp GGUF file
 
@@ -181,6 +183,15 @@ class ModelFamily:
     """Weights in from llama.cpp's GGUF format; None: the family reads no GGUF files."""
     lora_targets: tuple = ()
     """Names of the trunk's projection modules that LoRA may adapt (``lora.targets``), e.g. ('c_attn', ...)."""
+    random_config: Optional[Callable[..., Any]] = None
+    """Optional: the family's config for a random init from the generic shape of a run config (``model.family``
+    with ``model.name_or_path: random``)::
+
+        random_config(*, vocab_size, n_positions, n_embd, n_layer, n_head, num_key_value_heads, intermediate_size,
+                      dtype, param_dtype, remat) -> config
+
+    ``num_key_value_heads`` and ``intermediate_size`` may be None (the family's default); a shape the family cannot
+    take raises ValueError with one line naming the field. None: the family has no random init."""
 
 
 _FAMILIES: dict[str, ModelFamily] = {}
@@ -196,6 +207,8 @@ def register_model_family(family: ModelFamily, *, replace: bool = False) -> Mode
     for fn in ("init_params", "hidden", "lm_head", "init_cache"):
         if not callable(getattr(family, fn)):
             raise TypeError(f"model family {family.name!r}: {fn} must be callable")
+    if family.random_config is not None and not callable(family.random_config):
+        raise TypeError(f"model family {family.name!r}: random_config must be callable or None")
     if not replace:
         if family.name in _FAMILIES and _FAMILIES[family.name] is not family:
             raise ValueError(f"a model family named {family.name!r} is already registered (pass replace=True)")

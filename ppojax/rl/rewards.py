@@ -19,6 +19,12 @@ There are two kinds of reward:
    float32`` (for example :func:`vader_text_reward` through :func:`host_reward_from_text`). It costs a
    device -> host -> device round trip per iteration and runs *between* the rollout step and the update step.
 
+A config names its reward by ``reward.kind``, a name in the reward registry: :func:`register_reward` registers a
+plain jittable function or a host function on decoded text, :func:`register_reward_builder` a builder that needs
+the run's context (tokenizer, model config, config directory), and :func:`build_reward` is the one entry point
+that turns a ``RewardConfig`` into a reward. Built-in names: ``lexicon``, ``vader``, ``reward_model``,
+``function`` (``reward.function: 'module:fn'``, jittable) and ``host_function`` (the same, on decoded text).
+
 Shaping (lm-human-preferences, Ziegler et al. 2019, https://arxiv.org/abs/1909.08593; TRL PPO):
 :func:`shape_rewards` turns scores into per-token rewards ``r_t = -beta * kl_t + [t == last] * score``;
 :func:`truncate_after_stop`, :func:`penalize_missing` and :func:`missing_eos_penalty` are the response
@@ -27,10 +33,15 @@ post-processing of lm-human-preferences and TRL.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import functools
 import importlib.util
+import inspect
 import numbers
 import os
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import chex
@@ -63,6 +74,15 @@ __all__ = [
     "LoraRewardModel",
     "lora_reward_model",
     "reward_model",
+    "RewardContext",
+    "BuiltReward",
+    "RewardBuilder",
+    "register_reward",
+    "register_reward_builder",
+    "reward_names",
+    "check_reward_config",
+    "reward_label",
+    "build_reward",
 ]
 
 RewardFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -320,25 +340,56 @@ def _validate_host_scores(scores: Any, n: int, name: str) -> np.ndarray:
     return array.astype(np.float32)
 
 
-def host_reward_from_text(text_fn: Callable[[list[str]], Any], tokenizer: Any) -> HostRewardFn:
+def _decode(tokenizer: Any, ids: np.ndarray, mask: np.ndarray) -> list[str]:
+    """Each row's real tokens (``mask > 0``) as text, without special tokens."""
+    return tokenizer.batch_decode([row[keep > 0].tolist() for row, keep in zip(ids, mask)], skip_special_tokens=True)
+
+
+def _wants_prompts(fn: Callable) -> bool:
+    """Whether a text scorer takes the prompts: it has a parameter named ``prompts``."""
+    try:
+        return "prompts" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+
+
+def host_reward_from_text(text_fn: Callable[..., Any], tokenizer: Any, *, name: str | None = None) -> HostRewardFn:
     """Adapts a text scorer ``text_fn(texts) -> [n] numbers`` into a host reward on ``(tokens, mask)``.
 
     Each response is decoded from its real tokens only (``mask > 0``) with ``skip_special_tokens=True`` (so EOS
     is not part of the text). The scorer's output is checked (numeric, length n, finite) and returned as
-    ``[n]`` float32; a bad output raises TypeError/ValueError naming the scorer.
-    """
-    name = _reward_name(text_fn)
+    ``[n]`` float32; a bad output raises TypeError/ValueError naming the reward (``name``, default the scorer's).
 
-    def host_reward(tokens: Any, mask: Any) -> np.ndarray:
+    A scorer with a parameter named ``prompts`` also gets the decoded prompts, ``text_fn(texts, prompts=[...])``:
+    the host reward then has ``uses_prompts = True`` and must be called as ``host_reward(tokens, mask,
+    prompts=(prompt_ids, prompt_mask))``, with the left-padded prompt ids ``[batch, P]`` of each response (or
+    ``[batch / k, P]``, one row per group of ``k`` consecutive responses, as the iteration repeats them).
+    """
+    name = name or _reward_name(text_fn)
+    uses_prompts = _wants_prompts(text_fn)
+
+    def host_reward(tokens: Any, mask: Any, *, prompts: tuple[Any, Any] | None = None) -> np.ndarray:
         tokens = np.asarray(tokens)
         mask = np.asarray(mask)
         if tokens.ndim != 2 or tokens.shape != mask.shape:
             raise ValueError(f"tokens and mask must both be [batch, time], got {tokens.shape} and {mask.shape}")
-        responses = [row[keep > 0].tolist() for row, keep in zip(tokens, mask)]
-        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        return _validate_host_scores(text_fn(texts), len(texts), name)
+        texts = _decode(tokenizer, tokens, mask)
+        if not uses_prompts:
+            return _validate_host_scores(text_fn(texts), len(texts), name)
+        if prompts is None:
+            raise TypeError(f"host reward {name!r} scores with the prompts: call it as "
+                            "host_reward(tokens, mask, prompts=(prompt_ids, prompt_mask))")
+        prompt_ids, prompt_mask = (np.asarray(x) for x in prompts)
+        n, rows = len(texts), prompt_ids.shape[0] if prompt_ids.ndim == 2 else 0
+        if prompt_ids.ndim != 2 or prompt_ids.shape != prompt_mask.shape or not rows or n % rows:
+            raise ValueError(f"host reward {name!r}: prompts must be ids and mask of shape [batch, P] (or one row per "
+                             f"group of responses) for {n} responses, got {prompt_ids.shape} and {prompt_mask.shape}")
+        k = n // rows  # rows g*k .. g*k+k-1 share prompt g (``samples_per_prompt``)
+        prompt_texts = [text for text in _decode(tokenizer, prompt_ids, prompt_mask) for _ in range(k)]
+        return _validate_host_scores(text_fn(texts, prompts=prompt_texts), n, name)
 
     host_reward.__name__ = host_reward.__qualname__ = f"host_reward_from_text({name})"
+    host_reward.uses_prompts = uses_prompts
     return host_reward
 
 
@@ -571,3 +622,345 @@ def reward_model(config: Any, params: Any, *, gain: float = 1.0, bias: float = 0
         raise ValueError("reward_model: params must be scalar-head GPT-2 params ({'transformer': ..., 'head': ...})")
     return RewardModel(params=params, gain=jnp.asarray(gain, jnp.float32), bias=jnp.asarray(bias, jnp.float32),
                        config=config)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The reward registry: ``reward.kind`` names a builder
+# --------------------------------------------------------------------------------------------------------------
+#
+# A config names its reward by ``reward.kind``; the one builder registered under that name turns the config (and
+# the run's tokenizer, model config and config directory) into a jittable reward or a host reward. Nothing outside
+# the registry branches on the name: the built-ins below register exactly as a user module does.
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardContext:
+    """What a reward builder may need of the run besides its config."""
+
+    tokenizer: Any = None
+    """The run's Hugging Face tokenizer (decodes responses for host rewards, maps ids to words for the lexicon)."""
+    model_config: Any = None
+    """The policy's model config (``vocab_size``, ...)."""
+    config_dir: os.PathLike | str | None = None
+    """Directory of the config file: relative paths in the reward config are looked up there first."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltReward:
+    """A builder's result: exactly one of a jittable reward (a pytree called as ``reward(tokens, mask)`` inside the
+    jitted iteration) and a host reward (:data:`HostRewardFn`, called between rollout and update)."""
+
+    reward: Any = None
+    host_reward: HostRewardFn | None = None
+
+    def __post_init__(self):
+        if (self.reward is None) == (self.host_reward is None):
+            raise ValueError("a reward builder returns exactly one of reward= (jittable) and host_reward= (host)")
+
+
+RewardBuilder = Callable[[Any, RewardContext], BuiltReward]
+"""``builder(reward_cfg: RewardConfig, ctx: RewardContext) -> BuiltReward``; raises ValueError naming the config key
+(``reward.function='...': ...``) for a config it cannot build."""
+
+RewardCheck = Callable[[Any], None]
+"""``check(reward_cfg)``: raises ValueError for a config the builder cannot take; runs when the config is built."""
+
+RewardLabel = Callable[[Any], str]
+"""``label(reward_cfg) -> str``: the config key an error about this reward names, e.g. ``reward.function='m:f'``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    builder: RewardBuilder
+    check: RewardCheck | None
+    label: RewardLabel | None
+
+
+_REWARDS: dict[str, _Entry] = {}
+
+
+def _same_definition(a: Callable, b: Callable) -> bool:
+    """The same function defined again (a module imported twice, or reloaded)."""
+    key = lambda f: (getattr(f, "__module__", None), getattr(f, "__qualname__", None))  # noqa: E731
+    return a is b or (key(a) == key(b) and key(a)[1] is not None)
+
+
+def register_reward_builder(name: str, builder: RewardBuilder, *, check: RewardCheck | None = None,
+                            label: RewardLabel | None = None, replace: bool = False) -> RewardBuilder:
+    """Registers ``builder`` as ``reward.kind: name`` (the low-level form: the builder gets the run's context).
+
+    Args:
+      name: the registry name a config's ``reward.kind`` gives.
+      builder: ``builder(reward_cfg, ctx) -> BuiltReward``.
+      check: optional ``check(reward_cfg)`` run when the config is built (before any model or tokenizer is
+        loaded), e.g. that a required field is set; raises ValueError.
+      label: optional ``label(reward_cfg) -> str``, the config key that errors about the built reward name
+        (:func:`reward_label`); default ``reward.kind='name'``.
+      replace: allow replacing a different builder under the same name.
+
+    Returns ``builder``. Raises ValueError for a bad name or one taken by another builder.
+    """
+    if not isinstance(name, str) or not name or name != name.strip() or ":" in name:
+        raise ValueError(f"a reward name is a non-empty string without spaces or ':', got {name!r}")
+    if not callable(builder) or any(f is not None and not callable(f) for f in (check, label)):
+        raise TypeError(f"reward {name!r}: the builder, the check and the label must be callable")
+    old = _REWARDS.get(name)
+    if old is not None and not replace and not _same_definition(old.builder, builder):
+        raise ValueError(f"a reward named {name!r} is already registered (pass replace=True to replace it)")
+    _REWARDS[name] = _Entry(builder, check, label)
+    return builder
+
+
+def register_reward(name: str, *, host: bool = False, replace: bool = False) -> Callable[[Callable], Callable]:
+    """Decorator: registers a plain function as ``reward.kind: name``; returns the function unchanged.
+
+    ``host=False`` (jittable): ``fn(tokens, mask, **kwargs) -> scores [batch] float32`` of JAX ops, run inside the
+    jitted iteration (wrapped as a :class:`FunctionReward`).
+
+    ``host=True``: ``fn(responses: list[str], **kwargs) -> [batch] numbers``, or ``fn(responses, prompts,
+    **kwargs)`` with a parameter named ``prompts`` to get the decoded prompts too (as a keyword), run on the host
+    between rollout and update (:func:`host_reward_from_text`). Its output is checked at each call.
+
+    ``kwargs`` are the config's ``reward.kwargs``, bound when the reward is built::
+
+        @ppojax.register_reward("keyword", host=True)
+        def keyword(responses, *, word="great"):
+            return [float(word in r) for r in responses]
+
+        # reward: {kind: keyword, kwargs: {word: wonderful}}
+    """
+
+    def decorator(fn: Callable) -> Callable:
+        if not callable(fn):
+            raise TypeError(f"register_reward({name!r}) decorates a function, got {type(fn).__name__}")
+        _check_arity(fn, host=host, where=f"register_reward({name!r})")
+        if host:
+            builder = lambda cfg, ctx: _host_text_reward(fn, cfg, ctx, name=name, key=f"reward.kind={name!r}")  # noqa: E731
+        else:
+            builder = lambda cfg, ctx: _jittable_reward(fn, cfg, key=f"reward.kind={name!r}")  # noqa: E731
+        builder.__module__, builder.__qualname__ = fn.__module__, f"register_reward({fn.__qualname__})"
+        register_reward_builder(name, builder, replace=replace)
+        return fn
+
+    return decorator
+
+
+def reward_names() -> list[str]:
+    """The registered reward names, sorted."""
+    return sorted(_REWARDS)
+
+
+def _entry(kind: Any) -> _Entry:
+    entry = _REWARDS.get(kind) if isinstance(kind, str) else None
+    if entry is None:
+        close = difflib.get_close_matches(kind, list(_REWARDS), n=1) if isinstance(kind, str) else []
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"reward.kind={kind!r}: unknown reward{hint} (registered: {', '.join(reward_names())}; "
+                         "a module that registers more is named under imports:)")
+    return entry
+
+
+def check_reward_config(reward_cfg: Any) -> None:
+    """Raises ValueError (one line naming the key) when ``reward_cfg.kind`` is not registered or its builder's
+    check refuses the config. ``RewardConfig`` calls it on construction."""
+    entry = _entry(reward_cfg.kind)
+    if entry.check is not None:
+        entry.check(reward_cfg)
+
+
+def reward_label(reward_cfg: Any) -> str:
+    """The config key that names this reward in an error about it (a failed trace, a bad output): e.g.
+    ``reward.function='pkg.mod:fn'`` for ``kind: function``, ``reward.kind='name'`` by default."""
+    entry = _entry(reward_cfg.kind)
+    return entry.label(reward_cfg) if entry.label is not None else f"reward.kind={reward_cfg.kind!r}"
+
+
+def build_reward(reward_cfg: Any, *, tokenizer: Any, model_config: Any,
+                 config_dir: os.PathLike | str | None) -> tuple[Any, HostRewardFn | None]:
+    """``(jittable reward pytree or None, host reward or None)`` for a ``RewardConfig``: exactly one is set.
+
+    Looks up ``reward_cfg.kind`` in the registry and calls its builder with a :class:`RewardContext`. Every failure
+    to build (an unknown kind, a spec that does not resolve, a user function of the wrong signature, a missing
+    reward model) is a ValueError with one line naming the config key. A jittable reward's output shape and dtype
+    are checked separately, by tracing it on the rollout's shapes (the runner's ``check_reward``); a host reward's
+    output is checked at each call.
+    """
+    entry = _entry(reward_cfg.kind)
+    built = entry.builder(reward_cfg, RewardContext(tokenizer=tokenizer, model_config=model_config,
+                                                    config_dir=config_dir))
+    if not isinstance(built, BuiltReward):
+        raise ValueError(f"reward.kind={reward_cfg.kind!r}: its builder returned {type(built).__name__}, "
+                         "not a BuiltReward")
+    return built.reward, built.host_reward
+
+
+# Binding user functions and their kwargs.
+
+
+def _kwargs(cfg: Any) -> dict[str, Any]:
+    return dict(getattr(cfg, "kwargs", None) or {})
+
+
+def _describe(fn: Callable) -> str:
+    try:
+        return f"{_reward_name(fn)}{inspect.signature(fn)}"
+    except (TypeError, ValueError):
+        return _reward_name(fn)
+
+
+def _check_call(fn: Callable, args: tuple, kwargs: dict[str, Any], *, key: str, how: str) -> None:
+    """One ValueError naming ``key`` when ``fn`` cannot be called as ``how`` (``args`` and ``kwargs`` bound)."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return  # no signature to check (a builtin): the call will tell
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"{key}: {_describe(fn)} cannot be called as {how}: {e}") from None
+
+
+def _check_arity(fn: Callable, *, host: bool, where: str) -> None:
+    """At registration: ``fn`` takes the reward's positional arguments (its required keyword-only ones come from
+    ``reward.kwargs`` when it is built)."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    required = {p.name: None for p in signature.parameters.values()
+                if p.kind is p.KEYWORD_ONLY and p.default is p.empty}
+    if host:
+        how = "fn(responses)"
+        args: tuple = ([""],)
+        if "prompts" in signature.parameters:
+            required["prompts"], how = [""], "fn(responses, prompts=prompts)"
+    else:
+        how, args = "fn(tokens, mask)", (None, None)
+    try:
+        signature.bind(*args, **required)
+    except TypeError as e:
+        raise ValueError(f"{where}: {_describe(fn)} cannot be called as {how}: {e}") from None
+
+
+def _bind(fn: Callable, kwargs: dict[str, Any]) -> Callable:
+    """``fn`` with ``kwargs`` bound, keeping its name (errors and metrics name the user's function)."""
+    if not kwargs:
+        return fn
+
+    @functools.wraps(fn)
+    def bound(*args, **more):
+        return fn(*args, **kwargs, **more)
+
+    return bound
+
+
+def _jittable_reward(fn: Callable, cfg: Any, *, key: str) -> BuiltReward:
+    kwargs = _kwargs(cfg)
+    if kwargs:  # the arity itself is checked by tracing on the rollout's shapes (check_reward), which names them
+        try:
+            inspect.signature(fn).bind_partial(**kwargs)
+        except TypeError as e:
+            raise ValueError(f"{key}: reward.kwargs {sorted(kwargs)} do not fit {_describe(fn)}: {e}") from None
+        except ValueError:
+            pass
+    return BuiltReward(reward=FunctionReward(_bind(fn, kwargs)))
+
+
+def _host_text_reward(fn: Callable, cfg: Any, ctx: RewardContext, *, name: str, key: str) -> BuiltReward:
+    if ctx.tokenizer is None:
+        raise ValueError(f"{key}: a host text reward needs the run's tokenizer to decode the responses")
+    kwargs = _kwargs(cfg)
+    if _wants_prompts(fn):
+        _check_call(fn, ([""],), {"prompts": [""], **kwargs}, key=key,
+                    how=f"fn(responses, prompts=prompts{''.join(f', {k}=...' for k in kwargs)})")
+    else:
+        _check_call(fn, ([""],), kwargs, key=key, how=f"fn(responses{''.join(f', {k}=...' for k in kwargs)})")
+    return BuiltReward(host_reward=host_reward_from_text(_bind(fn, kwargs), ctx.tokenizer, name=name))
+
+
+def _no_kwargs(cfg: Any) -> None:
+    if _kwargs(cfg):
+        raise ValueError(f"reward.kwargs: reward {cfg.kind!r} takes no kwargs, got {sorted(_kwargs(cfg))}")
+
+
+def _resolve_function(cfg: Any, what: str) -> Callable:
+    from ppojax.rl.losses import resolve_callable  # the same 'module:function' resolution as loss terms
+
+    spec = cfg.function
+    try:
+        if not isinstance(spec, str) or ":" not in spec:
+            raise ValueError(f"a {what} is named 'package.module:function'")
+        return resolve_callable(spec, what=what)
+    except (ImportError, AttributeError, TypeError, ValueError) as e:
+        raise ValueError(f"reward.function={spec!r}: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _needs_function(cfg: Any) -> None:
+    if not cfg.function:
+        raise ValueError(f"reward.kind={cfg.kind!r} needs reward.function = 'package.module:function'")
+
+
+# The built-in rewards.
+
+
+def _build_lexicon(cfg: Any, ctx: RewardContext) -> BuiltReward:
+    _no_kwargs(cfg)
+    if ctx.tokenizer is None or ctx.model_config is None:
+        raise ValueError("reward.kind='lexicon' needs the run's tokenizer and model config")
+    try:
+        table = lexicon_valence_table(ctx.tokenizer, vocab_size=ctx.model_config.vocab_size)
+    except ImportError as e:
+        raise ValueError(f"reward.kind='lexicon': {_first_line(e)}") from None
+    return BuiltReward(reward=lexicon_reward(table, reduce=cfg.lexicon_reduce))
+
+
+def _build_vader(cfg: Any, ctx: RewardContext) -> BuiltReward:
+    _no_kwargs(cfg)
+    if ctx.tokenizer is None:
+        raise ValueError("reward.kind='vader' needs the run's tokenizer to decode the responses")
+    try:
+        text_fn = vader_text_reward()
+    except ImportError as e:
+        raise ValueError(f"reward.kind='vader': {_first_line(e)}") from None
+    return BuiltReward(host_reward=host_reward_from_text(text_fn, ctx.tokenizer, name="vader"))
+
+
+def _build_reward_model(cfg: Any, ctx: RewardContext) -> BuiltReward:
+    from ppojax.io.data import resolve_path
+    from ppojax.rl.reward_training import load_reward_model
+
+    _no_kwargs(cfg)
+    config_dir = None if ctx.config_dir is None else Path(ctx.config_dir)
+    try:
+        return BuiltReward(reward=load_reward_model(resolve_path(cfg.reward_model_path, config_dir)))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"reward.reward_model_path={cfg.reward_model_path!r}: {_first_line(e)}") from None
+
+
+def _check_reward_model(cfg: Any) -> None:
+    if not cfg.reward_model_path:
+        raise ValueError("reward.kind='reward_model' needs reward.reward_model_path")
+
+
+def _build_function(cfg: Any, ctx: RewardContext) -> BuiltReward:
+    return _jittable_reward(_resolve_function(cfg, "reward"), cfg, key=f"reward.function={cfg.function!r}")
+
+
+def _build_host_function(cfg: Any, ctx: RewardContext) -> BuiltReward:
+    fn = _resolve_function(cfg, "host reward")
+    return _host_text_reward(fn, cfg, ctx, name=cfg.function, key=f"reward.function={cfg.function!r}")
+
+
+register_reward_builder("lexicon", _build_lexicon)
+register_reward_builder("vader", _build_vader)
+register_reward_builder("reward_model", _build_reward_model, check=_check_reward_model,
+                        label=lambda cfg: f"reward.reward_model_path={cfg.reward_model_path!r}")
+register_reward_builder("function", _build_function, check=_needs_function,
+                        label=lambda cfg: f"reward.function={cfg.function!r}")
+register_reward_builder("host_function", _build_host_function, check=_needs_function,
+                        label=lambda cfg: f"reward.function={cfg.function!r}")

@@ -8,7 +8,11 @@ before anything is compiled.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Optional
+import difflib
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, Optional
 
 from ppojax.rl.kl import KLControlConfig
 from ppojax.rl.state import OptimizerConfig, PPOConfig
@@ -21,8 +25,9 @@ class ModelConfig:
     """'random' for a random init of the shape below; else a hub id ('gpt2', 'gpt2-medium',
     'HuggingFaceTB/SmolLM2-135M-Instruct', ...), a local transformers directory (GPT-2, Llama, Qwen2, Mistral) or a
     .gguf file."""
-    family: Literal["gpt2", "llama"] = "gpt2"
-    """Random init only: the model family (a checkpoint's own config.json says which family it is)."""
+    family: str = "gpt2"
+    """Random init only: a registered model family ('gpt2', 'llama', or one a module under `imports:` registers);
+    a checkpoint's own config.json says which family it is."""
     n_layer: int = 2
     """Random init only: transformer blocks."""
     n_head: int = 4
@@ -56,26 +61,39 @@ class ModelConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_head={self.n_head} must divide n_embd={self.n_embd}")
         if self.num_key_value_heads is not None:
-            if self.family != "llama":
-                raise ValueError("num_key_value_heads is a field of the llama family; set family: llama")
             if self.num_key_value_heads < 1 or self.n_head % self.num_key_value_heads:
                 raise ValueError(f"num_key_value_heads={self.num_key_value_heads} must divide n_head={self.n_head}")
         if self.intermediate_size is not None and self.intermediate_size < 1:
             raise ValueError(f"intermediate_size must be >= 1, got {self.intermediate_size}")
+        self._family()  # a registered family
+        if self.name_or_path == "random":
+            self.random_init_config()  # the family takes this shape (e.g. num_key_value_heads only where it has them)
+
+    def _family(self):
+        from ppojax.models import model_families
+
+        families = model_families()
+        if self.family not in families:
+            close = difflib.get_close_matches(self.family, list(families), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"model.family={self.family!r}: unknown model family{hint} (registered: "
+                             f"{', '.join(sorted(families))}; a module that registers more is named under imports:)")
+        return families[self.family]
 
     def random_init_config(self):
-        """The family's model config for a random init of this shape (``name_or_path: random``). A random Llama
-        ties its LM head to the token embedding (as SmolLM2 does)."""
-        from ppojax.models import GPT2Config, LlamaConfig
-
-        numerics = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat)
-        if self.family == "gpt2":
-            return GPT2Config(vocab_size=self.vocab_size, n_positions=self.n_positions, n_embd=self.n_embd,
-                              n_layer=self.n_layer, n_head=self.n_head, n_inner=self.intermediate_size, **numerics)
-        return LlamaConfig(vocab_size=self.vocab_size, max_position_embeddings=self.n_positions,
-                           hidden_size=self.n_embd, num_hidden_layers=self.n_layer, num_attention_heads=self.n_head,
-                           num_key_value_heads=self.num_key_value_heads, tie_word_embeddings=True,
-                           intermediate_size=self.intermediate_size or -(-self.n_embd // 3) * 8, **numerics)
+        """The family's model config for a random init of this shape (``name_or_path: random``), from its
+        ``ModelFamily.random_config`` hook. A random Llama ties its LM head to the token embedding (as SmolLM2
+        does). Raises ValueError (one line naming the field) for a family without a random init or a shape it
+        cannot take."""
+        family = self._family()
+        if family.random_config is None:
+            raise ValueError(f"model.family={self.family!r}: the family has no random init (ModelFamily."
+                             "random_config); load a checkpoint with model.name_or_path instead")
+        return family.random_config(
+            vocab_size=self.vocab_size, n_positions=self.n_positions, n_embd=self.n_embd, n_layer=self.n_layer,
+            n_head=self.n_head, num_key_value_heads=self.num_key_value_heads,
+            intermediate_size=self.intermediate_size, dtype=self.dtype, param_dtype=self.param_dtype,
+            remat=self.remat)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -131,23 +149,29 @@ class PromptsConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RewardConfig:
-    """What scores a finished response."""
+    """What scores a finished response: a reward registered by name (``ppojax.rl.rewards``)."""
 
-    kind: Literal["lexicon", "vader", "reward_model", "function"] = "lexicon"
-    """'lexicon': jittable per-token VADER valence (mean over the response); 'vader': VADER on decoded text, on the
-    host between rollout and update; 'reward_model': a GPT-2 reward model checkpoint; 'function': `function`."""
+    kind: str = "lexicon"
+    """A registered reward. Built in: 'lexicon' (jittable per-token VADER valence, mean over the response), 'vader'
+    (VADER on decoded text, on the host between rollout and update), 'reward_model' (a reward model checkpoint),
+    'function' (`function`, jittable) and 'host_function' (`function`, on decoded text). A module listed under
+    `imports:` may register more (`ppojax.register_reward`)."""
     function: Optional[str] = None
-    """kind=function: 'package.module:function', a jittable (tokens, mask) -> scores [batch]."""
+    """kind=function: 'package.module:function', a jittable (tokens, mask) -> scores [batch] float32;
+    kind=host_function: 'package.module:function', a host (responses: list[str]) -> [batch] numbers (with a
+    parameter named `prompts`, it gets the decoded prompts too)."""
     reward_model_path: Optional[str] = None
-    """kind=reward_model: a directory written by experiments/train_reward.py."""
+    """kind=reward_model: a directory written by experiments/train_reward.py (relative: next to the config file,
+    then the working directory)."""
     lexicon_reduce: Literal["mean", "sum"] = "mean"
     """kind=lexicon: average or sum the per-token valences over the response."""
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Keyword arguments bound to a registered or `function` reward when it is built (e.g. {word: great})."""
 
     def __post_init__(self):
-        if self.kind == "function" and not self.function:
-            raise ValueError("kind 'function' needs reward.function = 'package.module:function'")
-        if self.kind == "reward_model" and not self.reward_model_path:
-            raise ValueError("kind 'reward_model' needs reward.reward_model_path")
+        from ppojax.rl.rewards import check_reward_config
+
+        check_reward_config(self)  # a registered kind, and what its builder needs is set
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -211,10 +235,48 @@ class ExperimentConfig:
     mesh: Optional[str] = None
     """Device mesh, e.g. 'data=4,fsdp=2' (the --mesh flag wins); None: every device on the data axis. A run may
     resume on another mesh: checkpoints restore into any sharding."""
+    imports: tuple[str, ...] = ()
+    """Python modules imported before the rest of the config is read (`load_config`; the runner's --import adds
+    more), so that what they register (a reward, an advantage estimator, a model family) can be named here and in
+    --set. Looked up on sys.path, next to the config file and in the working directory."""
 
     def __post_init__(self):
         if self.iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {self.iterations}")
+
+
+def load_config(source: str | os.PathLike | Mapping[str, Any], overrides: Sequence[str] = (),
+                imports: Sequence[str] = ()) -> tuple[ExperimentConfig, Optional[Path]]:
+    """``(ExperimentConfig, config_dir)`` from a YAML file (or a mapping of its contents), ``a.b=value`` overrides
+    and extra modules to import (the command line's ``--import``), in this order:
+
+    1. read the YAML; 2. apply the overrides (each path must name a field); 3. import the modules of its
+    ``imports`` (after overrides) and then ``imports``, looked up on sys.path, next to the config file and in the
+    working directory (``configlib.import_modules``), so that what they register can be named; 4. build and check
+    the dataclass. The config's ``imports`` holds both lists (extras not already listed are appended), so the saved
+    config of a run reimports them by itself.
+
+    ``config_dir`` is the YAML file's directory (relative paths in the config are looked up there first), None for
+    a mapping. Every failure is a ``configlib.ConfigError`` (a ValueError) with one line naming the key.
+    """
+    from ppojax.io import configlib
+
+    if isinstance(source, Mapping):
+        data, config_dir = dict(source), None
+    else:
+        path = Path(source)
+        data, config_dir = configlib.load_yaml(path), path.resolve().parent
+    data = configlib.apply_overrides(data, overrides, ExperimentConfig)
+    listed = data.get("imports") or []
+    if not isinstance(listed, (list, tuple)):
+        raise configlib.ConfigError(f"imports: expected a list of module names, got {listed!r}")
+    if isinstance(imports, str):
+        raise TypeError("imports must be a sequence of module names, not one string")
+    names = list(listed) + [name for name in imports if name not in listed]
+    configlib.import_modules(names, search_dirs=[d for d in (config_dir, Path.cwd()) if d is not None])
+    if names:
+        data["imports"] = names
+    return configlib.from_dict(ExperimentConfig, data), config_dir
 
 
 __all__ = [
@@ -228,4 +290,5 @@ __all__ = [
     "PPOConfig",
     "PromptsConfig",
     "RewardConfig",
+    "load_config",
 ]

@@ -59,5 +59,15 @@ def init_cache(config, batch_size, max_len):
                    mask=jnp.zeros((batch_size, max_len), jnp.int32), index=jnp.zeros((), jnp.int32))
 
 
+def random_config(*, vocab_size, n_positions, n_embd, n_layer, n_head, num_key_value_heads, intermediate_size,
+                  dtype, param_dtype, remat):
+    # No layers, heads or MLP: only the vocabulary, width and context of a run config's shape apply.
+    if num_key_value_heads is not None or intermediate_size is not None:
+        raise ValueError("bag_lm has no attention heads or MLP: leave num_key_value_heads and intermediate_size unset")
+    return BagLMConfig(vocab_size=vocab_size, width=n_embd, max_positions=n_positions, dtype=dtype,
+                       param_dtype=param_dtype)
+
+
 FAMILY = register_model_family(ModelFamily(name="bag_lm", config_type=BagLMConfig, init_params=init_params,
-                                           hidden=hidden, lm_head=lm_head, init_cache=init_cache))
+                                           hidden=hidden, lm_head=lm_head, init_cache=init_cache,
+                                           random_config=random_config))

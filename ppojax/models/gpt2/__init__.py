@@ -12,6 +12,7 @@ FAMILY = register_model_family(ModelFamily(
     hidden=model.hidden,
     lm_head=model.lm_head,
     init_cache=model.init_cache,
+    random_config=model.random_config,
     hf=convert.CONVERTER,
     lora_targets=("c_attn", "c_proj", "c_fc", "c_proj_mlp"),
 ))

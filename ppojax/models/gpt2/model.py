@@ -241,3 +241,15 @@ def lm_head(config: GPT2Config, params: Params) -> jax.Array:
 def init_cache(config: GPT2Config, batch_size: int, max_len: int) -> KVCache:
     """An empty cache of ``max_len`` slots: ``[n_layer, batch, n_head, max_len, head_dim]``."""
     return empty_cache(config.n_layer, batch_size, config.n_head, max_len, config.head_dim, config.compute_dtype)
+
+
+def random_config(*, vocab_size: int, n_positions: int, n_embd: int, n_layer: int, n_head: int,
+                  num_key_value_heads: Optional[int] = None, intermediate_size: Optional[int] = None,
+                  dtype: str = "float32", param_dtype: str = "float32", remat: bool = False) -> GPT2Config:
+    """A GPT-2 config of this shape for a random init (``ModelFamily.random_config``); ``intermediate_size`` is the
+    MLP width (None: ``4 * n_embd``). GPT-2 has no grouped-query attention: ``num_key_value_heads`` must be None."""
+    if num_key_value_heads is not None:
+        raise ValueError("num_key_value_heads: the gpt2 family has no grouped-query attention; leave it unset, or "
+                         "use a family that has it (family: llama)")
+    return GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                      n_inner=intermediate_size, dtype=dtype, param_dtype=param_dtype, remat=remat)

@@ -13,6 +13,7 @@ FAMILY = register_model_family(ModelFamily(
     hidden=model.hidden,
     lm_head=model.lm_head,
     init_cache=model.init_cache,
+    random_config=model.random_config,
     hf=convert.CONVERTER,
     gguf=gguf.CONVERTER,
     lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),

@@ -370,3 +370,15 @@ def init_cache(config: LlamaConfig, batch_size: int, max_len: int) -> KVCache:
     """An empty cache of ``max_len`` slots: ``[n_layer, batch, kv_heads, max_len, head_dim]`` (only the kv heads)."""
     return empty_cache(config.num_hidden_layers, batch_size, config.kv_heads, max_len, config.head_width,
                        config.compute_dtype)
+
+
+def random_config(*, vocab_size: int, n_positions: int, n_embd: int, n_layer: int, n_head: int,
+                  num_key_value_heads: Optional[int] = None, intermediate_size: Optional[int] = None,
+                  dtype: str = "float32", param_dtype: str = "float32", remat: bool = False) -> LlamaConfig:
+    """A Llama config of this shape for a random init (``ModelFamily.random_config``), its LM head tied to the token
+    embedding (as SmolLM2's). ``intermediate_size`` None: 8/3 * n_embd rounded up to a multiple of 8, so that the
+    SwiGLU MLP (three matrices) has about the parameters of a 4 * n_embd two-matrix one."""
+    return LlamaConfig(vocab_size=vocab_size, max_position_embeddings=n_positions, hidden_size=n_embd,
+                       num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=num_key_value_heads,
+                       tie_word_embeddings=True, intermediate_size=intermediate_size or -(-n_embd // 3) * 8,
+                       dtype=dtype, param_dtype=param_dtype, remat=remat)
