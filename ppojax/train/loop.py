@@ -30,7 +30,7 @@ from ppojax.rl.state import TrainState
 
 HostReward = Callable[..., np.ndarray]
 """A reward computed on the host: ``(tokens [batch, T] np.int32, mask [batch, T], *, prompts=(ids, mask)) ->
-scores [batch] float32``; the ``prompts`` keyword is passed only to a host reward whose ``wants_prompts`` is
+scores [batch] float32``; the ``prompts`` keyword is passed only to a host reward whose ``uses_prompts`` is
 True."""
 
 
@@ -43,7 +43,7 @@ class PromptSource(Protocol):
 
 def score_on_host(host_reward: HostReward, tokens, mask, prompt_ids, prompt_mask) -> np.ndarray:
     """``host_reward(tokens, mask)``, with ``prompts=(prompt_ids, prompt_mask)`` for a reward that wants them."""
-    if getattr(host_reward, "wants_prompts", False):
+    if getattr(host_reward, "uses_prompts", False):
         return host_reward(tokens, mask, prompts=(prompt_ids, prompt_mask))
     return host_reward(tokens, mask)
 

@@ -56,32 +56,26 @@ def resolve_config(config: Any, *, overrides: Sequence[str] = (), imports: Seque
                    config_dir: Optional[Path] = None):
     """``(ExperimentConfig, config_dir)`` from an ``ExperimentConfig``, a YAML path or the config's data as a
     dict, with ``overrides`` (``'a.b=value'``) applied and ``imports`` (plus the config's own ``imports:``)
-    imported first, so that what they register can be named in the config. ``RunError`` (one line) for a bad
-    file, key, value or module."""
+    imported first, so that what they register can be named in the config (``ppojax.train.config.load_config``).
+    ``config_dir`` (where relative paths are looked up) defaults to the YAML's folder, else the working directory.
+    ``RunError`` (one line) for a bad file, key, value or module."""
     from ppojax.io import configlib
-    from ppojax.train.config import ExperimentConfig
+    from ppojax.train.config import ExperimentConfig, load_config
 
-    if isinstance(config, ExperimentConfig) and not overrides and not imports:
-        return config, Path(config_dir or Path.cwd()).resolve()
+    if isinstance(config, ExperimentConfig):
+        if not overrides and not imports:
+            return config, Path(config_dir or Path.cwd()).resolve()
+        config = configlib.to_dict(config)
+    where = ""
+    if isinstance(config, (str, Path)):
+        where = f"config {config}: "
+        if not Path(config).exists():
+            raise RunError(f"config file {config} does not exist")
     try:
-        if isinstance(config, (str, Path)):
-            path = Path(config)
-            if not path.exists():
-                raise RunError(f"config file {path} does not exist")
-            data, where, config_dir = configlib.load_yaml(path), str(path), config_dir or path.resolve().parent
-        elif isinstance(config, ExperimentConfig):
-            data, where = configlib.to_dict(config), "config"
-        else:
-            data, where = dict(config), "config"
-        config_dir = Path(config_dir or Path.cwd()).resolve()
-        wanted = list(data.get("imports") or ()) + [m for m in imports if m not in (data.get("imports") or ())]
-        if wanted:
-            configlib.import_modules(wanted, search_dirs=(config_dir, Path.cwd()))
-            data["imports"] = wanted
-        data = configlib.apply_overrides(data, list(overrides), ExperimentConfig)
-        return configlib.from_dict(ExperimentConfig, data), config_dir
-    except (configlib.ConfigError, ValueError) as e:
-        raise RunError(f"config {where}: {e}" if isinstance(config, (str, Path)) else str(e)) from None
+        cfg, yaml_dir = load_config(config, overrides=list(overrides), imports=list(imports))
+    except (configlib.ConfigError, ValueError, TypeError) as e:
+        raise RunError(f"{where}{e}") from None
+    return cfg, Path(config_dir or yaml_dir or Path.cwd()).resolve()
 
 
 def _config_diff(a: dict, b: dict, prefix: str = "") -> List[str]:
@@ -113,7 +107,7 @@ def config_changes(saved: dict, cfg) -> List[str]:
     changes = []
     for line in _config_diff(saved, now):
         field = line.split(":", 1)[0]
-        if field.split(".")[0] in ("iterations", "mesh"):
+        if field.split(".")[0] in ("iterations", "mesh", "imports"):
             continue
         if _lookup(saved, field) is _MISSING and _lookup(now, field) == _lookup(defaults, field):
             continue
@@ -207,28 +201,15 @@ def build_model(cfg):
 
 
 def build_reward(cfg, tokenizer, model_config, config_dir: Path):
-    """(jittable reward pytree or None, host reward or None)."""
+    """``(jittable reward pytree or None, host reward or None)`` of ``cfg.reward``, built by the reward registry
+    (``ppojax.rl.rewards.build_reward``: whatever ``reward.kind`` names, built-in or registered by a user module)."""
     from ppojax.rl import rewards
 
-    r = cfg.reward
-    if r.kind == "lexicon":
-        table = rewards.lexicon_valence_table(tokenizer, vocab_size=model_config.vocab_size)
-        return rewards.lexicon_reward(table, reduce=r.lexicon_reduce), None
-    if r.kind == "vader":
-        return None, rewards.host_reward_from_text(rewards.vader_text_reward(), tokenizer)
-    if r.kind == "function":
-        try:
-            return rewards.FunctionReward.from_spec(r.function), None
-        except (ImportError, AttributeError, TypeError, ValueError) as e:
-            raise RunError(f"reward.function={r.function!r}: {e}") from None
-    if r.kind == "reward_model":
-        from ppojax.io.data import resolve_path
-
-        try:
-            return load_reward_model(resolve_path(r.reward_model_path, config_dir)), None
-        except (OSError, ValueError) as e:
-            raise RunError(f"reward.reward_model_path={r.reward_model_path!r}: {e}") from None
-    raise RunError(f"unknown reward.kind {r.kind!r}")
+    try:
+        return rewards.build_reward(cfg.reward, tokenizer=tokenizer, model_config=model_config,
+                                    config_dir=config_dir)
+    except ValueError as e:
+        raise RunError(_first_line(e)) from None
 
 
 def load_reward_model(path: Path):
@@ -292,12 +273,9 @@ def check_lora(cfg, model_config, params=None) -> None:
 
 
 def _reward_label(cfg) -> str:
-    r = cfg.reward
-    if r.kind == "function":
-        return f"reward.function={r.function!r}"
-    if r.kind == "reward_model":
-        return f"reward.reward_model_path={r.reward_model_path!r}"
-    return f"reward.kind={r.kind!r}"
+    from ppojax.rl import rewards
+
+    return rewards.reward_label(cfg.reward)
 
 
 def check_reward(reward, cfg, model_config=None, params=None) -> None:
