@@ -18,7 +18,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -49,14 +48,13 @@ def child(config: str, estimator: str, iterations: int) -> dict:
 
     import jax
 
-    import ppojax
     from ppojax.io import configlib
     from ppojax.io.data import PromptLoader
     from ppojax.io.tokenizer import load_tokenizer
+    from ppojax.train import loop
     from ppojax.train import run as runner
     from ppojax.train.build import create_state
     from ppojax.train.config import ExperimentConfig
-    from ppojax.train.loop import metrics_to_host
 
     path = Path(config)
     data = configlib.apply_overrides(configlib.load_yaml(path), [f"ppo.advantage_estimator={estimator}",
@@ -73,12 +71,12 @@ def child(config: str, estimator: str, iterations: int) -> dict:
              "frozen_bytes": nbytes(state.frozen)}
     loader = PromptLoader(ids, mask, cfg.ppo.prompts_per_iteration, cfg.seed, cfg.prompts.shuffle)
     seconds, scores = [], []
-    for it in range(iterations):
-        t = time.perf_counter()
-        state, m = ppojax.train_step(state, *loader.batch(it), host_reward=host, donate=True)
-        m = metrics_to_host(m)
-        seconds.append(time.perf_counter() - t)
-        scores.append(m["score_mean"])
+
+    def record(info):
+        seconds.append(info.metrics["time_s"])  # the loop's wall time of the iteration, metrics on the host
+        scores.append(info.metrics["score_mean"])
+
+    loop.train(state, loader, iterations=iterations, host_reward=host, donate=True, callbacks=[record], check=None)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"estimator": estimator, "seconds": seconds, "peak_rss_bytes": peak, "scores": scores, **sizes}
 

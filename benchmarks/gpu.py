@@ -17,10 +17,11 @@ attempt is recorded. What one size's subprocess measures:
   ``n x n`` matmul chained in a loop of traced length (n = 8192), and a copy bandwidth (``x + 1`` over a 2 GiB f32
   array in a loop of traced length: 2 x 2 GiB moved per pass). The traced loop length keeps XLA from unrolling or
   fusing the passes.
-- per iteration: ``ppojax.rollout`` (sampling + actor/ref log-probs + critic values), the reward model
-  (``ppojax.ppo.score_rollout``) and ``ppojax.update`` (epochs x minibatches), each followed by
-  ``block_until_ready``; the median over the iterations after the first. The first iteration (compilation included)
-  is reported on its own, with the XLA compile time from ``jax.monitoring`` events.
+- per iteration, through the library's loop (``ppojax.train.loop.train`` with ``timing=True``): the rollout
+  (sampling + actor/ref log-probs + critic values), the reward model (``score_rollout``) and the update (epochs x
+  minibatches), each a separate program waited for; the median over the iterations after the first. The first
+  iteration (compilation included) is reported on its own, with the XLA compile time from ``jax.monitoring`` events
+  (attributed to the first iteration as a whole: the loop leaves no mark between its phases).
 - recompiles: XLA compilations (``jax.monitoring`` backend-compile events and persistent-cache hits) during
   iterations 2..N; the target is 0. The jit cache sizes of rollout / score / update are recorded too, and count
   instead (size - 1) if this jax reports no compile event at all.
@@ -72,6 +73,7 @@ import traceback
 from pathlib import Path
 
 import _env
+import _loop
 import vs_trl
 
 HERE = Path(__file__).resolve().parent
@@ -394,6 +396,7 @@ def run_size(spec: dict) -> dict:
     import jax.numpy as jnp
 
     import ppojax
+    from ppojax.train import loop
 
     log = CompileLog()
     dev = jax.devices()[0]
@@ -425,33 +428,33 @@ def run_size(spec: dict) -> dict:
     phases = {"rollout": [], "score": [], "update": []}
     iter_s, compile_first, marks = [], {}, {}
     last_metrics = {}
-    for it in range(iterations):
-        p = jnp.asarray(prompts[it])
-        if it == 1:
-            marks["steady"] = log.mark()
-        m0 = log.mark()
-        t0 = time.perf_counter()
-        state, r = ppojax.rollout(state, p, mask)
-        jax.block_until_ready(r)
-        t1 = time.perf_counter()
-        m1 = log.mark()
-        scores = ppojax.score_rollout(state, r)
-        jax.block_until_ready(scores)
-        t2 = time.perf_counter()
-        m2 = log.mark()
-        state, metrics = ppojax.update(state, r, scores, donate=True)  # in place, as the runner does
-        jax.block_until_ready((state, metrics))
-        t3 = time.perf_counter()
+
+    def record(info):
+        """After each iteration: its phase times (``timing=True``), the compile events of the first, the mark
+        after which compilations count as recompiles, a printed line."""
+        it, m = info.done - 1, info.metrics
         if it == 0:
-            compile_first = {"rollout": log.since(m0, m1), "score": log.since(m1, m2), "update": log.since(m2)}
-        phases["rollout"].append(t1 - t0)
-        phases["score"].append(t2 - t1)
-        phases["update"].append(t3 - t2)
-        iter_s.append(t3 - t0)
-        ppojax.check_metrics(metrics, it)
-        last_metrics = {k: float(metrics[k]) for k in ("score_mean", "kl", "loss/total") if k in metrics}
-        print(f"[{name}] iteration {it}: {t3 - t0:.3f} s (rollout {t1 - t0:.3f}, score {t2 - t1:.3f}, update "
-              f"{t3 - t2:.3f}); " + ", ".join(f"{k} {v:.3f}" for k, v in last_metrics.items()), flush=True)
+            # The loop runs the three phases back to back, so the first iteration's compile events are attributed
+            # to the iteration as a whole (no marks between its phases).
+            compile_first["iteration"] = log.since(marks["first"])
+            if not info.last:
+                marks["steady"] = log.mark()
+        t = {k: m[f"time/{k}_s"] for k in phases}
+        for k, v in t.items():
+            phases[k].append(v)
+        iter_s.append(sum(t.values()))  # the three phases, each waited for: what the iteration's programs took
+        last_metrics.clear()
+        last_metrics.update({k: m[k] for k in ("score_mean", "kl", "loss/total") if k in m})
+        print(f"[{name}] iteration {it}: {iter_s[-1]:.3f} s (rollout {t['rollout']:.3f}, score {t['score']:.3f}, "
+              f"update {t['update']:.3f}); " + ", ".join(f"{k} {v:.3f}" for k, v in last_metrics.items()), flush=True)
+
+    marks["first"] = log.mark()
+    # In place (donated), as the runner does; the rollout, scoring and update as separate programs, each timed.
+    result = loop.train(state, _loop.Prompts(prompts, mask), iterations=iterations, donate=True, timing=True,
+                        callbacks=[record])
+    if result.error is not None:
+        raise FloatingPointError(result.error)
+    state = result.state
     steady = log.since(marks["steady"]) if "steady" in marks else {"compiles": None, "compiled": []}
     # Traces of the library's jitted phases (ppojax.compile_count: one trace, one compilation); the donating
     # update is the one used above.
@@ -485,7 +488,7 @@ def run_size(spec: dict) -> dict:
 
     # Generation and the decode step, on the rollout's shapes (outside the counted iterations).
     actor = state.actor_params
-    del state, r, scores, metrics
+    del state, result
     p0 = jnp.asarray(prompts[0])
     variants = {"rollout_params": (config, actor)}
     if spec.get("decode_bf16_params", True) and config.param_dtype != "bfloat16":

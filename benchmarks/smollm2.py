@@ -8,9 +8,9 @@ both produce exactly ``--new-tokens`` tokens per row. Torch decodes with its KV 
 
 Timing: one warm-up call per side and shape (for ppojax the XLA compile, reported on its own), then ``--reps``
 rounds. Each round times both sides on ``--new-tokens`` and on one new token, alternating which side goes first,
-then one PPO iteration (``ppojax.ppo_iteration``, donated state, a jittable token reward), so that a change in
-machine load hits everything alike. Reported per measurement: the median and the spread (min, max, interquartile
-range, (max - min) / median). Prefill ~= t(1); a decode step ~= (t(n) - t(1)) / (n - 1).
+then one PPO iteration (through ``ppojax.train.loop.train``: donated state, a jittable token reward), so that a
+change in machine load hits everything alike. Reported per measurement: the median and the spread (min, max,
+interquartile range, (max - min) / median). Prefill ~= t(1); a decode step ~= (t(n) - t(1)) / (n - 1).
 
     python benchmarks/smollm2.py           # SmolLM2-135M, writes benchmarks/results/smollm2_cpu.json (minutes)
     python benchmarks/smollm2.py --tiny    # smoke run on a tiny random Llama (safetensors), writes nothing
@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 import _env
+import _loop
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "smollm2_cpu.json"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -117,6 +118,7 @@ def main(argv=None) -> dict:
     import torch
 
     import ppojax
+    from ppojax.train import loop
 
     with tempfile.TemporaryDirectory() as tmp:
         model, config, params, source = build_models(args.tiny, tmp)
@@ -151,20 +153,24 @@ def main(argv=None) -> dict:
     # Its own copy of the weights: the donated iteration consumes the state's buffers, which decode still reads.
     state = ppojax.create_train_state(config, jax.tree.map(jnp.copy, params), ppo=ppo_cfg, reward=ppojax.FunctionReward(low_token_share),
                                       key=jax.random.key(1), optimizer=ppojax.OptimizerConfig(learning_rate=1e-6))
-    ppo_prompts = jnp.asarray(rng.integers(0, config.vocab_size, size=(args.ppo_batch, p), dtype=np.int32))
-    ppo_mask = jnp.ones_like(ppo_prompts)
+    ppo_prompts = _loop.Prompts(rng.integers(0, config.vocab_size, size=(args.ppo_batch, p), dtype=np.int32))
+    ppo_done, ppo_s = 0, []
 
-    def run_ppo():
-        nonlocal state
-        state, metrics = ppojax.ppo_iteration(state, ppo_prompts, ppo_mask, donate=True)
-        return jax.block_until_ready(metrics)
+    def run_ppo() -> float:
+        """The next PPO iteration through the library's loop (one at a time: they alternate with the decode
+        measurements), in place; its wall time (the fused iteration and its metrics' pull to the host)."""
+        nonlocal state, ppo_done
+        result = loop.train(state, ppo_prompts, start=ppo_done, iterations=ppo_done + 1, donate=True, check=None,
+                            callbacks=[lambda info: ppo_s.append(info.metrics["time_s"])])
+        state, ppo_done = result.state, result.done
+        return ppo_s[-1]
 
     # Warm-up: ppojax compiles each shape once; torch pays its lazy initialisation.
     first = {("ppojax", k): time_call(lambda: run_jax(k)) for k in (n, 1)}
     assert int(run_jax(n).lengths.min()) == n, "ppojax stopped early"
     first |= {("transformers", k): time_call(lambda: run_torch(k)) for k in (n, 1)}
     assert run_torch(n).shape == (b, p + n), "transformers stopped early"
-    first["ppo"] = time_call(run_ppo)
+    first["ppo"] = run_ppo()
 
     sides = {"ppojax": run_jax, "transformers": run_torch}
     times = {(s, k): [] for s in sides for k in (n, 1)} | {"ppo": []}
@@ -173,7 +179,7 @@ def main(argv=None) -> dict:
         for k in (n, 1):
             for s in order:
                 times[s, k].append(time_call(lambda: sides[s](k)))
-        times["ppo"].append(time_call(run_ppo))
+        times["ppo"].append(run_ppo())
     record = _env.run_record(load_before, others.cores(), PACKAGES)
 
     def decode_side(s):

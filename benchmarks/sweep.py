@@ -7,7 +7,7 @@ For each config and R, both sides run the same R runs (seeds 0..R-1) for ``--ite
 (sweep, sequential, sweep, sequential... over ``--repeats``), in this process:
 
 - **sweep**: the runs stacked in one group (``build_groups``), one compiled program, every iteration advancing all R.
-- **sequential**: run after run through ``ppojax.train_step``, each preceded by ``jax.clear_caches()`` so that it
+- **sequential**: run after run through ``ppojax.train.loop.train``, each preceded by ``jax.clear_caches()`` so that it
   compiles its program anew, as R separate processes would (their Python start-up is not counted, which favours
   the sequential side).
 
@@ -67,6 +67,7 @@ def time_sweep(config_path: Path, R: int, iterations: int) -> dict:
     """Wall time of R runs stacked in one program: total, and the iterations after the first (compiled)."""
     import jax
 
+    from ppojax.train import loop
     from ppojax.train import sweep as sw
     from ppojax.train.config import ExperimentConfig
 
@@ -76,10 +77,14 @@ def time_sweep(config_path: Path, R: int, iterations: int) -> dict:
     (group,) = sw.build_groups(runs, config_path.parent, log=lambda m: None)
     t_built = time.perf_counter()
     steps = []
-    for it in range(iterations):
-        t = time.perf_counter()
+
+    def step(group, it):
         group.step(it)  # pulls the metrics to the host: the iteration is finished
-        steps.append(time.perf_counter() - t)
+        return group, {}, None  # the loop adds the iteration's wall time
+
+    # The library's loop with the sweep's step over the one group (as ppojax.train.sweep_job does over its groups).
+    loop.train(group, step=step, iterations=iterations, check=None,
+               callbacks=[lambda info: steps.append(info.metrics["time_s"])])
     total = time.perf_counter() - t0
     return {"total_s": total, "build_s": t_built - t0, "steps_s": steps, "steady_s": sum(steps[1:]),
             **state_bytes(group)}
@@ -105,14 +110,13 @@ def time_sequential(config_path: Path, R: int, iterations: int) -> dict:
     """The same R runs one after another, each compiling its own program."""
     import jax
 
-    import ppojax
     from ppojax.io.data import PromptLoader
     from ppojax.io.tokenizer import load_tokenizer
+    from ppojax.train import loop
     from ppojax.train import run as runner
     from ppojax.train import sweep as sw
     from ppojax.train.build import create_state
     from ppojax.train.config import ExperimentConfig
-    from ppojax.train.loop import metrics_to_host
 
     runs = sw.plan_runs(_data(config_path, iterations), ExperimentConfig, list(range(R)), {})
     t0 = time.perf_counter()
@@ -128,12 +132,10 @@ def time_sequential(config_path: Path, R: int, iterations: int) -> dict:
         reward, host_reward = runner.build_reward(cfg, tok, model_config, config_path.parent)
         state = create_state(cfg, model_config, params, reward)
         loader = PromptLoader(ids, mask, cfg.ppo.prompts_per_iteration, cfg.seed, cfg.prompts.shuffle)
-        for it in range(iterations):
-            t = time.perf_counter()
-            state, metrics = ppojax.train_step(state, *loader.batch(it), host_reward=host_reward, donate=True)
-            metrics_to_host(metrics)
-            if it:
-                steady += time.perf_counter() - t
+        times = []
+        loop.train(state, loader, iterations=iterations, host_reward=host_reward, donate=True, check=None,
+                   callbacks=[lambda info: times.append(info.metrics["time_s"])])  # metrics pulled to the host
+        steady += sum(times[1:])
         per_run.append(time.perf_counter() - t_run)
     return {"total_s": time.perf_counter() - t0, "steady_s": steady, "per_run_s": per_run}
 

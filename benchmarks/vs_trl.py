@@ -86,6 +86,7 @@ from typing import NamedTuple, Optional
 
 import _env
 import _interleave
+import _loop
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = Path(__file__).parent / "results" / "vs_trl_cpu.json"
@@ -412,6 +413,7 @@ def run_ppojax(j: dict, ckpt: str, iterations: int, device: str = "cpu", ppo_opt
     import jax.numpy as jnp
 
     import ppojax
+    from ppojax.train import loop
 
     if vocab_dtype is not None:
         _vocab_dtype_experiment(vocab_dtype)
@@ -439,27 +441,21 @@ def run_ppojax(j: dict, ckpt: str, iterations: int, device: str = "cpu", ppo_opt
     prompts = make_prompts(tok, j["batch"] * iterations, j["query"]).astype(np.int32)
 
     iter_s, phases = [], {"rollout": [], "scoring": [], "update": []}
-    for it in range(iterations):
-        p = jnp.asarray(prompts[it * j["batch"]:(it + 1) * j["batch"]])
-        m = jnp.ones_like(p)
-        t0 = time.perf_counter()
-        state, r = ppojax.rollout(state, p, m)
-        jax.block_until_ready(r)
-        t1 = time.perf_counter()
-        scores = ppojax.score_rollout(state, r)
-        jax.block_until_ready(scores)
-        t2 = time.perf_counter()
-        state, metrics = ppojax.update(state, r, scores, donate=True)  # in place, as the runner does
-        jax.block_until_ready((state, metrics))
-        t3 = time.perf_counter()
-        assert int(r.mask.sum()) == j["batch"] * j["response"], "ppojax stopped early"
-        phases["rollout"].append(t1 - t0)
-        phases["scoring"].append(t2 - t1)
-        phases["update"].append(t3 - t2)
-        iter_s.append(t3 - t0)
-        print(f"[ppojax] iteration {it}: {t3 - t0:.2f} s (rollout {t1 - t0:.2f}, score {t2 - t1:.2f}, "
-              f"update {t3 - t2:.2f}); score {float(metrics['score_mean']):.3f} kl {float(metrics['kl']):.3f}",
+
+    def record(info):
+        m = info.metrics
+        assert m["response_length"] == j["response"], "ppojax stopped early"
+        t = {"rollout": m["time/rollout_s"], "scoring": m["time/score_s"], "update": m["time/update_s"]}
+        for k, v in t.items():
+            phases[k].append(v)
+        iter_s.append(sum(t.values()))  # the three phases, each waited for
+        print(f"[ppojax] iteration {info.done - 1}: {iter_s[-1]:.2f} s (rollout {t['rollout']:.2f}, score "
+              f"{t['scoring']:.2f}, update {t['update']:.2f}); score {m['score_mean']:.3f} kl {m['kl']:.3f}",
               flush=True)
+
+    # The library's loop, in place (donated) as the runner does, each phase a separate program timed on its own.
+    state = loop.train(state, _loop.Prompts(prompts.reshape(iterations, j["batch"], j["query"])),
+                       iterations=iterations, donate=True, timing=True, callbacks=[record], check=None).state
 
     # Generation alone: the rollout's sampling on the same shapes (not part of the timed iterations).
     p, m = jnp.asarray(prompts[: j["batch"]]), jnp.ones((j["batch"], j["query"]), jnp.int32)
