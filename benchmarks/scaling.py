@@ -36,9 +36,11 @@ def child(n: int, mesh_text: str, iters: int) -> dict:
 
     import ppojax
     from ppojax import parallel
+    from ppojax.train import mesh_step
     from ppojax.rl import rewards
     from ppojax.rl.kl import KLControlConfig
-    from ppojax.rl.state import OptimizerConfig, PPOConfig, create_train_state
+    from ppojax.rl.config import OptimizerConfig, PPOConfig
+    from ppojax.rl.state import create_train_state
 
     model = ppojax.GPT2Config(vocab_size=1024, n_positions=64, n_embd=128, n_layer=2, n_head=4)
     cfg = PPOConfig(batch_size=32, minibatch_size=16, ppo_epochs=2, response_length=16, temperature=1.0,
@@ -53,13 +55,13 @@ def child(n: int, mesh_text: str, iters: int) -> dict:
     ids = parallel.shard_batch(mesh, rng.randint(0, 1024, (32, 32)).astype(np.int32))
     mask = parallel.shard_batch(mesh, np.ones((32, 32), np.int32))
     t0 = time.perf_counter()
-    state, m = parallel.ppo_iteration(state, ids, mask, mesh)
+    state, m = mesh_step.ppo_iteration(state, ids, mask, mesh)
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t0
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
-        state, m = parallel.ppo_iteration(state, ids, mask, mesh)
+        state, m = mesh_step.ppo_iteration(state, ids, mask, mesh)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
     state_bytes = parallel.bytes_per_device({"params": state.params, "opt": state.opt_state,

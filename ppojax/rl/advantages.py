@@ -21,6 +21,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from ppojax.registry import resolve_callable
+from ppojax.rl.stats import masked_mean, masked_sum, masked_var
+
 __all__ = [
     "AdvantageInputs",
     "Estimator",
@@ -103,39 +106,6 @@ def gae(
     advantages = advantages_tb.T  # [batch, time]
     returns = jnp.where(real, advantages + values, 0.0)
     return advantages, returns
-
-
-def _maybe_psum(x: jax.Array, axis_name) -> jax.Array:
-    return x if axis_name is None else jax.lax.psum(x, axis_name)
-
-
-def masked_sum(x: jax.Array, mask: jax.Array, axis_name=None) -> jax.Array:
-    """``sum(x * mask)`` over all axes (and over ``axis_name`` devices); padding values never leak (even inf/nan)."""
-    chex.assert_equal_shape([x, mask])
-    x = jnp.asarray(x, jnp.float32)
-    mask = jnp.asarray(mask, jnp.float32)
-    return _maybe_psum(jnp.sum(jnp.where(mask > 0, x * mask, 0.0)), axis_name)
-
-
-def _count(mask: jax.Array, axis_name) -> jax.Array:
-    count = _maybe_psum(jnp.sum(jnp.asarray(mask, jnp.float32)), axis_name)
-    # An all-padding batch gives 0/1 = 0 rather than nan.
-    return jnp.where(count > 0, count, 1.0)
-
-
-def masked_mean(x: jax.Array, mask: jax.Array, axis_name=None) -> jax.Array:
-    """Mean of ``x`` over real tokens (``mask`` weights), global over ``axis_name`` if given. Scalar float32."""
-    return masked_sum(x, mask, axis_name) / _count(mask, axis_name)
-
-
-def masked_var(x: jax.Array, mask: jax.Array, axis_name=None, *, mean: jax.Array | None = None) -> jax.Array:
-    """Biased variance ``mean((x - mean)^2)`` over real tokens (numpy ``ddof=0``; torch's ``var`` is unbiased).
-
-    ``mean`` may be passed if already computed (it must then be the same masked mean).
-    """
-    if mean is None:
-        mean = masked_mean(x, mask, axis_name)
-    return masked_mean(jnp.square(jnp.asarray(x, jnp.float32) - mean), mask, axis_name)
 
 
 def whiten(
@@ -310,8 +280,6 @@ def estimators() -> dict[str, Estimator]:
 def get_estimator(spec: str) -> Estimator:
     """The estimator named ``spec``: a registered name, or ``'package.module:function'`` (a function registered
     with :func:`register_estimator`, or a plain ``fn(inputs) -> (advantages, returns)``, then critic-free)."""
-    from ppojax.rl.losses import resolve_callable
-
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"ppo.advantage_estimator must be a name or 'package.module:function', got {spec!r}")
     if ":" not in spec:

@@ -37,7 +37,10 @@ from ppojax.rl import rewards as rewards_lib
 from ppojax.rl.advantages import AdvantageInputs, masked_mean, run_estimator, whiten
 from ppojax.rl.kl import update_kl_state
 from ppojax.rl.losses import LossInputs, explained_variance
-from ppojax.rl.state import InState, PPOSetup, TrainState, learning_rate_at, optimizer_step, update_count
+from ppojax.rl.hparams import InState
+from ppojax.rl.optimizer import learning_rate_at, optimizer_step, update_count
+from ppojax.rl.setup import PPOSetup
+from ppojax.rl.state import TrainState
 
 Metrics = Dict[str, jax.Array]
 
@@ -394,7 +397,7 @@ def _iteration(state: TrainState, prompt_ids, prompt_mask):
 
 
 PHASES = {"iteration": _iteration, "rollout": _rollout, "update": _update}
-"""The traceable phases, ``fn(state, *args) -> (state, out)``: what ``ppojax.parallel.step`` jits over a mesh and
+"""The traceable phases, ``fn(state, *args) -> (state, out)``: what ``ppojax.train.mesh_step`` jits over a mesh and
 ``ppojax.train.sweep`` vmaps over runs."""
 
 ROLLOUT_CHANGES = ("key",)

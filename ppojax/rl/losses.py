@@ -33,7 +33,6 @@ A term needing an array that :class:`LossInputs` lacks reads it from ``inputs.ex
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -43,7 +42,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from ppojax.rl.advantages import masked_var
+from ppojax.registry import resolve_callable
+from ppojax.rl.stats import masked_var
 
 __all__ = [
     "LossInputs",
@@ -64,7 +64,6 @@ __all__ = [
     "get_policy_loss",
     "policy_losses",
     "register_policy_loss",
-    "resolve_callable",
 ]
 
 Metrics = dict[str, jax.Array]
@@ -377,31 +376,6 @@ _BUILTIN_TERMS: dict[str, TermFn] = {
     "entropy_loss": entropy_loss,
     "kl_loss": kl_loss,
 }
-
-
-def resolve_callable(spec: str | Callable, *, what: str = "function") -> Callable:
-    """The callable named ``'package.module:function'`` (an attribute path such as ``'pkg.mod:Class.method'``
-    works too), or ``spec`` itself when it is callable. Errors name ``what`` (a reward, a loss term, an
-    estimator...) and say what is wrong: a malformed string (ValueError), a module that does not import
-    (ImportError), a missing attribute (AttributeError), or something not callable (TypeError)."""
-    if callable(spec):
-        return spec
-    if not isinstance(spec, str):
-        raise TypeError(f"a {what} is a callable or a 'package.module:function' string, got {type(spec).__name__}")
-    module_name, _, attr_path = spec.partition(":")
-    if not module_name or not attr_path or ":" in attr_path or not all(attr_path.split(".")):
-        raise ValueError(f"{what} {spec!r} must look like 'package.module:function'")
-    try:
-        obj = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ImportError(f"cannot import module {module_name!r} for {what} {spec!r}: {e}") from e
-    for attr in attr_path.split("."):
-        if not hasattr(obj, attr):
-            raise AttributeError(f"{what} {spec!r}: {getattr(obj, '__name__', obj)!r} has no attribute {attr!r}")
-        obj = getattr(obj, attr)
-    if not callable(obj):
-        raise TypeError(f"{what} {spec!r} resolves to a {type(obj).__name__}, which is not callable")
-    return obj
 
 
 def resolve_term(spec: str | TermFn) -> TermFn:

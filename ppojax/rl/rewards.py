@@ -473,7 +473,7 @@ class FunctionReward:
 
     @classmethod
     def from_spec(cls, spec: str) -> "FunctionReward":
-        from ppojax.rl.losses import resolve_callable  # the same 'module:function' resolution as loss terms
+        from ppojax.registry import resolve_callable  # the same 'module:function' resolution as loss terms
 
         if not isinstance(spec, str) or ":" not in spec:
             raise ValueError(f"a reward function is named 'package.module:function', got {spec!r}")

@@ -11,7 +11,7 @@ import dataclasses
 from typing import Literal, Optional
 
 from ppojax.rl.kl import KLControlConfig
-from ppojax.rl.state import OptimizerConfig, PPOConfig
+from ppojax.rl.config import OptimizerConfig, PPOConfig
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:

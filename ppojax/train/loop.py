@@ -47,7 +47,8 @@ def train_step(state: TrainState, prompt_ids, prompt_mask, *, mesh: Optional[jax
         after, batch = iteration.rollout(state, prompt_ids, prompt_mask)
         scores = host_reward(*jax.device_get((batch.tokens, batch.mask)))
         return iteration.update(after, batch, scores, donate=donate)
-    from ppojax.parallel import step, to_host
+    from ppojax.parallel import to_host
+    from ppojax.train import mesh_step as step
 
     if host_reward is None:
         return step.ppo_iteration(state, prompt_ids, prompt_mask, mesh, donate=donate)
@@ -97,7 +98,8 @@ def sample_table(state: TrainState, prompt_ids, prompt_mask, *, mesh: Optional[j
         scores = host_reward(host.tokens, host.mask) if host_reward else jax.device_get(
             iteration.score_rollout(state, batch))
         return host, np.asarray(scores)
-    from ppojax.parallel import step, to_host
+    from ppojax.parallel import to_host
+    from ppojax.train import mesh_step as step
 
     _, batch = step.rollout(state, prompt_ids, prompt_mask, mesh)
     host = to_host(batch)
