@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import functools
 import numbers
+from collections.abc import Mapping
 from typing import Callable, Optional
 
 import chex
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from ppojax.registry import resolve_callable
+from ppojax.rl.hparams import declare_hparams
 from ppojax.rl.stats import masked_mean, masked_sum, masked_var
 
 __all__ = [
@@ -227,6 +229,10 @@ class AdvantageInputs:
     """Discount (a float32 array from the state's hyperparameters)."""
     lam: jax.Array
     """GAE lambda (array)."""
+    hparams: dict = flax.struct.field(default_factory=dict)
+    """The hyperparameters the run's estimator and policy loss declared at registration, ``{name: float32 array}``
+    (``ppo.hparams``, else the declared defaults): ``register_estimator("mine", hparams={"lam_critic": 0.95})``
+    reads ``inputs.hparams["lam_critic"]``."""
     group_size: int = flax.struct.field(pytree_node=False, default=1)
     """k, the responses sampled per prompt (``ppo.samples_per_prompt``)."""
     axis_name: Optional[str] = flax.struct.field(pytree_node=False, default=None)
@@ -250,22 +256,32 @@ class Estimator:
     """True: refuses ``samples_per_prompt = 1`` (a group of one has no baseline)."""
     whiten_advantages: bool = False
     """Default of ``ppo.whiten_advantages`` (None) for this estimator."""
+    hparams: dict = dataclasses.field(default_factory=dict, compare=False)
+    """The array hyperparameters it declares, ``{name: default}`` (``ppo.hparams.<name>``; read from
+    ``AdvantageInputs.hparams``)."""
 
 
 _ESTIMATORS: dict[str, Estimator] = {}
 
 
 def register_estimator(name: str, fn: Optional[EstimatorFn] = None, *, needs_critic: bool = False,
-                       needs_groups: bool = False, whiten_advantages: bool = False, replace: bool = False):
+                       needs_groups: bool = False, whiten_advantages: bool = False, replace: bool = False,
+                       hparams: Optional[Mapping[str, float]] = None):
     """Register ``fn`` as the advantage estimator ``name`` (``ppo.advantage_estimator: name``). Usable as a
-    decorator: ``@register_estimator("mine", needs_critic=False)``."""
+    decorator: ``@register_estimator("mine", needs_critic=False)``.
+
+    ``hparams={"lam_critic": 0.95}`` declares float hyperparameters of its own, with their defaults: each becomes an
+    array of the train state (``ppo.hparams.lam_critic`` in a config; ``set_hparams(state, lam_critic=0.9)`` and
+    sweeps change it without recompiling), read as ``inputs.hparams["lam_critic"]``. Names are global across
+    registrations (``ppojax.rl.hparams.declare_hparams``)."""
 
     def register(f):
         if not callable(f):
             raise TypeError(f"estimator {name!r} must be callable, got {type(f).__name__}")
         if name in _ESTIMATORS and not replace and _ESTIMATORS[name].fn is not f:
             raise ValueError(f"an advantage estimator named {name!r} is already registered (pass replace=True)")
-        _ESTIMATORS[name] = Estimator(name, f, needs_critic, needs_groups, whiten_advantages)
+        declared = declare_hparams(f"advantage estimator {name!r}", hparams)
+        _ESTIMATORS[name] = Estimator(name, f, needs_critic, needs_groups, whiten_advantages, hparams=declared)
         f.estimator = _ESTIMATORS[name]
         return f
 

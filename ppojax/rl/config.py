@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
+from collections.abc import Mapping
 from typing import Literal, Optional
 
 from ppojax.rl.advantages import get_estimator
 from ppojax.rl.kl import KLControlConfig
-from ppojax.rl.losses import LOSS_AGGREGATIONS, get_policy_loss
+from ppojax.rl.losses import LOSS_AGGREGATIONS, get_policy_loss, policy_loss_hparams
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -174,10 +176,14 @@ class PPOConfig:
     critic: Literal["separate", "shared"] = "separate"
     """'separate': the critic is a model of its own (the actor's trunk + a zero value head at the start; TRL PPOv2,
     Tunix). 'shared': lm-human-preferences' original design, a zero-initialised value head on the policy's trunk
-    (:class:`SharedCritic`): params are ``{'actor', 'value_head'}``, one trunk forward gives both the log-probs and
+    (``ppojax.rl.roles.SharedCritic``): params are ``{'actor', 'value_head'}``, one trunk forward gives both the log-probs and
     the values in the rollout and in every update, the value loss trains the policy's trunk too (weighted by
     ``vf_coef``), and no critic copy (weights, gradients, two Adam moments) is held. Needs an estimator with a
     critic (GAE); full fine-tuning only (refused with LoRA roles)."""
+    hparams: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Values of the array hyperparameters declared by the selected estimator, policy loss or loss terms, by name;
+    unset ones take the declared default (``register_estimator(..., hparams={'lam_critic': 0.95})``). Each is an
+    array of the train state: ``set_hparams`` and sweeps (``ppo.hparams.<name>``) change it without recompiling."""
 
     def __post_init__(self):
         for name in ("batch_size", "minibatch_size", "ppo_epochs", "response_length"):
@@ -246,6 +252,7 @@ class PPOConfig:
             raise ValueError(f"ppo.clip_eps_high={self.clip_eps_high} must be >= ppo.clip_eps={self.clip_eps} "
                              "(clip-higher widens the upper bound; None means symmetric)")
         get_policy_loss(self.policy_loss)
+        self._check_hparams(estimator.hparams, policy_loss_hparams(self.policy_loss))
         if not isinstance(self.reuse_sampler_logprobs, bool):
             raise ValueError(f"ppo.reuse_sampler_logprobs must be true or false, got {self.reuse_sampler_logprobs!r}")
         if self.critic not in ("separate", "shared"):
@@ -258,6 +265,28 @@ class PPOConfig:
         reserved = {"policy", "value", "entropy", "kl"}
         if reserved & set(names) or len(set(names)) != len(names):
             raise ValueError(f"ppo.extra_loss_terms names must be unique and not in {sorted(reserved)}: {names}")
+
+    def _check_hparams(self, by_estimator: dict, by_policy_loss: dict) -> None:
+        if not isinstance(self.hparams, Mapping):
+            raise ValueError(f"ppo.hparams must be a mapping {{name: value}}, got {self.hparams!r}")
+        declared = {**by_estimator, **by_policy_loss}
+        for name, value in self.hparams.items():
+            if name not in declared:
+                close = difflib.get_close_matches(str(name), list(declared), n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ValueError(
+                    f"ppo.hparams.{name} is declared by neither this run's estimator nor its policy loss: {hint}"
+                    f"(advantage estimator {self.advantage_estimator!r} declares {sorted(by_estimator) or 'none'}, "
+                    f"policy loss {self.policy_loss!r} declares {sorted(by_policy_loss) or 'none'})")
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"ppo.hparams.{name} must be a finite number, got {value!r}")
+
+    @property
+    def declared_hparams(self) -> dict[str, float]:
+        """Every hyperparameter the estimator and the policy loss declare, ``{name: value}``: ``hparams[name]``,
+        else the declared default."""
+        declared = {**get_estimator(self.advantage_estimator).hparams, **policy_loss_hparams(self.policy_loss)}
+        return {name: float(self.hparams.get(name, default)) for name, default in sorted(declared.items())}
 
     @property
     def prompts_per_iteration(self) -> int:

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import copy
 import difflib
-from typing import TYPE_CHECKING
+import math
+import numbers
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Optional
 
 import flax.struct
 import jax
@@ -29,7 +32,8 @@ class HParams:
 
     The static setup decides whether an optional one is used at all (``ppo.dual_clip: null`` compiles no dual clip;
     ``ppo.top_p: 1`` no nucleus filter; ``optimizer.max_grad_norm: null`` no clipping); its array here is then
-    unused. ``term_weights`` holds the weights of the config's ``ppo.extra_loss_terms`` by name.
+    unused. ``term_weights`` holds the weights of the config's ``ppo.extra_loss_terms`` by name; ``declared`` the
+    hyperparameters the run's advantage estimator and policy loss declared at registration (``ppo.hparams``), by name.
     """
 
     learning_rate: jax.Array
@@ -54,6 +58,7 @@ class HParams:
     kl_target: jax.Array
     kl_horizon: jax.Array
     term_weights: dict
+    declared: dict
 
 
 # Config path -> HParams field. The initial KL coefficient is an array too, but of the KL controller's state.
@@ -81,7 +86,54 @@ HPARAM_PATHS: dict[str, str] = {
     "ppo.kl.horizon": "kl_horizon",
 }
 ARRAY_CONFIG_PATHS = (*HPARAM_PATHS, "ppo.kl.init_coef")
-"""Every config field that lives in the state as an array: runs that differ only in these share one program."""
+"""The built-in config fields that live in the state as arrays: runs that differ only in these share one program
+(:func:`is_array_path` adds the loss terms' weights and the declared ``ppo.hparams.<name>``)."""
+
+
+def is_array_path(path: str) -> bool:
+    """Whether the config field at ``path`` lives in the state as an array, so that runs differing only there share
+    one program: a field of :data:`ARRAY_CONFIG_PATHS`, a user loss term's ``ppo.extra_loss_terms.<name>.weight``, or
+    a declared hyperparameter ``ppo.hparams.<name>``."""
+    return (path in ARRAY_CONFIG_PATHS or path.startswith("ppo.hparams.")
+            or (path.startswith("ppo.extra_loss_terms.") and path.endswith(".weight")))
+
+
+# Hyperparameters declared at registration (``register_estimator(..., hparams=...)``, ``register_policy_loss``):
+# name -> (default, who declared it). Names are global: ``ppo.hparams.<name>`` means one thing in every run.
+_DECLARED: dict[str, tuple[float, str]] = {}
+
+
+def declare_hparams(owner: str, hparams: Optional[Mapping[str, float]]) -> dict[str, float]:
+    """Check and record the array hyperparameters a registration declares, ``{name: default}``; returns them as
+    floats. ``owner`` names the registration in messages (``"advantage estimator 'gae2'"``).
+
+    A name is an identifier, is not a built-in :class:`HParams` field, and has one default: declaring it again with
+    another default (from another registration) is a ``ValueError``; the same owner may re-declare (``replace=True``).
+    """
+    if hparams is None:
+        return {}
+    if not isinstance(hparams, Mapping):
+        raise TypeError(f"{owner}: hparams must be a mapping {{name: default}}, got {type(hparams).__name__}")
+    builtin = set(HParams.__dataclass_fields__)
+    out = {}
+    for name, default in hparams.items():
+        if not (isinstance(name, str) and name.isidentifier()):
+            raise ValueError(f"{owner}: hyperparameter name {name!r} must be an identifier")
+        if name in builtin:
+            raise ValueError(f"{owner}: hyperparameter {name!r} would shadow the built-in HParams field {name!r}; "
+                             "choose another name")
+        if isinstance(default, bool) or not isinstance(default, numbers.Real) or not math.isfinite(default):
+            raise ValueError(f"{owner}: hyperparameter {name!r} needs a finite number as its default, got {default!r}")
+        known = _DECLARED.get(name)
+        if known is not None and known[1] != owner and known[0] != float(default):
+            raise ValueError(f"{owner} declares hyperparameter {name!r} = {float(default)!r}, but {known[1]} declared "
+                             f"it = {known[0]!r}: names are global (ppo.hparams.{name}), so use another name or the "
+                             "same default")
+        out[name] = float(default)
+    for name, default in out.items():
+        if name not in _DECLARED or _DECLARED[name][1] == owner:
+            _DECLARED[name] = (default, owner)
+    return out
 
 # Optional fields whose None (or, for top_p, 1.0) switches code off: the presence is static, the value an array.
 _SWITCHES = {"optimizer.max_grad_norm": None, "ppo.clip_eps_high": None, "ppo.dual_clip": None,
@@ -105,7 +157,8 @@ def hparams_from_config(ppo: "PPOConfig", optimizer: "OptimizerConfig") -> HPara
     values = {field: _f32(_get_path(cfgs, path)) for path, field in HPARAM_PATHS.items()}
     if ppo.clip_eps_high is None:
         values["clip_eps_high"] = _f32(ppo.clip_eps)
-    return HParams(**values, term_weights={t.name: _f32(t.weight) for t in ppo.extra_loss_terms})
+    return HParams(**values, term_weights={t.name: _f32(t.weight) for t in ppo.extra_loss_terms},
+                   declared={name: _f32(value) for name, value in ppo.declared_hparams.items()})
 
 
 class InState:
@@ -157,20 +210,22 @@ def static_view(ppo: "PPOConfig", optimizer: "OptimizerConfig"):
                          horizon=InState("ppo.kl.horizon"))
     terms = tuple(_replace_static(t, weight=InState(f"ppo.extra_loss_terms.{t.name}.weight"))
                   for t in ppo.extra_loss_terms)
-    ppo_static = _replace_static(ppo, kl=kl, extra_loss_terms=terms, **mark(ppo, "ppo", fields("ppo")))
+    # Every declared name is marked, set in the config or not: runs differing only in these values share a setup.
+    declared = {name: InState(f"ppo.hparams.{name}") for name in ppo.declared_hparams}
+    ppo_static = _replace_static(ppo, kl=kl, extra_loss_terms=terms, hparams=declared,
+                                 **mark(ppo, "ppo", fields("ppo")))
     opt_static = _replace_static(optimizer, **mark(optimizer, "optimizer", fields("optimizer")))
     return ppo_static, opt_static
 
 
 
-def _hparam_field(name: str) -> str:
+def _hparam_field(name: str, declared: Mapping) -> str:
     if name in HPARAM_PATHS:
         return HPARAM_PATHS[name]
-    if name in HParams.__dataclass_fields__ and name != "term_weights":
+    if name in HParams.__dataclass_fields__ and name not in ("term_weights", "declared"):
         return name
-    import difflib
-
-    choices = list(HPARAM_PATHS) + [f for f in HParams.__dataclass_fields__ if f != "term_weights"]
+    choices = (list(HPARAM_PATHS) + [f for f in HParams.__dataclass_fields__ if f not in ("term_weights", "declared")]
+               + [*declared, *(f"ppo.hparams.{n}" for n in declared)])
     close = difflib.get_close_matches(name, choices, n=1)
     raise KeyError(f"{name!r} is not an array hyperparameter{f'; did you mean {close[0]!r}?' if close else ''} "
                    f"(see ppojax.rl.hparams.HPARAM_PATHS)")
@@ -179,9 +234,10 @@ def _hparam_field(name: str) -> str:
 def set_hparams(state: TrainState, **values) -> TrainState:
     """The state with hyperparameters changed; nothing recompiles. Keys are ``HParams`` field names
     (``clip_eps=0.3``) or config paths through a dict (``**{"ppo.clip_eps": 0.3}``); ``term_weights={"name": w}``
-    sets user loss-term weights. An optional hyperparameter that the setup switched off (``ppo.dual_clip: null``...)
+    sets user loss-term weights; a hyperparameter declared by the run's estimator or policy loss is set by its name
+    (``lam_critic=0.8``) or path (``**{"ppo.hparams.lam_critic": 0.8}``). An optional hyperparameter that the setup switched off (``ppo.dual_clip: null``...)
     cannot be switched on here: that changes the program."""
-    changes, weights = {}, dict(state.hparams.term_weights)
+    changes, weights, declared = {}, dict(state.hparams.term_weights), dict(state.hparams.declared)
     for name, value in values.items():
         if name == "term_weights":
             unknown = set(value) - set(weights)
@@ -189,7 +245,15 @@ def set_hparams(state: TrainState, **values) -> TrainState:
                 raise KeyError(f"no loss terms {sorted(unknown)} in this run (terms: {sorted(weights)})")
             weights.update({k: _f32(v) for k, v in value.items()})
             continue
-        field = _hparam_field(name)
+        short = name.removeprefix("ppo.hparams.")
+        if short in declared:
+            declared[short] = jnp.asarray(value, jnp.float32).reshape(declared[short].shape)
+            continue
+        if name != short:
+            close = difflib.get_close_matches(short, list(declared), n=1)
+            raise KeyError(f"{name!r}: this run's estimator and policy loss declare no hyperparameter {short!r}"
+                           f"{f'; did you mean {close[0]!r}?' if close else ''} (declared: {sorted(declared)})")
+        field = _hparam_field(name, declared)
         path = next(p for p, f in HPARAM_PATHS.items() if f == field)
         if path in _SWITCHES:
             section, attr = path.split(".")
@@ -199,4 +263,4 @@ def set_hparams(state: TrainState, **values) -> TrainState:
                                  "compiled program: set it in the config instead")
         old = getattr(state.hparams, field)
         changes[field] = jnp.asarray(value, jnp.float32).reshape(old.shape)
-    return state.replace(hparams=state.hparams.replace(**changes, term_weights=weights))
+    return state.replace(hparams=state.hparams.replace(**changes, term_weights=weights, declared=declared))

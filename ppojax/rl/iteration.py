@@ -303,7 +303,7 @@ def _update(state: TrainState, rollout: Rollout, scores: jax.Array):
         rewards = whiten(rewards, mask, shift_mean=False, axis_name=axis)
     advantages, returns = run_estimator(setup.estimator, AdvantageInputs(
         scores=scores, rewards=rewards, kl=kl, mask=mask, values=rollout.values, gamma=hp.gamma, lam=hp.lam,
-        group_size=cfg.samples_per_prompt, axis_name=axis))
+        hparams=hp.declared, group_size=cfg.samples_per_prompt, axis_name=axis))
     if setup.whiten_advantages:
         advantages = whiten(advantages, mask, shift_mean=True, axis_name=axis)
 

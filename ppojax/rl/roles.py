@@ -26,7 +26,7 @@ class FullFineTune:
     """Every actor and critic weight trains; the reference is a frozen copy of the initial actor.
 
     A role view maps ``(params, frozen)`` to the param trees the model functions take; LoRA's view
-    (``ppojax.models.lora``) builds them from one frozen base and the adapters instead."""
+    (:class:`LoraRoles`) builds them from one frozen base and the adapters instead."""
 
     def actor(self, params, frozen):
         return params["actor"]

@@ -17,7 +17,7 @@ from ppojax.parallel.sharding import Collectives
 from ppojax.rl.advantages import Estimator, get_estimator
 from ppojax.rl.config import OptimizerConfig, PPOConfig
 from ppojax.rl.hparams import HParams, static_view
-from ppojax.rl.losses import LossTerm, combine, entropy_loss, get_policy_loss, kl_loss, value_loss
+from ppojax.rl.losses import LossTerm, combine, entropy_loss, get_policy_loss, kl_loss, policy_loss_hparams, value_loss
 from ppojax.rl.optimizer import total_updates
 from ppojax.rl.roles import FullFineTune, SharedCritic
 
@@ -76,12 +76,14 @@ def build_loss(ppo: PPOConfig, extra: tuple = ()) -> Callable:
     terms += list(extra)
     combined = combine(terms)
     extra_names = tuple(t.name for t in ppo.extra_loss_terms)
+    policy_declared = tuple(policy_loss_hparams(ppo.policy_loss))  # its own hyperparameters, as keyword arguments
 
     def loss_fn(inputs, hp: HParams):
         weights = {"entropy": hp.entropy_coef, "kl": hp.kl_loss_coef,
                    **{name: hp.term_weights[name] for name in extra_names}}
         policy = {"clip_eps": hp.clip_eps, "clip_eps_high": hp.clip_eps_high,
-                  "dual_clip": hp.dual_clip if ppo.dual_clip is not None else None}
+                  "dual_clip": hp.dual_clip if ppo.dual_clip is not None else None,
+                  **{name: hp.declared[name] for name in policy_declared}}
         kwargs = {"policy": policy}
         if has_critic:
             weights["value"] = hp.vf_coef

@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ppojax.io import configlib
 from ppojax.rl import iteration
-from ppojax.rl.hparams import ARRAY_CONFIG_PATHS
+from ppojax.rl.hparams import is_array_path
 from ppojax.rl.state import TrainState
 
 RUN_AXIS = "runs"
@@ -137,13 +137,9 @@ def group_runs(runs: Sequence[Run]) -> list[list[Run]]:
     """Runs whose grid values differ only in array hyperparameters share a group (one program)."""
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
-        key = tuple((k, repr(v)) for k, v in run.grid.items() if not _is_array_path(k))
+        key = tuple((k, repr(v)) for k, v in run.grid.items() if not is_array_path(k))
         groups.setdefault(key, []).append(run)
     return list(groups.values())
-
-
-def _is_array_path(path: str) -> bool:
-    return path in ARRAY_CONFIG_PATHS or (path.startswith("ppo.extra_loss_terms.") and path.endswith(".weight"))
 
 
 def closest_field(path: str, choices: Sequence[str]) -> str:
