@@ -18,7 +18,7 @@ attempt is recorded. What one size's subprocess measures:
   array in a loop of traced length: 2 x 2 GiB moved per pass). The traced loop length keeps XLA from unrolling or
   fusing the passes.
 - per iteration: ``ppojax.rollout`` (sampling + actor/ref log-probs + critic values), the reward model
-  (``ppojax.ppo.score_rollout``) and ``ppojax.update`` (epochs x minibatches), each followed by
+  (``ppojax.rl.iteration.score_rollout``) and ``ppojax.update`` (epochs x minibatches), each followed by
   ``block_until_ready``; the median over the iterations after the first. The first iteration (compilation included)
   is reported on its own, with the XLA compile time from ``jax.monitoring`` events.
 - recompiles: XLA compilations (``jax.monitoring`` backend-compile events and persistent-cache hits) during

@@ -121,6 +121,7 @@ def _run_locked(args, path, data, base, runs, seeds, grid, run_dir, atomic_write
     import numpy as np
 
     from ppojax.io.checkpoint import Checkpointer
+    from ppojax.rl.hparams import is_array_path
     from ppojax.rl.iteration import check_metrics
     from ppojax.train import sweep as sw
 
@@ -135,7 +136,7 @@ def _run_locked(args, path, data, base, runs, seeds, grid, run_dir, atomic_write
                                 "rerun its own command to resume it, or pass a new --run-dir")
 
     groups_of = sw.group_runs(runs)
-    splitting = sorted({k for k in grid if not sw._is_array_path(k)})
+    splitting = sorted({k for k in grid if not is_array_path(k)})
     print(f"[sweep] {len(runs)} runs ({len(seeds)} seeds x {len(runs) // len(seeds)} grid points) in "
           f"{len(groups_of)} program(s)" + (f": {', '.join(splitting)} change the program, so each of their values "
                                             "compiles its own" if splitting else ""), file=sys.stderr, flush=True)
