@@ -55,7 +55,7 @@ def categorize(name: str, shape: str, op_name: str, vocab: int) -> str:
     last = op_name.rsplit("/", 1)[-1]
     if any(e in op_name for e in ("nd,vd->nv", "nv,vd->nd", "nv,nd->vd")):
         return "vocab matmul"
-    if "optimizer_step" in op_name:  # the fused Adam update's scope (ppojax.rl.state.optimizer_step)
+    if "optimizer_step" in op_name:  # the fused Adam update's scope (ppojax.rl.optimizer.optimizer_step)
         return "optimizer"
     if "while/body" not in op_name and ("sample" in op_name or "_inverse_cdf" in op_name):
         return "sampling"

@@ -38,7 +38,8 @@ def child(n: int, mesh_text: str, iters: int) -> dict:
     from ppojax import parallel
     from ppojax.rl import rewards
     from ppojax.rl.kl import KLControlConfig
-    from ppojax.rl.state import OptimizerConfig, PPOConfig, create_train_state
+    from ppojax.rl.config import OptimizerConfig, PPOConfig
+    from ppojax.rl.state import create_train_state
     from ppojax.train import loop
 
     model = ppojax.GPT2Config(vocab_size=1024, n_positions=64, n_embd=128, n_layer=2, n_head=4)

@@ -190,7 +190,7 @@ def option_value(key: str, text: str):
             raise ValueError(f"option {key} takes a positive int, got {text!r}")
         return int(text)
     if key == "xla":
-        import xla_cpu_flags
+        import _xla_flag_sets as xla_cpu_flags
 
         if text not in xla_cpu_flags.FLAG_SETS:
             raise ValueError(f"option xla={text!r}: not a flag set of xla_cpu_flags.FLAG_SETS "
@@ -253,7 +253,7 @@ def side_variant(side: Side, job: str, iterations: int, ckpt: str, args, rev_dir
         elif key == "vocab_dtype":
             argv += ["--vocab-dtype", value]
         elif key == "xla":
-            import xla_cpu_flags
+            import _xla_flag_sets as xla_cpu_flags
 
             env["XLA_FLAGS"] = xla_cpu_flags.FLAG_SETS[value]["flags"]
     return _interleave.Variant(side.name, tuple(argv), env, str(root))

@@ -98,13 +98,14 @@ def _check_args(args: argparse.Namespace) -> None:
 def _lora_spec(args: argparse.Namespace, config, lm_params):
     """The adapters' ``LoraSpec`` (None without ``--lora-rank``), checked against the model before compiling."""
     from ppojax.models import lora
+    from ppojax.rl.roles import roles_from_config
     from ppojax.train.config import LoraConfig
 
     if args.lora_rank == 0:
         return None
     try:
-        roles = lora.roles_from_config(LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha,
-                                                  targets=args.lora_targets or ()), config)  # (): all
+        roles = roles_from_config(LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha,
+                                             targets=args.lora_targets or ()), config)  # (): all
         spec = roles.spec()
         spec.check(config, lm_params)
     except (lora.LoraError, ValueError) as e:

@@ -2,161 +2,140 @@
 
 The package is arranged by role:
 
-    models/     the model interface and registry (``forward``, ``init_params``...), one folder per family
+    models/     the model interface and registry (``forward``, ``init_params``...), one folder per family, and LoRA
     generate/   token sampling (``generate``) and chunked token log-probs (``token_logprobs``)
     rl/         the RL pieces, each a plain function behind a registry: advantage estimators, losses, KL control,
-                rewards; the train state and the jitted iteration; reward-model training
-    parallel/   the device mesh, sharding rules and collectives (below the iteration), the iteration jitted over a
-                mesh (above it), multi-process start-up
+                rewards; the configs, the array hyperparameters, the optimizer, the role views, the static setup, the
+                train state and the jitted iteration; reward-model training
+    parallel/   the device mesh, sharding rules and collectives, multi-process start-up (below the iteration)
     io/         Hugging Face weights and tokenizers, checkpoints, configs, logs, prompt data, atomic writes
-    train/      one training step and loop, the experiment config and the runner behind experiments/ppo_gpt2.py
+    train/      building and driving a run (``ppojax.train.build_run`` -> ``Run.train``), the one training loop, the
+                iteration jitted over a mesh, sweeps, the experiment config
+    cli.py      the command lines of experiments/ppo_gpt2.py and experiments/sweep.py (argparse only)
+    registry.py resolving and checking the user callables a config names (``'package.module:function'``)
 
-Modules that used to sit at the top level (``ppojax.ppo``, ``ppojax.state``, ``ppojax.losses``, ...) still import
-under those names.
+``import ppojax`` is cheap: every public name below is imported from its module on first use (PEP 562), so a tool
+that only reads configs does not pay for jax.
 """
 
 import importlib as _importlib
 import sys as _sys
+import types as _types
 
-from ppojax import models
-from ppojax.generate.logprobs import TokenLogProbs, token_logprobs
-from ppojax.generate.sampling import SampleOutput, filter_logits, generate
-from ppojax.io.checkpoint import CheckpointCorruptError, Checkpointer, CheckpointMismatchError
-from ppojax.io.hub import CheckpointError, HubUnreachableError, load_pretrained, save_pretrained
-from ppojax.io.tokenizer import load_tokenizer
-from ppojax.models import (
-    GPT2Config,
-    KVCache,
-    LlamaConfig,
-    ModelFamily,
-    forward,
-    forward_hidden,
-    forward_with_cache,
-    init_cache,
-    init_params,
-    init_value_params,
-    register_model_family,
-    unembed,
-    value_forward,
-)
-from ppojax.rl import advantages, kl, losses, preferences, reward_training, rewards
-from ppojax.rl.advantages import AdvantageInputs, gae, masked_mean, register_estimator, whiten
-from ppojax.rl.iteration import Rollout, check_metrics, compile_count, ppo_iteration, rollout, score_rollout, update
-from ppojax.rl.kl import KLControlConfig, KLState
-from ppojax.rl.losses import LossInputs, LossTerm, combine, kl_estimate, register_policy_loss
-from ppojax.rl.rewards import FunctionReward, LexiconReward, RewardModel, lexicon_reward, lexicon_valence_table
-from ppojax.rl.state import (
-    ExtraLossTerm,
-    HParams,
-    OptimizerConfig,
-    PPOConfig,
-    TrainState,
-    create_train_state,
-    set_hparams,
-)
-from ppojax import parallel
-from ppojax.parallel import distributed
-from ppojax.train.loop import train, train_step
+__version__ = "0.3.0"
 
-__version__ = "0.2.0"
-
-# Old module paths -> their modules in the role folders (the same module objects: private names come along).
-_MOVED = {
-    "ppo": "ppojax.rl.iteration",
-    "state": "ppojax.rl.state",
-    "losses": "ppojax.rl.losses",
+# Public name -> the module that defines it.
+_PUBLIC = {
+    "AdvantageInputs": "ppojax.rl.advantages",
+    "CheckpointCorruptError": "ppojax.io.checkpoint",
+    "CheckpointError": "ppojax.io.hub",
+    "CheckpointMismatchError": "ppojax.io.checkpoint",
+    "Checkpointer": "ppojax.io.checkpoint",
+    "ExtraLossTerm": "ppojax.rl.config",
+    "FunctionReward": "ppojax.rl.rewards",
+    "GPT2Config": "ppojax.models",
+    "HParams": "ppojax.rl.hparams",
+    "HubUnreachableError": "ppojax.io.hub",
+    "KLControlConfig": "ppojax.rl.kl",
+    "KLState": "ppojax.rl.kl",
+    "KVCache": "ppojax.models",
+    "LexiconReward": "ppojax.rl.rewards",
+    "LlamaConfig": "ppojax.models",
+    "LossInputs": "ppojax.rl.losses",
+    "LossTerm": "ppojax.rl.losses",
+    "ModelFamily": "ppojax.models",
+    "OptimizerConfig": "ppojax.rl.config",
+    "PPOConfig": "ppojax.rl.config",
+    "RewardModel": "ppojax.rl.rewards",
+    "Run": "ppojax.train.run",
+    "RunError": "ppojax.train.run",
+    "Rollout": "ppojax.rl.iteration",
+    "SampleOutput": "ppojax.generate.sampling",
+    "TokenLogProbs": "ppojax.generate.logprobs",
+    "TrainState": "ppojax.rl.state",
+    "check_metrics": "ppojax.rl.iteration",
+    "combine": "ppojax.rl.losses",
+    "compile_count": "ppojax.rl.iteration",
+    "build_run": "ppojax.train.run",
+    "create_train_state": "ppojax.rl.state",
+    "filter_logits": "ppojax.generate.sampling",
+    "forward": "ppojax.models",
+    "forward_hidden": "ppojax.models",
+    "forward_with_cache": "ppojax.models",
     "gae": "ppojax.rl.advantages",
-    "kl": "ppojax.rl.kl",
-    "rewards": "ppojax.rl.rewards",
-    "reward_training": "ppojax.rl.reward_training",
-    "preferences": "ppojax.rl.preferences",
-    "sampling": "ppojax.generate.sampling",
-    "logprobs": "ppojax.generate.logprobs",
-    "hub": "ppojax.io.hub",
-    "tokenizer": "ppojax.io.tokenizer",
-    "checkpoint": "ppojax.io.checkpoint",
-    "configlib": "ppojax.io.configlib",
-    "logger": "ppojax.io.logger",
-    "data": "ppojax.io.data",
-    "config": "ppojax.train.config",
-    "distributed": "ppojax.parallel.distributed",
+    "generate": "ppojax.generate.sampling",
+    "init_cache": "ppojax.models",
+    "init_params": "ppojax.models",
+    "init_value_params": "ppojax.models",
+    "kl_estimate": "ppojax.rl.losses",
+    "lexicon_reward": "ppojax.rl.rewards",
+    "lexicon_valence_table": "ppojax.rl.rewards",
+    "load_pretrained": "ppojax.io.hub",
+    "load_tokenizer": "ppojax.io.tokenizer",
+    "masked_mean": "ppojax.rl.advantages",
+    "ppo_iteration": "ppojax.rl.iteration",
+    "register_estimator": "ppojax.rl.advantages",
+    "register_model_family": "ppojax.models",
+    "register_policy_loss": "ppojax.rl.losses",
+    "register_reward": "ppojax.rl.rewards",
+    "register_reward_builder": "ppojax.rl.rewards",
+    "rollout": "ppojax.rl.iteration",
+    "save_pretrained": "ppojax.io.hub",
+    "score_rollout": "ppojax.rl.iteration",
+    "set_hparams": "ppojax.rl.hparams",
+    "token_logprobs": "ppojax.generate.logprobs",
+    "train_step": "ppojax.train.loop",
+    "unembed": "ppojax.models",
+    "update": "ppojax.rl.iteration",
+    "value_forward": "ppojax.models",
+    "whiten": "ppojax.rl.advantages",
 }
+# Public names that are modules -> the module.
+_PUBLIC_MODULES = {
+    "advantages": "ppojax.rl.advantages",
+    "distributed": "ppojax.parallel.distributed",
+    "kl": "ppojax.rl.kl",
+    "losses": "ppojax.rl.losses",
+    "models": "ppojax.models",
+    "parallel": "ppojax.parallel",
+    "preferences": "ppojax.rl.preferences",
+    "reward_training": "ppojax.rl.reward_training",
+    "rewards": "ppojax.rl.rewards",
+    "train": "ppojax.train",
+}
+# Subpackages reachable as attributes too (``ppojax.rl.losses`` after ``import ppojax``).
+_SUBPACKAGES = ("cli", "generate", "io", "models", "parallel", "registry", "rl", "train")
+# A public function named like a subpackage: importing ``ppojax.generate.sampling`` must not replace the function
+# ``ppojax.generate`` (``ppojax.train``, by contrast, is the subpackage: ``ppojax.train.build_run``).
+_FUNCTIONS_OVER_PACKAGES = frozenset(n for n in ("generate",) if n in _PUBLIC)
+
+__all__ = sorted([*_PUBLIC, *_PUBLIC_MODULES])
 
 
-for _old, _new in _MOVED.items():
-    # The same module object under both names; the package attribute keeps its own meaning (``ppojax.gae`` is
-    # the function, ``ppojax.kl`` the module), so only names that are free get the module.
-    _sys.modules[f"ppojax.{_old}"] = _importlib.import_module(_new)
-    if _old not in globals():
-        globals()[_old] = _sys.modules[f"ppojax.{_old}"]
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(_importlib.import_module(_PUBLIC[name]), name)
+    elif name in _PUBLIC_MODULES:
+        value = _importlib.import_module(_PUBLIC_MODULES[name])
+    elif name in _SUBPACKAGES and name not in _PUBLIC:
+        value = _importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
-__all__ = [
-    "AdvantageInputs",
-    "CheckpointCorruptError",
-    "CheckpointError",
-    "CheckpointMismatchError",
-    "Checkpointer",
-    "ExtraLossTerm",
-    "FunctionReward",
-    "GPT2Config",
-    "HParams",
-    "HubUnreachableError",
-    "KLControlConfig",
-    "KLState",
-    "KVCache",
-    "LexiconReward",
-    "LlamaConfig",
-    "LossInputs",
-    "LossTerm",
-    "ModelFamily",
-    "OptimizerConfig",
-    "PPOConfig",
-    "RewardModel",
-    "Rollout",
-    "SampleOutput",
-    "TokenLogProbs",
-    "TrainState",
-    "advantages",
-    "check_metrics",
-    "combine",
-    "compile_count",
-    "create_train_state",
-    "distributed",
-    "filter_logits",
-    "forward",
-    "forward_hidden",
-    "forward_with_cache",
-    "gae",
-    "generate",
-    "init_cache",
-    "init_params",
-    "init_value_params",
-    "kl",
-    "kl_estimate",
-    "lexicon_reward",
-    "lexicon_valence_table",
-    "load_pretrained",
-    "load_tokenizer",
-    "losses",
-    "masked_mean",
-    "models",
-    "parallel",
-    "ppo_iteration",
-    "preferences",
-    "register_estimator",
-    "register_model_family",
-    "register_policy_loss",
-    "reward_training",
-    "rewards",
-    "rollout",
-    "save_pretrained",
-    "score_rollout",
-    "set_hparams",
-    "token_logprobs",
-    "train",
-    "train_step",
-    "unembed",
-    "update",
-    "value_forward",
-    "whiten",
-]
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__) | set(_SUBPACKAGES))
+
+
+class _Package(_types.ModuleType):
+    """The package module: a submodule import does not overwrite a public function of the same name."""
+
+    def __setattr__(self, name, value):
+        if name in _FUNCTIONS_OVER_PACKAGES and isinstance(value, _types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package

@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 
 import ppojax  # noqa: E402
 from ppojax import parallel  # noqa: E402
+from ppojax.train import mesh_step  # noqa: E402
 
 VOCAB, BATCH, K = 40, 32, 4
 # (the settings, the device counts they run on): every count for one case, the extremes for the others.
@@ -72,12 +73,12 @@ def main():
             mesh = parallel.make_mesh("", devices=jax.devices()[:n])
             state = parallel.shard_state(make_state(case), mesh)
             p = parallel.shard_batch(mesh, ids, mask)
-            after, batch = parallel.rollout(state, *p, mesh)
-            scores = parallel.score_rollout(after, batch, mesh)
-            new, metrics = parallel.update(after, batch, scores, mesh)
+            after, batch = mesh_step.rollout(state, *p, mesh)
+            scores = mesh_step.score_rollout(after, batch, mesh)
+            new, metrics = mesh_step.update(after, batch, scores, mesh)
             out[case][str(n)] = summary(new, metrics, parallel.to_host(batch.tokens))
         mesh = parallel.make_mesh("data=4", devices=jax.devices()[:4])
-        state, metrics = parallel.shard_map_iteration(make_state(case, axis_name="data"), jnp.asarray(ids),
+        state, metrics = mesh_step.shard_map_iteration(make_state(case, axis_name="data"), jnp.asarray(ids),
                                                       jnp.asarray(mask), mesh)
         s = summary(state, metrics, out[case]["1"]["tokens"])  # shard_map returns no rollout: its params say it all
         out[case]["shard_map 4"] = s

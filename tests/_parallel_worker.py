@@ -20,10 +20,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import ppojax  # noqa: E402
-from ppojax import distributed, parallel, ppo, rewards  # noqa: E402
+from ppojax import distributed, parallel, rewards  # noqa: E402
+from ppojax.rl import iteration as ppo  # noqa: E402
+from ppojax.train import mesh_step  # noqa: E402
 from ppojax.io.data import PromptLoader  # noqa: E402
 from ppojax.rl.kl import KLControlConfig  # noqa: E402
-from ppojax.rl.state import OptimizerConfig, PPOConfig, create_train_state  # noqa: E402
+from ppojax.rl.config import OptimizerConfig, PPOConfig  # noqa: E402
+from ppojax.rl.state import create_train_state  # noqa: E402
 
 VOCAB, BATCH = 48, 16
 
@@ -72,12 +75,12 @@ def one_iteration(state, mesh, process_index=0, process_count=1, halves=True):
     ids, mask = parallel.shard_batch(mesh, ids, mask)
     state = parallel.shard_state(state, mesh)
     if not halves:
-        new_state, metrics = parallel.ppo_iteration(state, ids, mask, mesh)
+        new_state, metrics = mesh_step.ppo_iteration(state, ids, mask, mesh)
         return new_state, metrics, None
-    state, batch = parallel.rollout(state, ids, mask, mesh)
+    state, batch = mesh_step.rollout(state, ids, mask, mesh)
     with jax.set_mesh(mesh):
         scores = jax.jit(ppo.compute_scores)(state, batch)
-    new_state, metrics = parallel.update(state, batch, scores, mesh)
+    new_state, metrics = mesh_step.update(state, batch, scores, mesh)
     return new_state, metrics, parallel.to_host(batch.tokens)
 
 
@@ -123,7 +126,7 @@ def devices_mode(n):
     # The shard_map route (explicit psum of grads, global permutation from gathered rows) on 4 devices.
     mesh = parallel.make_mesh("data=4", devices=jax.devices()[:4])
     ids, mask = prompts()
-    state, metrics = parallel.shard_map_iteration(make_state(axis_name="data"), jnp.asarray(ids),
+    state, metrics = mesh_step.shard_map_iteration(make_state(axis_name="data"), jnp.asarray(ids),
                                                   jnp.asarray(mask), mesh)
     out["shard_map data=4"] = summary(state, metrics)
     return out

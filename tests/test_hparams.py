@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import ppojax
-from ppojax.rl.state import HPARAM_PATHS, InState, make_setup
+from ppojax.rl.hparams import HPARAM_PATHS, InState
+from ppojax.rl.setup import make_setup
 
 VOCAB = 40
 MODEL = ppojax.GPT2Config(vocab_size=VOCAB, n_positions=24, n_embd=16, n_layer=1, n_head=2)

@@ -9,13 +9,16 @@ import numpy as np
 import pytest
 
 import ppojax
-from ppojax import ppo
+from ppojax.rl import iteration as ppo
 from ppojax.io.checkpoint import CheckpointMismatchError
 from ppojax.models import lora
-from ppojax.models.lora import LoraError, LoraRoles, LoraSpec
+from ppojax.models.lora import LoraError, LoraSpec
+from ppojax.rl.roles import LoraRoles, roles_from_config
+from ppojax.train.resume import describe_mismatch
 from ppojax.rl import preferences, reward_training, rewards
 from ppojax.rl.kl import KLControlConfig
-from ppojax.rl.state import OptimizerConfig, PPOConfig, create_train_state
+from ppojax.rl.config import OptimizerConfig, PPOConfig
+from ppojax.rl.state import create_train_state
 
 VOCAB = 48
 MODEL = ppojax.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4)
@@ -199,7 +202,7 @@ def _mismatch(saved, target, tmp_path, as_dict):
         ckpt.save(0, pack(saved))
         with pytest.raises(CheckpointMismatchError) as info:
             ckpt.restore(pack(target))
-    return lora.describe_mismatch(info.value, target), str(info.value)
+    return describe_mismatch(info.value, target), str(info.value)
 
 
 @pytest.mark.parametrize("as_dict", [False, True])
@@ -422,11 +425,11 @@ def test_roles_from_the_experiment_config():
     from ppojax.train.config import ExperimentConfig
 
     off = configlib.from_dict(ExperimentConfig, {})
-    assert lora.roles_from_config(off.lora, MODEL) is None
+    assert roles_from_config(off.lora, MODEL) is None
     cfg = configlib.from_dict(ExperimentConfig, {"lora": {"rank": 8, "alpha": 32, "targets": "c_attn,c_fc"}})
-    assert lora.roles_from_config(cfg.lora, MODEL) == LoraRoles(rank=8, alpha=32.0, targets=("c_attn", "c_fc"))
+    assert roles_from_config(cfg.lora, MODEL) == LoraRoles(rank=8, alpha=32.0, targets=("c_attn", "c_fc"))
     every = configlib.from_dict(ExperimentConfig, {"lora": {"rank": 2}})
-    assert lora.roles_from_config(every.lora, MODEL).targets == ("c_attn", "c_proj", "c_fc", "c_proj_mlp")
+    assert roles_from_config(every.lora, MODEL).targets == ("c_attn", "c_proj", "c_fc", "c_proj_mlp")
     with pytest.raises(configlib.ConfigError, match="lora.*rank"):
         configlib.from_dict(ExperimentConfig, {"lora": {"rank": -1}})
 

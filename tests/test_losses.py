@@ -352,7 +352,7 @@ class CombineTest(chex.TestCase):
 class ResolveTermTest(chex.TestCase):
     def test_resolves(self):
         assert resolve_term(f"{__name__}:mean_advantage_term") is mean_advantage_term
-        assert resolve_term("ppojax.losses:value_loss") is value_loss
+        assert resolve_term("ppojax.rl.losses:value_loss") is value_loss
         assert resolve_term("ppo_clip_loss") is ppo_clip_loss
         assert resolve_term(entropy_loss) is entropy_loss
 
@@ -361,10 +361,10 @@ class ResolveTermTest(chex.TestCase):
         ("a:b:c", ValueError),
         (":f", ValueError),
         ("mod:", ValueError),
-        ("ppojax.losses:value_loss.", ValueError),
+        ("ppojax.rl.losses:value_loss.", ValueError),
         ("ppojax_no_such_module_xyz:f", ImportError),
-        ("ppojax.losses:no_such_function", AttributeError),
-        ("ppojax.losses:KL_ESTIMATORS", TypeError),
+        ("ppojax.rl.losses:no_such_function", AttributeError),
+        ("ppojax.rl.losses:KL_ESTIMATORS", TypeError),
         (42, TypeError),
     )
     def test_errors(self, spec, error):

@@ -19,7 +19,7 @@ import pytest
 
 from ppojax import parallel
 from ppojax.parallel import distributed
-from ppojax.rl.state import OptimizerConfig, PPOConfig
+from ppojax.rl.config import OptimizerConfig, PPOConfig
 
 WORKER = Path(__file__).with_name("_parallel_worker.py")
 REPO = WORKER.parent.parent

@@ -18,13 +18,16 @@ import optax
 import pytest
 
 import ppojax
-from ppojax import ppo
+from ppojax.rl import iteration as ppo
 from ppojax.models import init_head, scalar_head
-from ppojax.models.lora import LoraRoles
 from ppojax.rl import rewards
 from ppojax.rl.kl import KLControlConfig
-from ppojax.rl.state import (OptimizerConfig, PPOConfig, SharedCritic, create_train_state, hparams_from_config,
-                             make_optimizer, make_setup, optimizer_step)
+from ppojax.rl.config import OptimizerConfig, PPOConfig
+from ppojax.rl.hparams import hparams_from_config
+from ppojax.rl.optimizer import make_optimizer, optimizer_step
+from ppojax.rl.roles import LoraRoles, SharedCritic
+from ppojax.rl.setup import make_setup
+from ppojax.rl.state import create_train_state
 
 VOCAB = 48
 MODEL = ppojax.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4)

@@ -7,10 +7,11 @@ import optax
 import pytest
 
 import ppojax
-from ppojax import ppo
+from ppojax.rl import iteration as ppo
 from ppojax.rl import rewards
 from ppojax.rl.kl import KLControlConfig
-from ppojax.rl.state import ExtraLossTerm, OptimizerConfig, PPOConfig, create_train_state
+from ppojax.rl.config import ExtraLossTerm, OptimizerConfig, PPOConfig
+from ppojax.rl.state import create_train_state
 
 VOCAB = 48
 MODEL = ppojax.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4)

@@ -81,11 +81,12 @@ def test_lora_run_exports_the_merged_policy_and_a_peft_adapter(straight, tmp_pat
 
     import ppojax
     from ppojax.models import lora
+    from ppojax.rl.roles import roles_from_config
 
     assert {"export", "export-adapter", "checkpoints", "metrics.jsonl"} <= {p.name for p in straight.iterdir()}
     config, base = _base()
     spec, adapters = lora.load_adapter(straight / "export-adapter", config)
-    assert (spec.rank, spec.alpha) == (2, 4.0) and set(spec.targets) == set(lora.roles_from_config(
+    assert (spec.rank, spec.alpha) == (2, 4.0) and set(spec.targets) == set(roles_from_config(
         type("L", (), {"rank": 2, "alpha": 4.0, "targets": ()})(), config).targets)
     # The adapters trained: B left zero (and with it the update A B) would make every check below vacuous.
     assert all(np.abs(np.asarray(a["lora_b"])).max() > 0 for a in adapters.values())

@@ -19,7 +19,7 @@ Adapters are a named pytree::
 :func:`merge` builds the adapted params inside jit, one batched einsum per target (all layers at once): the merged
 kernels are transient values of the forward, the base itself is never copied into the state.
 
-:class:`LoraRoles` is the PPO state's role view (``create_train_state(..., roles=LoraRoles(...))``): the state
+``ppojax.rl.roles.LoraRoles`` is the PPO state's role view (``create_train_state(..., roles=LoraRoles(...))``): the state
 holds ONE frozen copy of the base; the optimizer sees only the adapters and the value head::
 
     frozen  = {'base': base LM params}
@@ -51,7 +51,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -60,21 +59,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppojax.models.base import Params, family_of, init_head, init_params
+from ppojax.models.base import Params, family_of, init_params
 
 __all__ = [
     "ADAPTER_CONFIG_FILE",
     "ADAPTER_WEIGHTS_FILE",
     "LoraError",
-    "LoraRoles",
     "LoraSpec",
-    "describe_config_change",
-    "describe_mismatch",
+    "family_targets",
     "init_adapters",
-    "is_lora",
     "load_adapter",
     "merge",
-    "roles_from_config",
     "save_adapter",
 ]
 
@@ -92,7 +87,8 @@ class LoraError(ValueError):
 # Finding the adapted kernels
 
 
-def _family_targets(config: Any) -> tuple:
+def family_targets(config: Any) -> tuple:
+    """The projections the config's model family lets LoRA adapt (``ModelFamily.lora_targets``)."""
     family = family_of(config)
     if not family.lora_targets:
         raise LoraError(f"model family {family.name!r} names no LoRA targets (ModelFamily.lora_targets is empty)")
@@ -198,7 +194,7 @@ class LoraSpec:
         """Raise one :class:`LoraError` if a target is not one of the family's, does not match exactly one stacked
         kernel of ``params['transformer']``, or is narrower than the rank (``rank > min(in, out)``). Works on
         abstract params (``jax.eval_shape``). Returns ``{target: (n_layer, in, out)}``."""
-        valid = _family_targets(config)
+        valid = family_targets(config)
         unknown = [t for t in self.targets if t not in valid]
         if unknown:
             raise LoraError(f"LoRA targets {unknown} match no projection of the {family_of(config).name} model; "
@@ -261,67 +257,6 @@ def merge(base_params: Params, adapters: Params, alpha: float, rank: int) -> Par
         merged = (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
         trunk = _set(trunk, path + ("kernel",), merged)
     return {**base_params, "transformer": trunk}
-
-
-def is_lora(roles: Any) -> bool:
-    """Whether a state's role view (``state.setup.roles``) is LoRA's."""
-    return isinstance(roles, LoraSpec)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The PPO role view
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraRoles(LoraSpec):
-    """PPO roles over one frozen base: the actor and the critic are the base plus their own adapters (the critic
-    with a value head), the reference is the base itself (see the module docstring for the trees).
-
-    ``create_train_state(config, base_params, ..., roles=LoraRoles(rank=8, alpha=16, targets=('c_attn',)))``: the
-    state's ``frozen`` holds the base once, its ``params`` (and so the optimizer state) only adapters and the head.
-    """
-
-    def actor(self, params, frozen):
-        return self.merge(frozen["base"], params["actor"])
-
-    def reference(self, params, frozen):
-        return frozen["base"]
-
-    def critic(self, params, frozen):
-        critic = params["critic"]
-        return {"transformer": self.merge(frozen["base"], critic["adapters"])["transformer"], "head": critic["head"]}
-
-    def init(self, model_config, actor_params, *, critic: bool, critic_params=None, ref_params=None, key=None):
-        """``(trainable, frozen)`` of a fresh state; ``actor_params`` is the base (held as is, not copied). The critic
-        starts as the base with a zero-effect adapter and a zero value head, as a full fine-tune's critic does."""
-        if key is None:
-            raise LoraError("LoraRoles.init needs a key for the adapters' A matrices")
-        if critic_params is not None:
-            raise LoraError("with LoRA the critic is the shared base plus its own adapter and head: critic_params "
-                            "cannot be given")
-        if ref_params is not None and ref_params is not actor_params:
-            raise LoraError("with LoRA the reference is the shared base (adapters off): ref_params cannot be given")
-        actor_key, critic_key = jax.random.split(key)
-        trainable = {"actor": self.init_adapters(model_config, actor_params, actor_key)}
-        if critic:
-            trainable["critic"] = {"adapters": self.init_adapters(model_config, actor_params, critic_key),
-                                   "head": init_head(model_config)}
-        return trainable, {"base": actor_params}
-
-    def spec(self) -> LoraSpec:
-        """The rank, alpha and targets alone (e.g. for :func:`save_adapter`)."""
-        return LoraSpec(self.rank, self.alpha, self.targets)
-
-
-def roles_from_config(lora_config: Any, model_config: Any) -> Optional[LoraRoles]:
-    """The role view of a ``lora`` config section (``rank``, ``alpha``, ``targets``): None when ``rank`` is 0 (LoRA
-    off); empty ``targets`` means every projection the family lets LoRA adapt."""
-    if lora_config is None or lora_config.rank == 0:
-        return None
-    targets = lora_config.targets
-    if not targets:
-        targets = _family_targets(model_config)
-    return LoraRoles(rank=lora_config.rank, alpha=lora_config.alpha, targets=targets)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -455,92 +390,3 @@ def load_adapter(path: str | os.PathLike, config: Any) -> tuple[LoraSpec, Params
             raise LoraError(f"{weights}: {name!r} has lora_A {a.shape[1:][::-1]} and lora_B {b.shape[1:][::-1]} per "
                             f"layer, expected [r={spec.rank}, in={d_in}] and [out={d_out}, r={spec.rank}]")
     return spec, adapters
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Resume safety
-
-# Key paths as CheckpointMismatchError lists them: ".frozen['base']..." (a TrainState) or "['frozen']['base']..." (a
-# dict of its fields, as the runner saves). Only a LoRA state has adapters and frozen['base']; only a full fine-tune
-# has the actor's trunk and frozen['ref'].
-_LORA_ONLY = re.compile(r"\['lora_[ab]'\]|frozen(?:'\])?\['base'\]")
-_FULL_ONLY = re.compile(r"\['actor'\]\['transformer'\]|frozen(?:'\])?\['ref'\]")
-_ACTOR_ADAPTER = re.compile(r"\['actor'\]\['([^']+)'\]\['lora_[ab]'\]")
-_RANKS = re.compile(r"\['lora_a'\]: checkpoint \w+\[(?:\d+, )*(\d+)\], target \w+\[(?:\d+, )*(\d+)\]")
-
-
-def describe_mismatch(error: BaseException, target: Any) -> str:
-    """The message for a checkpoint that does not fit its restore target, saying first when LoRA is the cause.
-
-    ``error``: the ``CheckpointMismatchError`` of ``Checkpointer.restore`` (it lists the key paths only in the
-    checkpoint, only in the target, and those whose shape differs); ``target``: the train state restored into (or its
-    role view). The paths only in the checkpoint tell its kind: adapters and ``frozen['base']`` exist only in a LoRA
-    state, the actor's trunk and ``frozen['ref']`` only in a full fine-tune. Returns ``str(error)`` unchanged when
-    LoRA is not the cause. A runner::
-
-        except CheckpointMismatchError as e:
-            raise CheckpointMismatchError(lora.describe_mismatch(e, state)) from e
-    """
-    text = str(error)
-    only_target = only_saved = differ = ""
-    for line in text.splitlines():
-        line = line.strip()
-        if line.startswith("in the target but not the checkpoint:"):
-            only_target = line
-        elif line.startswith("in the checkpoint but not the target:"):
-            only_saved = line
-        elif line.startswith("shape/dtype differs:"):
-            differ = line
-    target_lora = is_lora(getattr(getattr(target, "setup", None), "roles", target))
-    saved_lora = not _FULL_ONLY.search(only_saved) if target_lora else bool(_LORA_ONLY.search(only_saved))
-    if target_lora and not saved_lora:
-        head = _FULL_INTO_LORA
-    elif saved_lora and not target_lora:
-        head = _LORA_INTO_FULL
-    elif target_lora:
-        ranks = _RANKS.search(differ)
-        in_target, in_saved = set(_ACTOR_ADAPTER.findall(only_target)), set(_ACTOR_ADAPTER.findall(only_saved))
-        if ranks:
-            head = _other_rank(ranks.group(1), ranks.group(2))
-        elif in_target or in_saved:
-            head = _other_targets(in_saved, in_target)
-        else:
-            return text
-    else:
-        return text
-    return f"{head}.\n{text}"
-
-
-_FULL_INTO_LORA = ("this checkpoint was saved by a full fine-tuning run (no LoRA adapters), but this run uses LoRA "
-                   "(lora.rank > 0): resume it with lora.rank: 0, or start the LoRA run in a new run directory")
-_LORA_INTO_FULL = ("this checkpoint was saved by a LoRA run (adapters over a frozen base), but this run fine-tunes "
-                   "every weight (lora.rank: 0): resume it with the run's lora settings, or start a new run directory")
-
-
-def _other_rank(saved, now) -> str:
-    return f"this checkpoint's LoRA adapters have rank {saved}, this run's rank {now}: resume with the checkpoint's " \
-           "lora.rank"
-
-
-def _other_targets(saved: set, now: set) -> str:
-    return (f"this checkpoint's LoRA adapters are on other modules than this run's lora.targets (only in the "
-            f"checkpoint: {sorted(saved - now) or 'none'}; only in this run: {sorted(now - saved) or 'none'}): "
-            "resume with the checkpoint's lora.targets")
-
-
-def describe_config_change(saved: tuple[int, Sequence[str]], now: tuple[int, Sequence[str]]) -> Optional[str]:
-    """The sentence :func:`describe_mismatch` would lead with, from the two runs' LoRA settings alone, so that a job
-    can refuse a resume before building any state. ``saved``/``now``: ``(rank, targets)`` of the checkpoint's run and
-    of this one, rank 0 for full fine-tuning, targets resolved (``roles_from_config(...).targets``: an empty config
-    list means all of the family's). None when the adapters' shapes agree (an ``alpha`` change alone is a plain
-    config change)."""
-    (saved_rank, saved_targets), (rank, targets) = saved, now
-    if rank and not saved_rank:
-        return _FULL_INTO_LORA
-    if saved_rank and not rank:
-        return _LORA_INTO_FULL
-    if saved_rank != rank:
-        return _other_rank(saved_rank, rank)
-    if rank and set(saved_targets) != set(targets):
-        return _other_targets(set(saved_targets), set(targets))
-    return None

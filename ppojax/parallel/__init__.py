@@ -1,6 +1,6 @@
-"""Parallelism. ``sharding`` (the mesh, the sharding rules and the collectives) sits below the iteration;
-``step`` (the iteration jitted over a mesh, and the ``shard_map`` path) sits above it; ``distributed`` starts a
-multi-process run."""
+"""Parallelism, below the iteration: ``sharding`` (the mesh, the sharding rules and the collectives) and
+``distributed`` (starting a multi-process run). The iteration jitted over a mesh sits above the iteration, in
+``ppojax.train.mesh_step``."""
 
 from ppojax.parallel import distributed
 from ppojax.parallel.sharding import (
@@ -24,19 +24,6 @@ from ppojax.parallel.sharding import (
 )
 from ppojax.parallel.sharding import Collectives
 
-_STEP = ("ppo_iteration", "rollout", "score_rollout", "shard_map_iteration", "update")
-
-
-def __getattr__(name):
-    # The mesh-jitted phases live above the iteration, which imports the sharding rules from this package: loading
-    # them on first use keeps the import graph a DAG (sharding -> rl.iteration -> parallel.step).
-    if name in _STEP or name == "step":
-        import importlib
-
-        step = importlib.import_module("ppojax.parallel.step")
-        return step if name == "step" else getattr(step, name)
-    raise AttributeError(f"module 'ppojax.parallel' has no attribute {name!r}")
-
 __all__ = [
     "BATCH_AXES",
     "Collectives",
@@ -52,14 +39,9 @@ __all__ = [
     "env_mesh",
     "make_mesh",
     "param_spec",
-    "ppo_iteration",
     "replicate",
-    "rollout",
-    "score_rollout",
     "shard_batch",
-    "shard_map_iteration",
     "shard_state",
     "state_shardings",
     "to_host",
-    "update",
 ]

@@ -1,6 +1,6 @@
 """The device mesh, the sharding rules and the collectives: the layer BELOW the iteration.
 
-Design. The iteration (``ppojax.rl.iteration``) is written once, for one global batch; ``ppojax.parallel.step``
+Design. The iteration (``ppojax.rl.iteration``) is written once, for one global batch; ``ppojax.train.mesh_step``
 runs it with ``jax.jit`` and ``NamedSharding`` (GSPMD) over a named ``(data, fsdp)`` mesh:
 
 - The prompt batch, hence every rollout array, is sharded by rows over *both* mesh axes (``data`` and ``fsdp``:
@@ -14,7 +14,7 @@ runs it with ``jax.jit`` and ``NamedSharding`` (GSPMD) over a named ``(data, fsd
   all-reduce over ``data`` (a reduce-scatter over ``fsdp``) for the gradient of each parameter, and all-gathers
   a layer's fsdp-sharded weights before they are used (``Collectives.gradients`` marks the spot).
 
-The ``shard_map`` route stays supported for code that wants explicit collectives (``ppojax.parallel.step.
+The ``shard_map`` route stays supported for code that wants explicit collectives (``ppojax.train.mesh_step.
 shard_map_iteration``): the state's setup then carries ``Collectives(axis_name)``, the one object through which the
 iteration makes statistics and gradients global.
 """

@@ -14,12 +14,17 @@ import dataclasses
 import difflib
 import functools
 import numbers
+from collections.abc import Mapping
 from typing import Callable, Optional
 
 import chex
 import flax.struct
 import jax
 import jax.numpy as jnp
+
+from ppojax.registry import resolve_callable
+from ppojax.rl.hparams import declare_hparams
+from ppojax.rl.stats import masked_mean, masked_sum, masked_var
 
 __all__ = [
     "AdvantageInputs",
@@ -103,39 +108,6 @@ def gae(
     advantages = advantages_tb.T  # [batch, time]
     returns = jnp.where(real, advantages + values, 0.0)
     return advantages, returns
-
-
-def _maybe_psum(x: jax.Array, axis_name) -> jax.Array:
-    return x if axis_name is None else jax.lax.psum(x, axis_name)
-
-
-def masked_sum(x: jax.Array, mask: jax.Array, axis_name=None) -> jax.Array:
-    """``sum(x * mask)`` over all axes (and over ``axis_name`` devices); padding values never leak (even inf/nan)."""
-    chex.assert_equal_shape([x, mask])
-    x = jnp.asarray(x, jnp.float32)
-    mask = jnp.asarray(mask, jnp.float32)
-    return _maybe_psum(jnp.sum(jnp.where(mask > 0, x * mask, 0.0)), axis_name)
-
-
-def _count(mask: jax.Array, axis_name) -> jax.Array:
-    count = _maybe_psum(jnp.sum(jnp.asarray(mask, jnp.float32)), axis_name)
-    # An all-padding batch gives 0/1 = 0 rather than nan.
-    return jnp.where(count > 0, count, 1.0)
-
-
-def masked_mean(x: jax.Array, mask: jax.Array, axis_name=None) -> jax.Array:
-    """Mean of ``x`` over real tokens (``mask`` weights), global over ``axis_name`` if given. Scalar float32."""
-    return masked_sum(x, mask, axis_name) / _count(mask, axis_name)
-
-
-def masked_var(x: jax.Array, mask: jax.Array, axis_name=None, *, mean: jax.Array | None = None) -> jax.Array:
-    """Biased variance ``mean((x - mean)^2)`` over real tokens (numpy ``ddof=0``; torch's ``var`` is unbiased).
-
-    ``mean`` may be passed if already computed (it must then be the same masked mean).
-    """
-    if mean is None:
-        mean = masked_mean(x, mask, axis_name)
-    return masked_mean(jnp.square(jnp.asarray(x, jnp.float32) - mean), mask, axis_name)
 
 
 def whiten(
@@ -257,6 +229,10 @@ class AdvantageInputs:
     """Discount (a float32 array from the state's hyperparameters)."""
     lam: jax.Array
     """GAE lambda (array)."""
+    hparams: dict = flax.struct.field(default_factory=dict)
+    """The hyperparameters the run's estimator and policy loss declared at registration, ``{name: float32 array}``
+    (``ppo.hparams``, else the declared defaults): ``register_estimator("mine", hparams={"lam_critic": 0.95})``
+    reads ``inputs.hparams["lam_critic"]``."""
     group_size: int = flax.struct.field(pytree_node=False, default=1)
     """k, the responses sampled per prompt (``ppo.samples_per_prompt``)."""
     axis_name: Optional[str] = flax.struct.field(pytree_node=False, default=None)
@@ -280,22 +256,32 @@ class Estimator:
     """True: refuses ``samples_per_prompt = 1`` (a group of one has no baseline)."""
     whiten_advantages: bool = False
     """Default of ``ppo.whiten_advantages`` (None) for this estimator."""
+    hparams: dict = dataclasses.field(default_factory=dict, compare=False)
+    """The array hyperparameters it declares, ``{name: default}`` (``ppo.hparams.<name>``; read from
+    ``AdvantageInputs.hparams``)."""
 
 
 _ESTIMATORS: dict[str, Estimator] = {}
 
 
 def register_estimator(name: str, fn: Optional[EstimatorFn] = None, *, needs_critic: bool = False,
-                       needs_groups: bool = False, whiten_advantages: bool = False, replace: bool = False):
+                       needs_groups: bool = False, whiten_advantages: bool = False, replace: bool = False,
+                       hparams: Optional[Mapping[str, float]] = None):
     """Register ``fn`` as the advantage estimator ``name`` (``ppo.advantage_estimator: name``). Usable as a
-    decorator: ``@register_estimator("mine", needs_critic=False)``."""
+    decorator: ``@register_estimator("mine", needs_critic=False)``.
+
+    ``hparams={"lam_critic": 0.95}`` declares float hyperparameters of its own, with their defaults: each becomes an
+    array of the train state (``ppo.hparams.lam_critic`` in a config; ``set_hparams(state, lam_critic=0.9)`` and
+    sweeps change it without recompiling), read as ``inputs.hparams["lam_critic"]``. Names are global across
+    registrations (``ppojax.rl.hparams.declare_hparams``)."""
 
     def register(f):
         if not callable(f):
             raise TypeError(f"estimator {name!r} must be callable, got {type(f).__name__}")
         if name in _ESTIMATORS and not replace and _ESTIMATORS[name].fn is not f:
             raise ValueError(f"an advantage estimator named {name!r} is already registered (pass replace=True)")
-        _ESTIMATORS[name] = Estimator(name, f, needs_critic, needs_groups, whiten_advantages)
+        declared = declare_hparams(f"advantage estimator {name!r}", hparams)
+        _ESTIMATORS[name] = Estimator(name, f, needs_critic, needs_groups, whiten_advantages, hparams=declared)
         f.estimator = _ESTIMATORS[name]
         return f
 
@@ -310,8 +296,6 @@ def estimators() -> dict[str, Estimator]:
 def get_estimator(spec: str) -> Estimator:
     """The estimator named ``spec``: a registered name, or ``'package.module:function'`` (a function registered
     with :func:`register_estimator`, or a plain ``fn(inputs) -> (advantages, returns)``, then critic-free)."""
-    from ppojax.rl.losses import resolve_callable
-
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"ppo.advantage_estimator must be a name or 'package.module:function', got {spec!r}")
     if ":" not in spec:

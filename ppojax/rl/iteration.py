@@ -37,7 +37,10 @@ from ppojax.rl import rewards as rewards_lib
 from ppojax.rl.advantages import AdvantageInputs, masked_mean, run_estimator, whiten
 from ppojax.rl.kl import update_kl_state
 from ppojax.rl.losses import LossInputs, explained_variance
-from ppojax.rl.state import InState, PPOSetup, TrainState, learning_rate_at, optimizer_step, update_count
+from ppojax.rl.hparams import InState
+from ppojax.rl.optimizer import learning_rate_at, optimizer_step, update_count
+from ppojax.rl.setup import PPOSetup
+from ppojax.rl.state import TrainState
 
 Metrics = Dict[str, jax.Array]
 
@@ -300,7 +303,7 @@ def _update(state: TrainState, rollout: Rollout, scores: jax.Array):
         rewards = whiten(rewards, mask, shift_mean=False, axis_name=axis)
     advantages, returns = run_estimator(setup.estimator, AdvantageInputs(
         scores=scores, rewards=rewards, kl=kl, mask=mask, values=rollout.values, gamma=hp.gamma, lam=hp.lam,
-        group_size=cfg.samples_per_prompt, axis_name=axis))
+        hparams=hp.declared, group_size=cfg.samples_per_prompt, axis_name=axis))
     if setup.whiten_advantages:
         advantages = whiten(advantages, mask, shift_mean=True, axis_name=axis)
 
@@ -394,7 +397,7 @@ def _iteration(state: TrainState, prompt_ids, prompt_mask):
 
 
 PHASES = {"iteration": _iteration, "rollout": _rollout, "update": _update}
-"""The traceable phases, ``fn(state, *args) -> (state, out)``: what ``ppojax.parallel.step`` jits over a mesh and
+"""The traceable phases, ``fn(state, *args) -> (state, out)``: what ``ppojax.train.mesh_step`` jits over a mesh and
 ``ppojax.train.sweep`` vmaps over runs."""
 
 ROLLOUT_CHANGES = ("key",)

@@ -33,7 +33,6 @@ A term needing an array that :class:`LossInputs` lacks reads it from ``inputs.ex
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -43,7 +42,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from ppojax.rl.advantages import masked_var
+from ppojax.registry import resolve_callable
+from ppojax.rl.hparams import declare_hparams
+from ppojax.rl.stats import masked_var
 
 __all__ = [
     "LossInputs",
@@ -62,9 +63,9 @@ __all__ = [
     "aggregate",
     "gspo_loss",
     "get_policy_loss",
+    "policy_loss_hparams",
     "policy_losses",
     "register_policy_loss",
-    "resolve_callable",
 ]
 
 Metrics = dict[str, jax.Array]
@@ -262,18 +263,27 @@ def gspo_loss(
 
 
 _POLICY_LOSSES: dict[str, TermFn] = {"ppo": ppo_clip_loss, "gspo": gspo_loss}
+_POLICY_LOSS_HPARAMS: dict[str, dict[str, float]] = {}
 
 
-def register_policy_loss(name: str, fn: TermFn | None = None, *, replace: bool = False):
+def register_policy_loss(name: str, fn: TermFn | None = None, *, replace: bool = False,
+                         hparams: Mapping[str, float] | None = None):
     """Register ``fn(inputs, *, clip_eps, clip_eps_high, dual_clip) -> (loss, metrics)`` as the policy loss
-    ``name`` (``ppo.policy_loss: name``); usable as a decorator. Its metrics must include ``policy_loss``."""
+    ``name`` (``ppo.policy_loss: name``); usable as a decorator. Its metrics must include ``policy_loss``.
+
+    ``hparams={"beta": 0.1}`` declares float hyperparameters of its own, with their defaults: each becomes an array
+    of the train state (``ppo.hparams.beta``; changeable without recompiling) passed to ``fn`` as a keyword
+    argument (``fn(inputs, *, clip_eps, ..., beta)``)."""
 
     def register(f):
         if not callable(f):
             raise TypeError(f"policy loss {name!r} must be callable")
         if name in _POLICY_LOSSES and not replace and _POLICY_LOSSES[name] is not f:
             raise ValueError(f"a policy loss named {name!r} is already registered (pass replace=True)")
+        declared = declare_hparams(f"policy loss {name!r}", hparams)
         _POLICY_LOSSES[name] = f
+        _POLICY_LOSS_HPARAMS[name] = declared
+        f.declared_hparams = declared  # found again when a config names it as 'package.module:function'
         return f
 
     return register if fn is None else register(fn)
@@ -295,6 +305,15 @@ def get_policy_loss(spec: str) -> TermFn:
             raise ValueError(f"unknown policy loss {spec!r} (registered: {', '.join(sorted(_POLICY_LOSSES))}){hint}")
         return _POLICY_LOSSES[spec]
     return resolve_callable(spec, what="policy loss")
+
+
+def policy_loss_hparams(spec: str) -> dict[str, float]:
+    """The hyperparameters the policy loss ``spec`` (a registered name or ``'package.module:function'``) declared at
+    registration, ``{name: default}``; empty for a plain function."""
+    fn = get_policy_loss(spec)
+    if isinstance(spec, str) and ":" not in spec:
+        return dict(_POLICY_LOSS_HPARAMS.get(spec, {}))
+    return dict(getattr(fn, "declared_hparams", {}))
 
 
 def value_loss(inputs: LossInputs, *, clip_eps: float = 0.2) -> tuple[jax.Array, Metrics]:
@@ -377,31 +396,6 @@ _BUILTIN_TERMS: dict[str, TermFn] = {
     "entropy_loss": entropy_loss,
     "kl_loss": kl_loss,
 }
-
-
-def resolve_callable(spec: str | Callable, *, what: str = "function") -> Callable:
-    """The callable named ``'package.module:function'`` (an attribute path such as ``'pkg.mod:Class.method'``
-    works too), or ``spec`` itself when it is callable. Errors name ``what`` (a reward, a loss term, an
-    estimator...) and say what is wrong: a malformed string (ValueError), a module that does not import
-    (ImportError), a missing attribute (AttributeError), or something not callable (TypeError)."""
-    if callable(spec):
-        return spec
-    if not isinstance(spec, str):
-        raise TypeError(f"a {what} is a callable or a 'package.module:function' string, got {type(spec).__name__}")
-    module_name, _, attr_path = spec.partition(":")
-    if not module_name or not attr_path or ":" in attr_path or not all(attr_path.split(".")):
-        raise ValueError(f"{what} {spec!r} must look like 'package.module:function'")
-    try:
-        obj = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ImportError(f"cannot import module {module_name!r} for {what} {spec!r}: {e}") from e
-    for attr in attr_path.split("."):
-        if not hasattr(obj, attr):
-            raise AttributeError(f"{what} {spec!r}: {getattr(obj, '__name__', obj)!r} has no attribute {attr!r}")
-        obj = getattr(obj, attr)
-    if not callable(obj):
-        raise TypeError(f"{what} {spec!r} resolves to a {type(obj).__name__}, which is not callable")
-    return obj
 
 
 def resolve_term(spec: str | TermFn) -> TermFn:

@@ -33,12 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import os
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Callable, Optional
 
 import chex
@@ -48,12 +43,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ppojax.io.atomic import atomic_write_json
 from ppojax.models import Params, init_value_params, ModelConfig
-from ppojax.models import lora as lora_lib
 from ppojax.models.lora import LoraSpec
 from ppojax.rl.preferences import PreferenceBatch
-from ppojax.rl.rewards import LoraRewardModel, RewardModel, lora_reward_model, reward_model
+from ppojax.rl.rewards import LoraRewardModel, lora_reward_model, reward_model
+# The reward-model directory's format lives in rewards.py (a run's `reward_model` reward reads it); re-exported
+# here, where reward models are trained and saved.
+from ppojax.rl.rewards import load_reward_model, save_reward_model  # noqa: F401
 
 __all__ = [
     "RewardTrainConfig",
@@ -70,10 +66,6 @@ __all__ = [
     "train_epoch",
     "trained_reward_model",
 ]
-
-HEAD_FILE = "reward_head.json"
-_ADAPTER_FILES = (lora_lib.ADAPTER_CONFIG_FILE, lora_lib.ADAPTER_WEIGHTS_FILE)
-_HEAD_FORMAT = "ppojax-reward-head/1"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -336,112 +328,6 @@ def normalize_reward_model(rm, query_ids, query_mask, tokens, mask, *, base: Opt
             raise ValueError("normalize_reward_model: a LoRA reward model needs the base its adapters apply to (base=)")
         return rm.normalize(base, ids, full_mask)
     return rm.normalize(ids, full_mask)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The reward-model directory
-
-
-def save_reward_model(path: str | os.PathLike, rm) -> Path:
-    """Writes ``config.json``, ``model.safetensors`` (the trunk) and ``reward_head.json`` into ``path``; for a
-    :class:`ppojax.rewards.LoraRewardModel`, the adapter in PEFT's format (``adapter_config.json`` +
-    ``adapter_model.safetensors``) instead of the trunk: the directory then holds no copy of the base.
-
-    Other files in ``path`` (checkpoints, logs, a tokenizer) are left alone, but the other kind's weights are removed.
-    ``reward_head.json`` is removed first and written last (atomically), so an interrupted save leaves a directory
-    that :func:`load_reward_model` refuses rather than a trunk paired with another model's head.
-    """
-    from ppojax.io.hub import save_pretrained
-    from ppojax.models import family_of
-
-    path = Path(path).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
-    params = jax.device_get(rm.params)
-    is_lora = isinstance(rm, LoraRewardModel)
-    kernel = np.asarray(params["head"]["kernel"], np.float32).reshape(-1)
-    head = {
-        "format": _HEAD_FORMAT,
-        "score": "gain * (h_last . kernel + bias) + bias_norm, h_last = final hidden state at the last real token",
-        "kernel": [float(x) for x in kernel],
-        "bias": float(np.asarray(params["head"]["bias"], np.float32).reshape(-1)[0]),
-        "gain": float(np.asarray(rm.gain, np.float32)),
-        "bias_norm": float(np.asarray(rm.bias, np.float32)),
-    }
-    if not all(math.isfinite(v) for v in head["kernel"] + [head["bias"], head["gain"], head["bias_norm"]]):
-        raise ValueError("save_reward_model: the head, gain or bias is not finite")
-    (path / HEAD_FILE).unlink(missing_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.trunk-", dir=path.parent))
-    try:
-        if is_lora:
-            written = lora_lib.save_adapter(tmp / "trunk", rm.config, params["adapters"], rm.lora)
-            (written / "config.json").write_text(json.dumps(family_of(rm.config).hf.config_to_hf(rm.config),
-                                                            indent=2) + "\n")
-            names, stale = ("config.json",) + _ADAPTER_FILES, ("model.safetensors",)
-        else:
-            written = save_pretrained(tmp / "trunk", rm.config, params)
-            names, stale = ("config.json", "model.safetensors"), _ADAPTER_FILES
-        for name in stale:
-            (path / name).unlink(missing_ok=True)
-        for name in names:
-            os.replace(written / name, path / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    atomic_write_json(path / HEAD_FILE, head, indent=1)
-    return path
-
-
-def _head_number(head: dict, name: str, source: Path, default: Optional[float] = None) -> float:
-    value = head.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{source}: {name!r} must be a finite number, got {json.dumps(value)}")
-    return float(value)
-
-
-def load_reward_model(path: str | os.PathLike, **config_overrides):
-    """A :class:`RewardModel` from a directory written by :func:`save_reward_model`, or a
-    :class:`ppojax.rewards.LoraRewardModel` when it holds a LoRA adapter (``adapter_config.json``): its base is the
-    PPO run's frozen base, given at scoring time.
-
-    ``config_overrides`` set numerics (``dtype="bfloat16"``...). Raises ``ValueError`` (or ``FileNotFoundError``)
-    with one line naming the file and what is wrong.
-    """
-    from ppojax.io.hub import load_pretrained, read_hf_config
-    from ppojax.models import family_for_model_type
-
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"reward model directory {path} does not exist")
-    if not path.is_dir():
-        raise ValueError(f"{path} is a file; a reward model is a directory written by experiments/train_reward.py")
-    head_file = path / HEAD_FILE
-    if not head_file.exists():
-        raise ValueError(f"{path} is not a reward model directory (no {HEAD_FILE}); write one with "
-                         "experiments/train_reward.py")
-    try:
-        head = json.loads(head_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{head_file}: not valid JSON ({e.msg})") from None
-    if not isinstance(head, dict) or "kernel" not in head or "bias" not in head:
-        raise ValueError(f"{head_file}: expected an object with 'kernel', 'bias', 'gain' and 'bias_norm'")
-    adapter = (path / lora_lib.ADAPTER_CONFIG_FILE).exists()
-    if adapter:
-        hf_config, source = read_hf_config(path), str(path / "config.json")
-        family = family_for_model_type(hf_config.get("model_type"), source)
-        config = family.hf.config_from_hf(hf_config, source=source, **config_overrides)
-        spec, adapters = lora_lib.load_adapter(path, config)
-    else:
-        config, params = load_pretrained(path, **config_overrides)
-    kernel = head["kernel"]
-    if (not isinstance(kernel, list) or len(kernel) != config.width
-            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in kernel)):
-        raise ValueError(f"{head_file}: 'kernel' must be a list of {config.width} finite numbers (the model's width)")
-    dtype = config.storage_dtype
-    head_params = {"kernel": jnp.asarray(kernel, jnp.float32).reshape(-1, 1).astype(dtype),
-                   "bias": jnp.asarray([_head_number(head, "bias", head_file)], jnp.float32).astype(dtype)}
-    gain, bias = _head_number(head, "gain", head_file, 1.0), _head_number(head, "bias_norm", head_file, 0.0)
-    if adapter:
-        return lora_reward_model(config, spec, {"adapters": adapters, "head": head_params}, gain=gain, bias=bias)
-    return reward_model(config, {"transformer": params["transformer"], "head": head_params}, gain=gain, bias=bias)
 
 
 # ----------------------------------------------------------------------------------------------------------------

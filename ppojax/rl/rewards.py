@@ -52,7 +52,11 @@ from flax import struct
 
 from ppojax.rl.losses import kl_estimate
 
+
 __all__ = [
+    "HEAD_FILE",
+    "load_reward_model",
+    "save_reward_model",
     "RewardFn",
     "HostRewardFn",
     "check_scores",
@@ -524,7 +528,7 @@ class FunctionReward:
 
     @classmethod
     def from_spec(cls, spec: str) -> "FunctionReward":
-        from ppojax.rl.losses import resolve_callable  # the same 'module:function' resolution as loss terms
+        from ppojax.registry import resolve_callable  # the same 'module:function' resolution as loss terms
 
         if not isinstance(spec, str) or ":" not in spec:
             raise ValueError(f"a reward function is named 'package.module:function', got {spec!r}")
@@ -884,7 +888,7 @@ def _no_kwargs(cfg: Any) -> None:
 
 
 def _resolve_function(cfg: Any, what: str) -> Callable:
-    from ppojax.rl.losses import resolve_callable  # the same 'module:function' resolution as loss terms
+    from ppojax.registry import resolve_callable  # the same 'module:function' resolution as loss terms
 
     spec = cfg.function
     try:
@@ -932,7 +936,6 @@ def _build_vader(cfg: Any, ctx: RewardContext) -> BuiltReward:
 
 def _build_reward_model(cfg: Any, ctx: RewardContext) -> BuiltReward:
     from ppojax.io.data import resolve_path
-    from ppojax.rl.reward_training import load_reward_model
 
     _no_kwargs(cfg)
     config_dir = None if ctx.config_dir is None else Path(ctx.config_dir)
@@ -964,3 +967,134 @@ register_reward_builder("function", _build_function, check=_needs_function,
                         label=lambda cfg: f"reward.function={cfg.function!r}")
 register_reward_builder("host_function", _build_host_function, check=_needs_function,
                         label=lambda cfg: f"reward.function={cfg.function!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The reward-model directory: what experiments/train_reward.py writes and a run's `reward_model` reward reads
+# (here, beside the reward models it builds, so that loading one needs nothing from reward training).
+
+HEAD_FILE = "reward_head.json"
+_HEAD_FORMAT = "ppojax-reward-head/1"
+
+
+def _adapter_files() -> tuple:
+    from ppojax.models import lora as lora_lib
+
+    return (lora_lib.ADAPTER_CONFIG_FILE, lora_lib.ADAPTER_WEIGHTS_FILE)
+
+
+
+def save_reward_model(path: str | os.PathLike, rm) -> Path:
+    """Writes ``config.json``, ``model.safetensors`` (the trunk) and ``reward_head.json`` into ``path``; for a
+    :class:`ppojax.rewards.LoraRewardModel`, the adapter in PEFT's format (``adapter_config.json`` +
+    ``adapter_model.safetensors``) instead of the trunk: the directory then holds no copy of the base.
+
+    Other files in ``path`` (checkpoints, logs, a tokenizer) are left alone, but the other kind's weights are removed.
+    ``reward_head.json`` is removed first and written last (atomically), so an interrupted save leaves a directory
+    that :func:`load_reward_model` refuses rather than a trunk paired with another model's head.
+    """
+    import json
+    import math
+    import shutil
+    import tempfile
+
+    from ppojax.io.atomic import atomic_write_json
+    from ppojax.io.hub import save_pretrained
+    from ppojax.models import family_of
+    from ppojax.models import lora as lora_lib
+
+    path = Path(path).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    params = jax.device_get(rm.params)
+    is_lora = isinstance(rm, LoraRewardModel)
+    kernel = np.asarray(params["head"]["kernel"], np.float32).reshape(-1)
+    head = {
+        "format": _HEAD_FORMAT,
+        "score": "gain * (h_last . kernel + bias) + bias_norm, h_last = final hidden state at the last real token",
+        "kernel": [float(x) for x in kernel],
+        "bias": float(np.asarray(params["head"]["bias"], np.float32).reshape(-1)[0]),
+        "gain": float(np.asarray(rm.gain, np.float32)),
+        "bias_norm": float(np.asarray(rm.bias, np.float32)),
+    }
+    if not all(math.isfinite(v) for v in head["kernel"] + [head["bias"], head["gain"], head["bias_norm"]]):
+        raise ValueError("save_reward_model: the head, gain or bias is not finite")
+    (path / HEAD_FILE).unlink(missing_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.trunk-", dir=path.parent))
+    try:
+        if is_lora:
+            written = lora_lib.save_adapter(tmp / "trunk", rm.config, params["adapters"], rm.lora)
+            (written / "config.json").write_text(json.dumps(family_of(rm.config).hf.config_to_hf(rm.config),
+                                                            indent=2) + "\n")
+            names, stale = ("config.json",) + _adapter_files(), ("model.safetensors",)
+        else:
+            written = save_pretrained(tmp / "trunk", rm.config, params)
+            names, stale = ("config.json", "model.safetensors"), _adapter_files()
+        for name in stale:
+            (path / name).unlink(missing_ok=True)
+        for name in names:
+            os.replace(written / name, path / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    atomic_write_json(path / HEAD_FILE, head, indent=1)
+    return path
+
+
+def _head_number(head: dict, name: str, source: Path, default: float | None = None) -> float:
+    import json
+    import math
+
+    value = head.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{source}: {name!r} must be a finite number, got {json.dumps(value)}")
+    return float(value)
+
+
+def load_reward_model(path: str | os.PathLike, **config_overrides):
+    """A :class:`RewardModel` from a directory written by :func:`save_reward_model`, or a
+    :class:`ppojax.rewards.LoraRewardModel` when it holds a LoRA adapter (``adapter_config.json``): its base is the
+    PPO run's frozen base, given at scoring time.
+
+    ``config_overrides`` set numerics (``dtype="bfloat16"``...). Raises ``ValueError`` (or ``FileNotFoundError``)
+    with one line naming the file and what is wrong.
+    """
+    import json
+    import math
+
+    from ppojax.io.hub import load_pretrained, read_hf_config
+    from ppojax.models import family_for_model_type
+    from ppojax.models import lora as lora_lib
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"reward model directory {path} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"{path} is a file; a reward model is a directory written by experiments/train_reward.py")
+    head_file = path / HEAD_FILE
+    if not head_file.exists():
+        raise ValueError(f"{path} is not a reward model directory (no {HEAD_FILE}); write one with "
+                         "experiments/train_reward.py")
+    try:
+        head = json.loads(head_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{head_file}: not valid JSON ({e.msg})") from None
+    if not isinstance(head, dict) or "kernel" not in head or "bias" not in head:
+        raise ValueError(f"{head_file}: expected an object with 'kernel', 'bias', 'gain' and 'bias_norm'")
+    adapter = (path / lora_lib.ADAPTER_CONFIG_FILE).exists()
+    if adapter:
+        hf_config, source = read_hf_config(path), str(path / "config.json")
+        family = family_for_model_type(hf_config.get("model_type"), source)
+        config = family.hf.config_from_hf(hf_config, source=source, **config_overrides)
+        spec, adapters = lora_lib.load_adapter(path, config)
+    else:
+        config, params = load_pretrained(path, **config_overrides)
+    kernel = head["kernel"]
+    if (not isinstance(kernel, list) or len(kernel) != config.width
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in kernel)):
+        raise ValueError(f"{head_file}: 'kernel' must be a list of {config.width} finite numbers (the model's width)")
+    dtype = config.storage_dtype
+    head_params = {"kernel": jnp.asarray(kernel, jnp.float32).reshape(-1, 1).astype(dtype),
+                   "bias": jnp.asarray([_head_number(head, "bias", head_file)], jnp.float32).astype(dtype)}
+    gain, bias = _head_number(head, "gain", head_file, 1.0), _head_number(head, "bias_norm", head_file, 0.0)
+    if adapter:
+        return lora_reward_model(config, spec, {"adapters": adapters, "head": head_params}, gain=gain, bias=bias)
+    return reward_model(config, {"transformer": params["transformer"], "head": head_params}, gain=gain, bias=bias)

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import jax
 
-from ppojax.models import lora
+from ppojax.rl.roles import roles_from_config
 from ppojax.rl.state import TrainState, create_train_state
 
 
@@ -16,7 +16,7 @@ def create_state(cfg: Any, model_config: Any, actor_params: Any, reward: Any, *,
     """``create_train_state`` for an ``ExperimentConfig``: its PPO and optimizer settings, the run's seed as the
     key, ``iterations`` as the length of a linear learning-rate decay, and LoRA roles when ``lora.rank > 0``
     (the policy's weights are then the shared frozen base)."""
-    roles = lora.roles_from_config(getattr(cfg, "lora", None), model_config)
+    roles = roles_from_config(getattr(cfg, "lora", None), model_config)
     return create_train_state(model_config, actor_params, ppo=cfg.ppo, reward=reward, key=jax.random.key(cfg.seed),
                               optimizer=cfg.optimizer, total_iterations=cfg.iterations, axis_name=axis_name,
                               roles=roles)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from ppojax.rl.kl import KLControlConfig
-from ppojax.rl.state import OptimizerConfig, PPOConfig
+from ppojax.rl.config import OptimizerConfig, PPOConfig
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:

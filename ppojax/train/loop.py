@@ -78,7 +78,8 @@ def train_step(state: TrainState, prompt_ids, prompt_mask, *, mesh: Optional[jax
         do_update = lambda after, batch, scores: update(after, batch, scores, donate=donate)  # noqa: E731
         do_rollout = lambda: rollout(state, prompt_ids, prompt_mask)  # noqa: E731
     else:
-        from ppojax.parallel import step, to_host
+        from ppojax.parallel import to_host
+        from ppojax.train import mesh_step as step
 
         fused = lambda: step.ppo_iteration(state, prompt_ids, prompt_mask, mesh, donate=donate)  # noqa: E731
         jit_score = lambda after, batch: step.score_rollout(after, batch, mesh)  # noqa: E731
@@ -277,7 +278,8 @@ def sample_table(state: TrainState, prompt_ids, prompt_mask, *, mesh: Optional[j
         scores = (score_on_host(host_reward, host.tokens, host.mask, host.prompt_ids, host.prompt_mask)
                   if host_reward else jax.device_get(iteration.score_rollout(state, batch)))
         return host, np.asarray(scores)
-    from ppojax.parallel import step, to_host
+    from ppojax.parallel import to_host
+    from ppojax.train import mesh_step as step
 
     _, batch = step.rollout(state, prompt_ids, prompt_mask, mesh)
     host = to_host(batch)

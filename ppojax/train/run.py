@@ -242,12 +242,13 @@ def check_model_fits(cfg, model_config, prompt_ids, prompt_mask) -> None:
 
 
 def lora_roles(cfg, model_config):
-    """The run's LoRA role view (``ppojax.models.lora.LoraRoles``), or None when ``lora.rank`` is 0. ``RunError``
+    """The run's LoRA role view (``ppojax.rl.roles.LoraRoles``), or None when ``lora.rank`` is 0. ``RunError``
     for settings no model could take (e.g. a family without LoRA targets)."""
     from ppojax.models import lora
+    from ppojax.rl.roles import roles_from_config
 
     try:
-        return lora.roles_from_config(cfg.lora, model_config)
+        return roles_from_config(cfg.lora, model_config)
     except lora.LoraError as e:
         raise RunError(f"lora: {e}") from None
 
@@ -387,11 +388,11 @@ def saved_config(checkpoints: Path) -> Optional[dict]:
 
 
 def lora_change(saved: dict, cfg, model_config) -> Optional[str]:
-    """Why a checkpoint's adapters cannot be this run's (``lora.describe_config_change``: LoRA into a full
+    """Why a checkpoint's adapters cannot be this run's (``ppojax.train.resume.describe_config_change``: LoRA into a full
     fine-tune, the reverse, another rank or other targets), from the checkpoint's config; None when they fit."""
     from ppojax.io import configlib
-    from ppojax.models import lora
     from ppojax.train.config import LoraConfig
+    from ppojax.train.resume import describe_config_change
 
     def rank_and_targets(lora_config):
         roles = lora_roles(types.SimpleNamespace(lora=lora_config), model_config)
@@ -403,7 +404,7 @@ def lora_change(saved: dict, cfg, model_config) -> Optional[str]:
     except (configlib.ConfigError, ValueError):
         return None  # unreadable: the plain config diff names the fields
     try:
-        return lora.describe_config_change(rank_and_targets(before), rank_and_targets(cfg.lora))
+        return describe_config_change(rank_and_targets(before), rank_and_targets(cfg.lora))
     except RunError:
         return None
 
@@ -445,10 +446,10 @@ def restore_latest(ckpt, state, run_dir: Path):
 
 def _mismatch_line(error, state) -> str:
     """One line for a checkpoint that does not fit the state: LoRA's reason when it is the cause
-    (``lora.describe_mismatch``), else the first line of the mismatch with advice."""
-    from ppojax.models import lora
+    (``ppojax.train.resume.describe_mismatch``), else the first line of the mismatch with advice."""
+    from ppojax.train.resume import describe_mismatch
 
-    described = lora.describe_mismatch(error, state)
+    described = describe_mismatch(error, state)
     if described != str(error):
         return _first_line(RuntimeError(described))
     return (f"{_first_line(error)} (the model or optimizer differs from the checkpoint's); resume with the same "
@@ -459,10 +460,10 @@ def _mismatch_line(error, state) -> str:
 
 def _export_dirs(run_dir: Path, state, suffix: str = "") -> list:
     """Where a run exports: ``export{suffix}/``, and ``export-adapter{suffix}/`` for a LoRA run."""
-    from ppojax.models import lora
+    from ppojax.rl.roles import is_lora
 
     dirs = [run_dir / f"export{suffix}"]
-    if lora.is_lora(state.setup.roles):
+    if is_lora(state.setup.roles):
         dirs.append(run_dir / f"export-adapter{suffix}")
     return dirs
 
@@ -478,9 +479,10 @@ def _export(setup, params, frozen, dirs: list, tokenizer, is_main: bool, cfg) ->
 
     from ppojax import parallel
     from ppojax.models import lora
+    from ppojax.rl.roles import is_lora
 
     actor = parallel.to_host(setup.roles.actor(params, frozen))
-    adapters = parallel.to_host(params["actor"]) if lora.is_lora(setup.roles) else None
+    adapters = parallel.to_host(params["actor"]) if is_lora(setup.roles) else None
     if not is_main:
         return
     staged = [d.with_name(f".{d.name}.partial") for d in dirs]

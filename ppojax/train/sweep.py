@@ -4,7 +4,7 @@
                                 [--iterations N] [--run-dir DIR] [--set a.b=value]...
 
 The runs are the Cartesian product of the seeds and the grid values. Runs whose configs differ only in array
-hyperparameters (``ppojax.rl.state.ARRAY_CONFIG_PATHS``: learning rate, clip ranges, coefficients, gamma, lambda,
+hyperparameters (``ppojax.rl.hparams.ARRAY_CONFIG_PATHS``: learning rate, clip ranges, coefficients, gamma, lambda,
 temperature, the KL controller's settings...) share one static setup, hence one program: their train states are
 stacked on a leading run axis and ``jax.vmap``-ed, and they advance together, iteration by iteration. A grid field
 that changes a shape or the code (``ppo.batch_size``, an estimator) splits the sweep into groups, one program each.
@@ -33,7 +33,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ppojax.io import configlib
 from ppojax.rl import iteration
-from ppojax.rl.state import ARRAY_CONFIG_PATHS, TrainState
+from ppojax.rl.hparams import is_array_path
+from ppojax.rl.state import TrainState
 
 RUN_AXIS = "runs"
 CANNOT_VARY = ("seed", "iterations", "checkpoint", "logging", "export", "mesh")
@@ -136,13 +137,9 @@ def group_runs(runs: Sequence[Run]) -> list[list[Run]]:
     """Runs whose grid values differ only in array hyperparameters share a group (one program)."""
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
-        key = tuple((k, repr(v)) for k, v in run.grid.items() if not _is_array_path(k))
+        key = tuple((k, repr(v)) for k, v in run.grid.items() if not is_array_path(k))
         groups.setdefault(key, []).append(run)
     return list(groups.values())
-
-
-def _is_array_path(path: str) -> bool:
-    return path in ARRAY_CONFIG_PATHS or (path.startswith("ppo.extra_loss_terms.") and path.endswith(".weight"))
 
 
 def closest_field(path: str, choices: Sequence[str]) -> str:
@@ -185,7 +182,7 @@ def _same_arrays(trees: Sequence[Any]) -> bool:
 def stack_states(states: Sequence[TrainState]) -> tuple[TrainState, RunAxes]:
     """One state with a leading run axis on every per-run array, and the frozen inputs and reward held once when
     every run has the same ones (the pretrained reference, the reward model). All states must share one setup:
-    runs that differ only in array hyperparameters do (``ppojax.rl.state.make_setup``)."""
+    runs that differ only in array hyperparameters do (``ppojax.rl.setup.make_setup``)."""
     setup = states[0].setup
     for s in states[1:]:
         if s.setup is not setup:

@@ -107,6 +107,7 @@ def _run_locked(path: Path, data: dict, base, runs, seeds, grid: Sequence[str], 
     from ppojax.io.atomic import atomic_write_json, atomic_write_text
     from ppojax.io.checkpoint import Checkpointer
     from ppojax.rl.hparams import is_array_path
+    from ppojax.rl.iteration import check_metrics
     from ppojax.train import loop
     from ppojax.train import sweep as sw
 
@@ -186,8 +187,6 @@ def _run_locked(path: Path, data: dict, base, runs, seeds, grid: Sequence[str], 
             _say(f"received signal {it.signal}: checkpoint saved at iteration {it.done}; rerun the same command to "
                  "resume")
         return False
-
-    from ppojax.rl.iteration import check_metrics
 
     try:
         result = loop.train(groups, iterations=total, start=start, step=step, callbacks=[record], check=check,
