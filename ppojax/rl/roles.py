@@ -87,7 +87,7 @@ def is_lora(roles: Any) -> bool:
 @dataclasses.dataclass(frozen=True)
 class LoraRoles(LoraSpec):
     """PPO roles over one frozen base: the actor and the critic are the base plus their own adapters (the critic
-    with a value head), the reference is the base itself (see the module docstring for the trees).
+    with a value head), the reference is the base itself (``ppojax.models.lora``'s docstring draws the trees).
 
     ``create_train_state(config, base_params, ..., roles=LoraRoles(rank=8, alpha=16, targets=('c_attn',)))``: the
     state's ``frozen`` holds the base once, its ``params`` (and so the optimizer state) only adapters and the head.

@@ -1,11 +1,11 @@
-"""The PPO train state: trainable and frozen parts, hyperparameters as arrays, and the static setup.
+"""The PPO train state: trainable and frozen parts, hyperparameters as arrays, and the static setup beside them.
 
 ``TrainState`` is one pytree of arrays:
 
 - ``params``: what the optimizer sees. ``{'actor': LM params}`` plus ``'critic'`` (a scalar-head model: the
   actor's trunk and a zero value head at the start) when the advantage estimator needs one. One optimizer state
   over all of it, so global grad-norm clipping sees actor and critic together, as in TRL's PPO. With
-  ``ppo.critic='shared'`` (:class:`SharedCritic`, lm-human-preferences' design) the critic is a value head on the
+  ``ppo.critic='shared'`` (``ppojax.rl.roles.SharedCritic``, lm-human-preferences' design) the critic is a value head on the
   actor's trunk instead: ``{'actor': LM params, 'value_head': {'kernel', 'bias'}}``.
 - ``frozen``: inputs that never train. ``{'ref': the reference policy}`` (the initial actor: the KL anchor); the
   LoRA setup keeps the frozen base here instead.
@@ -13,14 +13,13 @@
   reward runs on the host between ``rollout`` and ``update``.
 - ``hparams``: every float hyperparameter that does not change a shape or the code (:class:`HParams`): learning
   rate and Adam's constants, clip ranges, loss coefficients and term weights, gamma and lambda, the sampling
-  temperature and top-p, penalties and the KL controller's target and horizon. Changing one between iterations
-  (``set_hparams``) recompiles nothing, and a sweep stacks them on a run axis.
+  temperature and top-p, penalties and the KL controller's target and horizon, and those the estimator and policy
+  loss declared (``ppojax.rl.hparams``). Changing one between iterations (``set_hparams``) recompiles nothing, and
+  a sweep stacks them on a run axis.
 - ``kl`` (the KL coefficient), ``key`` and ``step``.
 
-``PPOSetup`` (a static field, identity-hashed) holds what fixes the program: the model config, the static view of
-the PPO and optimizer configs (their array fields replaced by markers that refuse to be read), the advantage
-estimator, the policy loss and the loss terms, and the collectives. Configs that differ only in array
-hyperparameters get the same setup object, hence one compilation.
+``setup`` (a static field: ``ppojax.rl.setup.PPOSetup``, identity-hashed) holds what fixes the program. Configs that
+differ only in array hyperparameters get the same setup object, hence one compilation.
 """
 
 from __future__ import annotations
