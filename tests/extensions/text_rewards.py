@@ -29,3 +29,13 @@ def count_of_token(tokens, mask, *, token=3):
 @rewards.register_reward("one_score_short", host=True)
 def one_score_short(responses):
     return [0.0] * (len(responses) - 1)
+
+
+@rewards.register_reward("vowel_share", host=True)
+def vowel_share(responses, *, vowels="aeiou"):
+    """The share of a response's letters that are vowels: dense on any text, even a random policy's."""
+    def share(text):
+        letters = [c for c in text.lower() if c.isalpha()]
+        return sum(c in vowels for c in letters) / max(len(letters), 1)
+
+    return [share(r) for r in responses]
