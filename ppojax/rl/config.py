@@ -181,7 +181,7 @@ class PPOConfig:
     ``vf_coef``), and no critic copy (weights, gradients, two Adam moments) is held. Needs an estimator with a
     critic (GAE); full fine-tuning only (refused with LoRA roles)."""
     hparams: dict[str, float] = dataclasses.field(default_factory=dict)
-    """Values of the array hyperparameters declared by the selected estimator, policy loss or loss terms, by name;
+    """Values of the array hyperparameters declared by the selected estimator and policy loss, by name;
     unset ones take the declared default (``register_estimator(..., hparams={'lam_critic': 0.95})``). Each is an
     array of the train state: ``set_hparams`` and sweeps (``ppo.hparams.<name>``) change it without recompiling."""
 

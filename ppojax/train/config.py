@@ -236,7 +236,7 @@ class ExperimentConfig:
     """Device mesh, e.g. 'data=4,fsdp=2' (the --mesh flag wins); None: every device on the data axis. A run may
     resume on another mesh: checkpoints restore into any sharding."""
     imports: tuple[str, ...] = ()
-    """Python modules imported before the rest of the config is read (`load_config`; the runner's --import adds
+    """Python modules imported before the rest of the config is read (`load_config`; the command line's --import adds
     more), so that what they register (a reward, an advantage estimator, a model family) can be named here and in
     --set. Looked up on sys.path, next to the config file and in the working directory."""
 

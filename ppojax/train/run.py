@@ -388,8 +388,8 @@ def saved_config(checkpoints: Path) -> Optional[dict]:
 
 
 def lora_change(saved: dict, cfg, model_config) -> Optional[str]:
-    """Why a checkpoint's adapters cannot be this run's (``ppojax.train.resume.describe_config_change``: LoRA into a full
-    fine-tune, the reverse, another rank or other targets), from the checkpoint's config; None when they fit."""
+    """Why a checkpoint's adapters cannot be this run's (``ppojax.train.resume.describe_config_change``: LoRA into a
+    full fine-tune, the reverse, another rank or other targets), from the checkpoint's config; None when they fit."""
     from ppojax.io import configlib
     from ppojax.train.config import LoraConfig
     from ppojax.train.resume import describe_config_change
@@ -849,4 +849,5 @@ def new_state(cfg, inputs: "Inputs", mesh):
 
 
 __all__ = ["Inputs", "Run", "RunError", "RunOutcome", "build_run", "check_resume", "config_changes", "config_record",
-           "export_checkpoint", "load_inputs", "new_state", "resolve_config", "restore_latest", "run_mesh", "saved_config"]
+           "export_checkpoint", "load_inputs", "new_state", "resolve_config", "restore_latest", "run_mesh",
+           "saved_config"]
