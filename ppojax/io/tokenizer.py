@@ -94,6 +94,43 @@ def _configure(tok):
     return tok
 
 
+def save_for_export(tokenizer, path: str | os.PathLike, vocab_size: int) -> Path:
+    """Save ``tokenizer`` beside an exported model so that transformers runs padded batches through it.
+
+    ppojax pads with ``<|pad|>`` at id ``vocab_size`` (outside the embedding; ppojax's models map padded positions
+    away before embedding them), which a transformers model would index out of range. The export pads with EOS
+    instead (transformers' own choice for GPT-2 and the Llama family; the attention mask hides the padding), on the
+    right: a plain batched forward (``model(**tok(texts, padding=True))``) numbers positions from 0 whatever the
+    mask, so right padding is what it expects (left padding shifts the padded rows' positions); transformers'
+    ``generate`` wants ``padding_side="left"``, which it derives positions for. ``<|pad|>`` is dropped from the
+    saved vocabulary, so ``len(tokenizer)`` is the model's vocabulary. Loading the export with ``ppojax.load_tokenizer`` adds ``<|pad|>`` back (a pad equal to EOS is the
+    pitfall ppojax avoids in training)."""
+    import copy
+    import json
+
+    out = Path(path)
+    tok = copy.deepcopy(tokenizer)
+    if tok.pad_token_id is None or tok.pad_token_id >= vocab_size:
+        fallback = tok.eos_token if tok.eos_token_id is not None and tok.eos_token_id < vocab_size else tok.unk_token
+        tok.pad_token = fallback
+    tok.padding_side = "right"
+    tok.save_pretrained(str(out))
+    # The added <|pad|> token is still in the saved vocabulary: remove every added token beyond the model's.
+    tokenizer_json = out / "tokenizer.json"
+    if tokenizer_json.exists():
+        data = json.loads(tokenizer_json.read_text())
+        data["added_tokens"] = [t for t in data.get("added_tokens", []) if t.get("id", 0) < vocab_size]
+        tokenizer_json.write_text(json.dumps(data, ensure_ascii=False))
+    config_json = out / "tokenizer_config.json"
+    if config_json.exists():
+        data = json.loads(config_json.read_text())
+        decoder = data.get("added_tokens_decoder")
+        if isinstance(decoder, dict):
+            data["added_tokens_decoder"] = {k: v for k, v in decoder.items() if int(k) < vocab_size}
+        config_json.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    return out
+
+
 def load_tokenizer(name_or_path: str | os.PathLike = "gpt2"):
     """A transformers tokenizer for a hub id or a local directory, left-padding with a pad id distinct from EOS.
 

@@ -478,6 +478,7 @@ def _export(setup, params, frozen, dirs: list, tokenizer, is_main: bool, cfg) ->
     import shutil
 
     from ppojax import parallel
+    from ppojax.io.tokenizer import save_for_export
     from ppojax.models import lora
     from ppojax.rl.roles import is_lora
 
@@ -494,7 +495,7 @@ def _export(setup, params, frozen, dirs: list, tokenizer, is_main: bool, cfg) ->
             lora.save_adapter(staged[1], setup.model, adapters, setup.roles.spec(),
                               base_model_name_or_path=None if cfg.model.name_or_path == "random"
                               else cfg.model.name_or_path)
-            tokenizer.save_pretrained(staged[1])
+            save_for_export(tokenizer, staged[1], setup.model.vocab_size)
     except BaseException:
         for tmp in staged:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -509,12 +510,14 @@ def _export(setup, params, frozen, dirs: list, tokenizer, is_main: bool, cfg) ->
 
 
 def _save_policy(path: Path, model_config, params, tokenizer) -> Path:
-    """The policy in Hugging Face format with its tokenizer, whose BOS/EOS ids go into ``config.json``."""
+    """The policy in Hugging Face format with its tokenizer, whose BOS/EOS ids go into ``config.json``; the
+    tokenizer pads with an id inside the model's vocabulary (``ppojax.io.tokenizer.save_for_export``)."""
     import ppojax
+    from ppojax.io.tokenizer import save_for_export
 
     out = ppojax.save_pretrained(path, model_config, params, bos_token_id=tokenizer.bos_token_id,
                                  eos_token_id=tokenizer.eos_token_id)
-    tokenizer.save_pretrained(out)
+    save_for_export(tokenizer, out, model_config.vocab_size)
     return out
 
 

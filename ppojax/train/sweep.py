@@ -393,7 +393,8 @@ class Group:
 
 
 class _Builder:
-    """Builds each run's host-side inputs through the runner's own functions, once per distinct config section."""
+    """Builds each run's host-side inputs through ``ppojax.train.run``'s build functions (those of every single
+    run), once per distinct config section."""
 
     def __init__(self, config_dir):
         self.config_dir = config_dir
