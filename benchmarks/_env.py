@@ -139,6 +139,24 @@ def wait_until_quiet(max_wait_s: float, *, probe=other_load_probe, threshold: fl
     return values
 
 
+
+def portable_path(path) -> str:
+    """``path`` as a result file may record it: relative to the checkout when inside it, ``<site-packages>/...``
+    inside an environment's packages, else its name alone (no machine's absolute paths in committed results)."""
+    from pathlib import Path
+
+    p = Path(path).resolve()
+    root = Path(__file__).resolve().parents[1]
+    try:
+        return str(p.relative_to(root))
+    except ValueError:
+        pass
+    parts = p.parts
+    if "site-packages" in parts:
+        return str(Path("<site-packages>", *parts[parts.index("site-packages") + 1:]))
+    return p.name
+
+
 def run_record(load_before: dict, others_cores: float, packages=DEFAULT_PACKAGES) -> dict:
     """The fields every result JSON ends with: machine, versions, the load samples, other processes' cores during
     the run and whether that makes the timings trustworthy. Call it when the timed work is over."""

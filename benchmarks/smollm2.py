@@ -86,7 +86,7 @@ def build_models(tiny: bool, tmp: str):
         path = smollm2_gguf()
         model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name).eval()
         config, params = ppojax.load_pretrained(path)
-        source = str(path)
+        source = _env.portable_path(path)
     model.generation_config.eos_token_id = None  # both sides generate exactly the requested number of tokens
     model.generation_config.pad_token_id = 0
     return model, config, params, source

@@ -271,6 +271,14 @@ def check_import(variant: _interleave.Variant) -> str:
     return got
 
 
+def _portable_import(path: str) -> str:
+    """Where a side imported ppojax from, without this machine's paths: the checkout's own ``ppojax``, or
+    ``<rev worktree>/ppojax`` for an ``@REV`` side's temporary worktree."""
+    if "/rev_" in path:
+        return "<rev worktree>/" + path.split("/rev_", 1)[1].split("/", 1)[1]
+    return _env.portable_path(path)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # FLOPs
 
@@ -473,7 +481,7 @@ def run_ppojax(j: dict, ckpt: str, iterations: int, device: str = "cpu", ppo_opt
     out["matmul_peak_flops"] = peak
     out["devices"] = [str(d) for d in jax.devices()]
     out["state_bytes"] = state_bytes  # logical bytes (the critic's trunk shares the actor's buffers until updated)
-    out["ppojax_path"] = os.path.dirname(ppojax.__file__)
+    out["ppojax_path"] = _env.portable_path(os.path.dirname(ppojax.__file__))
     out["options"] = {**(ppo_options or {}), **({"vocab_dtype": vocab_dtype} if vocab_dtype else {})}
     out["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     if device != "cpu":
@@ -707,7 +715,7 @@ def main(argv=None):
             ckpt = os.path.join(tmp, f"ckpt_{name}")
             build_checkpoint(j, ckpt)
             variants = [side_variant(spec, name, iterations, ckpt, args, rev_dirs) for spec in args.side_specs]
-            imports = {v.name: check_import(v) for v, spec in zip(variants, args.side_specs)
+            imports = {v.name: _portable_import(check_import(v)) for v, spec in zip(variants, args.side_specs)
                        if spec.framework == "ppojax"}
             print(f"== job {name}: {', '.join(sides)}; {args.repeats} rounds x {iterations} iterations", flush=True)
             run = _interleave.run_interleaved(variants, args.repeats, lambda v, r: run_child(v, r, tmp),

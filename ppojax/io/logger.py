@@ -516,6 +516,10 @@ class RunLogger:
                 return
             now = time.perf_counter()
             sec_per_it = (now - self._tick_time) / max(iteration - self._tick_iteration, 1)
+            if "time_s" in values and iteration - self._tick_iteration <= 1:
+                # The iteration's own time, as metrics.jsonl records it (the wall time between two lines also
+                # counts sample tables and checkpoints).
+                sec_per_it = float(values["time_s"])
             self._tick_time, self._tick_iteration = now, iteration
             print(format_console_line(iteration, self.progress_total, values, sec_per_it), file=self._stream,
                   flush=True)
