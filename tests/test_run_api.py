@@ -143,3 +143,34 @@ def test_default_step_equals_train_step_on_the_same_prompts():
     assert rows == by_hand
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(result.state.params)):
         np.testing.assert_array_equal(jax.device_get(a), jax.device_get(b))
+
+
+def test_resolve_built_stops_chat_models_at_their_end_of_turn_and_records_the_model():
+    import dataclasses
+    import types
+
+    from ppojax.models import GPT2Config, LlamaConfig
+    from ppojax.train.config import ExperimentConfig, ModelConfig
+    from ppojax.train.run import resolve_built
+
+    chat = types.SimpleNamespace(chat_template="{{ messages }}", eos_token_id=2, eos_token="<|im_end|>")
+    plain = types.SimpleNamespace(chat_template=None, eos_token_id=50256, eos_token="<|endoftext|>")
+    llama = LlamaConfig(vocab_size=100, max_position_embeddings=64, hidden_size=48, num_hidden_layers=3,
+                        num_attention_heads=6, num_key_value_heads=2, intermediate_size=96)
+    pretrained = ExperimentConfig(model=ModelConfig(name_or_path="some/checkpoint"))
+    said = []
+    cfg = resolve_built(pretrained, chat, llama, log=said.append)
+    assert cfg.ppo.eos_token_id == 2 and len(said) == 1 and "<|im_end|>" in said[0]
+    assert (cfg.model.family, cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.n_positions,
+            cfg.model.vocab_size, cfg.model.num_key_value_heads, cfg.model.intermediate_size) == (
+        "llama", 3, 6, 48, 64, 100, 2, 96)
+    # Resolving is idempotent (a resumed run compares equal configs) and leaves set values alone.
+    assert resolve_built(cfg, chat, llama) == cfg
+    never = dataclasses.replace(pretrained, ppo=dataclasses.replace(pretrained.ppo, eos_token_id=-1))
+    assert resolve_built(never, chat, llama).ppo.eos_token_id == -1
+    # A tokenizer without a chat template keeps lm-human-preferences' fixed-length responses.
+    gpt2 = GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=1, n_head=2)
+    assert resolve_built(pretrained, plain, gpt2).ppo.eos_token_id is None
+    # A random init's model section is already the model built: unchanged.
+    random = ExperimentConfig()
+    assert resolve_built(random, plain, random.model.random_init_config()) == random

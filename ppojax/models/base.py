@@ -192,6 +192,10 @@ class ModelFamily:
 
     ``num_key_value_heads`` and ``intermediate_size`` may be None (the family's default); a shape the family cannot
     take raises ValueError with one line naming the field. None: the family has no random init."""
+    shape_of: Optional[Callable[[Any], dict]] = None
+    """Optional, the inverse of ``random_config``: a config's generic shape, ``{vocab_size, n_positions, n_embd,
+    n_layer, n_head, num_key_value_heads, intermediate_size}``, so that a run's resolved config records the model it
+    built (a checkpoint's shapes, not the random-init defaults). None: not recorded."""
 
 
 _FAMILIES: dict[str, ModelFamily] = {}
@@ -207,8 +211,9 @@ def register_model_family(family: ModelFamily, *, replace: bool = False) -> Mode
     for fn in ("init_params", "hidden", "lm_head", "init_cache"):
         if not callable(getattr(family, fn)):
             raise TypeError(f"model family {family.name!r}: {fn} must be callable")
-    if family.random_config is not None and not callable(family.random_config):
-        raise TypeError(f"model family {family.name!r}: random_config must be callable or None")
+    for hook in ("random_config", "shape_of"):
+        if getattr(family, hook) is not None and not callable(getattr(family, hook)):
+            raise TypeError(f"model family {family.name!r}: {hook} must be callable or None")
     if not replace:
         if family.name in _FAMILIES and _FAMILIES[family.name] is not family:
             raise ValueError(f"a model family named {family.name!r} is already registered (pass replace=True)")

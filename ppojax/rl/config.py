@@ -103,7 +103,9 @@ class PPOConfig:
     top_p: float = 1.0
     """Nucleus filter while sampling (1: off)."""
     eos_token_id: Optional[int] = None
-    """Stop a response at this token (None: always response_length tokens, as lm-human-preferences)."""
+    """Stop a response at this token. None: a run on a chat model (its tokenizer has a chat template) stops at the
+    tokenizer's EOS, its end of turn (``ppojax.train.run.resolve_built``); otherwise always response_length tokens,
+    as lm-human-preferences. -1: never stop early."""
     pad_token_id: Optional[int] = None
     """Fills response positions after EOS / truncation; None means the model's vocab_size (ppojax's pad id)."""
     gamma: float = 1.0

@@ -228,6 +228,35 @@ def model_config_of(cfg):
     return build_model(cfg)
 
 
+def resolve_built(cfg, tokenizer, model_config, *, log=None):
+    """The config as the run is built, which ``config.yaml`` and the checkpoints record:
+
+    - ``ppo.eos_token_id: null`` on a chat model (a tokenizer with a chat template) becomes the tokenizer's EOS, its
+      end-of-turn token (``<|im_end|>`` for SmolLM2-Instruct): responses end where the model ends its turn instead
+      of running on into invented ``user``/``assistant`` turns. Set ``-1`` to never stop early.
+    - A checkpoint's model section records the model built (``model.family`` and its shape and vocabulary, through
+      the family's ``shape_of``) instead of the random-init defaults, which it does not use.
+    """
+    import dataclasses
+
+    from ppojax.models import family_of
+
+    changes = {}
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if (cfg.ppo.eos_token_id is None and getattr(tokenizer, "chat_template", None) and eos is not None
+            and 0 <= eos < model_config.vocab_size):
+        changes["ppo"] = dataclasses.replace(cfg.ppo, eos_token_id=int(eos))
+        if log is not None:
+            log(f"ppo.eos_token_id: null -> {eos} ({tokenizer.eos_token!r}), the chat model's end of turn")
+    family = family_of(model_config)
+    if cfg.model.name_or_path != "random" and family.shape_of is not None:
+        try:
+            changes["model"] = dataclasses.replace(cfg.model, family=family.name, **family.shape_of(model_config))
+        except ValueError:  # a shape the generic fields cannot say: keep the section as given
+            pass
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
 def check_model_fits(cfg, model_config, prompt_ids, prompt_mask) -> None:
     """The prompts plus the responses fit the model's context, and the tokenizer's ids its vocabulary."""
     total = cfg.prompts.max_prompt_tokens + cfg.ppo.response_length
@@ -534,11 +563,9 @@ def export_checkpoint(step: int, cfg, config_dir: Path, run_dir: Path, mesh, is_
         if step not in ckpt.all_steps():
             raise RunError(f"{checkpoints} has no checkpoint {step}; available: {ckpt.all_steps()}")
         saved = saved_config(checkpoints)
-        changes = config_changes(saved, cfg)
-        if changes and not any(c.startswith("lora.") for c in changes):
-            raise RunError(f"checkpoint {step} in {checkpoints} was written with a different config "
-                           f"({'; '.join(changes[:5])}); export with the run's config")
         inputs = load_inputs(cfg, config_dir)
+        cfg = resolve_built(cfg, inputs.tokenizer, inputs.model_config)
+        changes = config_changes(saved, cfg)
         why = lora_change(saved, cfg, inputs.model_config)
         if why is not None:
             raise RunError(f"checkpoint {step} in {checkpoints}: {why}")
@@ -793,6 +820,7 @@ def build_run(config: Any, run_dir: Optional[str | Path] = None, *, overrides: S
     run = None
     try:
         inputs = load_inputs(cfg, config_dir)
+        cfg = resolve_built(cfg, inputs.tokenizer, inputs.model_config, log=_log)
         resuming = check_resume(run_dir, cfg, inputs.model_config) if run_dir is not None else False
         if resuming and not resume:
             raise RunError(f"run directory {run_dir} holds checkpoints; pass resume=True or a new run directory")

@@ -426,6 +426,7 @@ def build_groups(runs: Sequence[Run], config_dir=None, devices: Optional[Sequenc
 
     from ppojax.io.data import PromptLoader
     from ppojax.train.build import create_state
+    from ppojax.train.run import resolve_built
 
     builder = _Builder(config_dir)
     groups = []
@@ -433,7 +434,8 @@ def build_groups(runs: Sequence[Run], config_dir=None, devices: Optional[Sequenc
         states, loaders, host_reward = [], [], None
         for run in members:
             cfg = run.config
-            _, (_, ids, mask), (model_config, params), (reward, host_reward) = builder.run_inputs(cfg)
+            tok, (_, ids, mask), (model_config, params), (reward, host_reward) = builder.run_inputs(cfg)
+            cfg = resolve_built(cfg, tok, model_config)  # as the single run resolves it (a chat model's EOS...)
             state = create_state(cfg, model_config, params, reward)
             if states and _same_arrays([states[0].frozen, state.frozen]):
                 state = state.replace(frozen=states[0].frozen)  # hold one copy while building, too

@@ -13,6 +13,7 @@ FAMILY = register_model_family(ModelFamily(
     lm_head=model.lm_head,
     init_cache=model.init_cache,
     random_config=model.random_config,
+    shape_of=model.shape_of,
     hf=convert.CONVERTER,
     lora_targets=("c_attn", "c_proj", "c_fc", "c_proj_mlp"),
 ))

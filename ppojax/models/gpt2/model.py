@@ -253,3 +253,10 @@ def random_config(*, vocab_size: int, n_positions: int, n_embd: int, n_layer: in
                          "use a family that has it (family: llama)")
     return GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
                       n_inner=intermediate_size, dtype=dtype, param_dtype=param_dtype, remat=remat)
+
+
+def shape_of(config: GPT2Config) -> dict:
+    """The generic shape of a GPT-2 config (``ModelFamily.shape_of``), the inverse of :func:`random_config`."""
+    return dict(vocab_size=config.vocab_size, n_positions=config.n_positions, n_embd=config.n_embd,
+                n_layer=config.n_layer, n_head=config.n_head, num_key_value_heads=None,
+                intermediate_size=config.n_inner)

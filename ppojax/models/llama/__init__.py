@@ -14,6 +14,7 @@ FAMILY = register_model_family(ModelFamily(
     lm_head=model.lm_head,
     init_cache=model.init_cache,
     random_config=model.random_config,
+    shape_of=model.shape_of,
     hf=convert.CONVERTER,
     gguf=gguf.CONVERTER,
     lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),

@@ -382,3 +382,10 @@ def random_config(*, vocab_size: int, n_positions: int, n_embd: int, n_layer: in
                        num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=num_key_value_heads,
                        tie_word_embeddings=True, intermediate_size=intermediate_size or -(-n_embd // 3) * 8,
                        dtype=dtype, param_dtype=param_dtype, remat=remat)
+
+
+def shape_of(config: LlamaConfig) -> dict:
+    """The generic shape of a Llama config (``ModelFamily.shape_of``), the inverse of :func:`random_config`."""
+    return dict(vocab_size=config.vocab_size, n_positions=config.max_position_embeddings, n_embd=config.hidden_size,
+                n_layer=config.num_hidden_layers, n_head=config.num_attention_heads,
+                num_key_value_heads=config.num_key_value_heads, intermediate_size=config.intermediate_size)
