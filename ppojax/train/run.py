@@ -732,6 +732,9 @@ class Run:
                 _log(f"{self.run_dir or 'the run'} already has {self.start} of {total} iterations; nothing to do")
             return RunOutcome(exit_code=0, done=self.start)
         own = _RunFiles(self, total) if self.run_dir is not None else None
+        if self.is_main:
+            _log(f"training iterations {self.start + 1}-{total}; the first one compiles the iteration (seconds to "
+                 "minutes), the others reuse it")
         try:
             result = loop.train(self.state, self.prompt_loader(), iterations=total, start=self.start, mesh=self.mesh,
                                 host_reward=self.host_reward, donate=True, timing=timing,
