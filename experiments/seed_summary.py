@@ -1,0 +1,128 @@
+#!/usr/bin/env python
+"""Summarise runs of one config over seeds: the numbers and the figure a README states come from here.
+
+    python experiments/seed_summary.py /tmp/seeds/seed0 /tmp/seeds/seed1 /tmp/seeds/seed2 \\
+        --out docs/results/smollm2_sentiment.json --plot docs/smollm2_curves.png
+
+Reads each run directory's ``metrics.jsonl`` (and ``config.yaml`` for its seed), writes a JSON with every run's
+per-iteration score and KL and the summary a README quotes -- for each of the first score, the final score (the
+mean over the last ``--final-window`` iterations, one iteration's score being noisy) and the largest KL: the mean
+over seeds and the range (min, max) -- and a plot of the score and KL curves (mean over seeds, min-max band).
+``tests/test_readme_results.py`` checks that the README's sentences match the committed JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+def _runs_of(run_dir: Path) -> list[tuple[str, Optional[int], list[dict]]]:
+    """``(name, seed, rows by iteration)`` of a run directory (``experiments/ppo_gpt2.py``), or of every run of a
+    sweep directory (``experiments/sweep.py``: one ``metrics.jsonl`` whose rows carry ``run`` and ``seed``)."""
+    import yaml
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    if (run_dir / "sweep.json").exists():
+        by_run: dict = {}
+        for row in rows:
+            by_run.setdefault(row["run"], []).append(row)
+        return [(f"{run_dir.name}/run{r}", runs[0]["seed"], sorted(runs, key=lambda x: x["iteration"]))
+                for r, runs in sorted(by_run.items())]
+    config = run_dir / "config.yaml"
+    seed = yaml.safe_load(config.read_text()).get("seed") if config.exists() else None
+    return [(run_dir.name, seed, sorted(rows, key=lambda x: x["iteration"]))]
+
+
+def stat(values: Sequence[float]) -> dict:
+    """Mean and range (min, max) over seeds."""
+    return {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def summarize(run_dirs: Sequence[Path], final_window: int = 5) -> dict:
+    runs = []
+    for name, seed, rows in (run for d in run_dirs for run in _runs_of(d)):
+        if not rows:
+            raise SystemExit(f"seed_summary.py: error: {name}/metrics.jsonl has no rows")
+        score = [r["score_mean"] for r in rows]
+        kl = [r["kl"] for r in rows]
+        window = score[-final_window:]
+        runs.append({"run": name, "seed": seed, "iterations": len(rows), "score": score, "kl": kl,
+                     "time_s": [r.get("time_s") for r in rows], "first_score": score[0],
+                     "final_score": sum(window) / len(window), "max_kl": max(kl), "final_kl": kl[-1]})
+    lengths = {r["iterations"] for r in runs}
+    if len(lengths) != 1:
+        raise SystemExit(f"seed_summary.py: error: the runs have different lengths {sorted(lengths)}")
+    return {
+        "final_window": final_window,
+        "iterations": lengths.pop(),
+        "seeds": [r["seed"] for r in runs],
+        "summary": {k: stat([r[k] for r in runs]) for k in ("first_score", "final_score", "max_kl", "final_kl")},
+        "runs": runs,
+    }
+
+
+def plot(result: dict, out: Path, title: str) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from ppojax.io.atomic import atomic_write_bytes
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    its = np.arange(1, result["iterations"] + 1)
+    for ax, key, label in ((axes[0], "score", "score (mean over the batch)"), (axes[1], "kl", "KL (nats / response)")):
+        values = np.asarray([r[key] for r in result["runs"]], np.float64)
+        ax.fill_between(its, values.min(0), values.max(0), alpha=0.25, label=f"min-max over {len(values)} seeds")
+        ax.plot(its, values.mean(0), label="mean over seeds")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(out, buf.getvalue())
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="seed_summary.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dirs", nargs="+", type=Path,
+                   help="run directories of one config, one per seed, or a sweep directory over seeds")
+    p.add_argument("--out", type=Path, required=True, help="the summary JSON to write")
+    p.add_argument("--plot", type=Path, default=None, help="also plot score and KL (mean, min-max band)")
+    p.add_argument("--title", default="", help="the plot's title")
+    p.add_argument("--final-window", type=int, default=5, help="iterations averaged into a run's final score")
+    p.add_argument("--command", default="", help="the command that produced the runs, recorded in the JSON")
+    args = p.parse_args(argv)
+    for d in args.run_dirs:
+        if not (d / "metrics.jsonl").is_file():
+            print(f"seed_summary.py: error: {d} has no metrics.jsonl (is it a run directory?)", file=sys.stderr)
+            return 2
+    result = summarize(args.run_dirs, args.final_window)
+    result["command"] = args.command
+    from ppojax.io.atomic import atomic_write_json
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out, result, indent=1)
+    if args.plot is not None:
+        plot(result, args.plot, args.title)
+    s = result["summary"]
+    print(f"[seed_summary] {len(result['runs'])} seeds: first score {s['first_score']['mean']:.2f} "
+          f"({s['first_score']['min']:.2f}-{s['first_score']['max']:.2f}), final score {s['final_score']['mean']:.2f} "
+          f"({s['final_score']['min']:.2f}-{s['final_score']['max']:.2f}), largest KL {s['max_kl']['mean']:.1f} "
+          f"({s['max_kl']['min']:.1f}-{s['max_kl']['max']:.1f}); wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.exit(main())
