@@ -241,6 +241,20 @@ def check_model_fits(cfg, model_config, prompt_ids, prompt_mask) -> None:
                        f"{model_config.vocab_size}")
 
 
+def check_memory(cfg, model_config) -> None:
+    """The run's memory estimate fits its devices (``ppojax.train.memory.check_run_fits``; skipped with
+    ``PPOJAX_SKIP_MEMORY_CHECK=1``)."""
+    from ppojax.models import lora
+    from ppojax.train import memory
+
+    try:
+        memory.check_run_fits(cfg, model_config)
+    except memory.MemoryCheckError as e:
+        raise RunError(str(e)) from None
+    except (lora.LoraError, ValueError):
+        pass  # settings that do not combine are named by the checks that follow (check_lora, new_state)
+
+
 def lora_roles(cfg, model_config):
     """The run's LoRA role view (``ppojax.rl.roles.LoraRoles``), or None when ``lora.rank`` is 0. ``RunError``
     for settings no model could take (e.g. a family without LoRA targets)."""
@@ -346,6 +360,7 @@ def load_inputs(cfg, config_dir: Path) -> Inputs:
     _, prompt_ids, prompt_mask = load_prompts(cfg, config_dir, tokenizer)
     model_config, actor_params = model_config_of(cfg)
     check_model_fits(cfg, model_config, prompt_ids, prompt_mask)
+    check_memory(cfg, model_config)
     check_lora(cfg, model_config, actor_params)
     reward, host_reward = build_reward(cfg, tokenizer, model_config, config_dir)
     check_reward(reward, cfg, model_config, actor_params)
