@@ -697,6 +697,19 @@ class Run:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _finish_end_products(self, export: bool) -> list:
+        """What a finished run's end left unwritten (killed after its last iteration): ``curves.png`` from
+        ``metrics.jsonl``, and the export. Returns the names written."""
+        from ppojax.io.logger import CURVES_FILE, write_curves
+
+        written = []
+        if self.is_main and not (self.run_dir / CURVES_FILE).exists() and write_curves(self.run_dir) is not None:
+            written.append(CURVES_FILE)
+        if export and not all(d.is_dir() for d in self.export_dirs()):
+            self.export()  # a collective: every process agrees, as the directories are on process 0's disk
+            written += [d.name for d in self.export_dirs()]
+        return written
+
     # -- driving it -----------------------------------------------------------------------------------------------
 
     def train(self, iterations: Optional[int] = None, *, callbacks: Sequence[Any] = (), handle_signals: bool = True,
@@ -714,10 +727,9 @@ class Run:
         total = cfg.iterations if iterations is None else iterations
         export = cfg.export if export is None else export
         if self.start >= total:
-            if self.run_dir is not None and export and not all(d.is_dir() for d in self.export_dirs()):
-                self.export()  # e.g. killed while exporting
-            else:
-                _log(f"{self.run_dir or 'the run'} already has {self.start} of {total} iterations; nothing to do")
+            written = self._finish_end_products(export) if self.run_dir is not None else []
+            done = f"{self.run_dir or 'the run'} already has {self.start} of {total} iterations"
+            _log(f"{done}; wrote what was missing: {', '.join(written)}" if written else f"{done}; nothing to do")
             return RunOutcome(exit_code=0, done=self.start)
         own = _RunFiles(self, total) if self.run_dir is not None else None
         try:
