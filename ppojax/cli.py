@@ -64,32 +64,71 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+_pending: dict = {}
+"""The signal being acted on (``signum``), until the job's way out has begun."""
+
+
+def _unwinding() -> bool:
+    """An interruption is already on its way out (some frame is handling it: an ``except``/``finally``/``__exit__``
+    releasing the lock): a further signal must not cut that short."""
+    return isinstance(sys.exc_info()[1], KeyboardInterrupt)
+
+
 def _raise_interrupted(signum, frame):
-    # Once: the way out (releasing the lock, removing what this job created) is short and must not be cut.
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, signal.SIG_IGN)
-    raise Interrupted(signum)
+    if _unwinding():
+        return
+    _pending.setdefault("signum", signum)
+    # A raise inside a gc or weakref callback is swallowed ("Exception ignored"): raise again from a timer until
+    # one gets through (``interrupted_exit`` and leaving ``interrupts_raise`` stop it).
+    signal.setitimer(signal.ITIMER_REAL, 0.2, 0.2)
+    raise Interrupted(_pending["signum"])
+
+
+def _raise_pending(signum, frame):
+    if "signum" in _pending and not _unwinding():
+        raise Interrupted(_pending["signum"])
+
+
+def _stop_retrying() -> None:
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    _pending.clear()
+
+
+def _quiet_unraisable(previous):
+    def hook(unraisable):
+        if not isinstance(unraisable.exc_value, Interrupted):  # ours is retried: no "Exception ignored" notice
+            previous(unraisable)
+    return hook
 
 
 @contextlib.contextmanager
 def interrupts_raise():
     """SIGINT and SIGTERM raise :class:`Interrupted` for the block's duration (main thread only; the previous
-    handlers come back afterwards). The training loop's ``StopSignal`` takes over while it runs."""
+    handlers come back afterwards). The training loop's ``StopSignal`` takes over while it runs. A signal whose
+    handler is ``SIG_IGN`` when the block starts (a background job of a shell) stays ignored."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
+    for s in (signal.SIGINT, signal.SIGTERM):
+        if previous[s] is not signal.SIG_IGN:
+            signal.signal(s, _raise_interrupted)
+    signal.signal(signal.SIGALRM, _raise_pending)
+    previous_hook, sys.unraisablehook = sys.unraisablehook, _quiet_unraisable(sys.unraisablehook)
     try:
         yield
     finally:
+        _stop_retrying()
+        sys.unraisablehook = previous_hook
         for s, h in previous.items():
             signal.signal(s, h)
 
 
 def interrupted_exit(prog: str, signum: int, started: bool) -> int:
     """One line for a job ended by a signal; the shell's exit code for it (128 + the signal's number)."""
+    _stop_retrying()
     name = signal.Signals(signum).name
     if started:
         print(f"{prog}: error: interrupted by {name}; the checkpoints already saved are kept (a save in progress "
