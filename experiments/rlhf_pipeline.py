@@ -211,6 +211,23 @@ def _evaluate(policy: str, reward_dir: Path, base_params, scorer, queries, prese
     return {"samples": int(true.size), "true_score": stat(true), "rm_score": stat(rm_score), "examples": examples}
 
 
+def _check_out(out: Path) -> Path:
+    """``--out``, checked before anything is created: an existing directory this user can write, or a path whose
+    nearest existing parent is one (``PipelineError``, one line, otherwise)."""
+    import os
+
+    if out.exists() and not out.is_dir():
+        raise PipelineError(f"--out {out} is a file, not a directory")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise PipelineError(f"--out {out}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PipelineError(f"--out {out}: {parent} is not writable")
+    return out
+
+
 def run(args: argparse.Namespace) -> dict:
     from ppojax.io.data import read_prompts
     from ppojax.models import family_of
@@ -218,8 +235,7 @@ def run(args: argparse.Namespace) -> dict:
     from ppojax.train import build_run
     from ppojax.train.run import RunError
 
-    out = Path(args.out).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = _check_out(Path(args.out).expanduser().resolve())
     try:
         labeler, _ = preferences.parse_labeler(args.labeler)
     except ValueError as e:
@@ -227,16 +243,20 @@ def run(args: argparse.Namespace) -> dict:
     timings = {}
     t = time.time()
     random_policy = _is_random(args)
+    if not random_policy:  # the policy is checked before anything is created
+        if args.fast or args.vocab is not None:
+            raise PipelineError("--fast and --vocab choose a random policy; leave them out with --policy")
+        policy, kind = args.policy or SMOLLM2, "pretrained"
+        config, base_params, _ = _load_policy(policy)  # the base of a LoRA reward model
+        vocab_size, family = config.vocab_size, family_of(config).name
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PipelineError(f"--out {out}: cannot create the directory: {e.strerror or e}") from None
     if random_policy:
         policy, vocab_size = _random_policy(args, PRESETS["fast" if args.fast else "default"], out)
         kind = "fast" if args.fast else "gpt2" if (args.vocab or "words") == "gpt2" else "default"
         base_params = None  # full reward models: no base needed
-    else:
-        if args.fast or args.vocab is not None:
-            raise PipelineError("--fast and --vocab choose a random policy; leave them out with --policy")
-        policy, kind = args.policy or SMOLLM2, "pretrained"
-        config, base_params, _ = _load_policy(policy)  # checked before any stage; the base of a LoRA reward model
-        vocab_size, family = config.vocab_size, family_of(config).name
     timings["policy_s"] = time.time() - t
     preset = dict(PRESETS[kind])
     for name in ("num_queries", "iterations", "k"):

@@ -32,7 +32,8 @@ Writes under ``--out``: the reward model (``config.json``, ``model.safetensors``
 margin), ``train_report.json`` and ``checkpoints/`` (orbax, one per epoch), each file atomically. Rerunning the same
 command resumes after the last finished epoch; ``--epochs`` may grow. One job per ``--out``: the job holds
 ``<out>/ppojax.lock`` (``ppojax.io.lock``) and a second one exits naming it. A bad input prints one error line and
-exits with code 2, leaving ``--out`` as it found it.
+exits with code 2, leaving ``--out`` as it found it. SIGINT or SIGTERM end the job with one line (exit 130 or
+143), the lock released and the epochs already checkpointed kept (rerun the same command to resume).
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ def _calibration(args, rm, train, config, params, tokenizer):
     return q_ids, q_mask, np.asarray(out.tokens), np.asarray(out.mask)
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, progress: Optional[dict] = None) -> dict:
     _check_args(args)
     from ppojax.io.lock import DirectoryLock, LockError
     from ppojax.rl import preferences
@@ -170,6 +171,8 @@ def run(args: argparse.Namespace) -> dict:
     except OSError as e:
         raise UsageError(f"--out {out} is not writable: {e}") from None
     try:
+        if progress is not None:
+            progress["started"] = True
         return _train(args, rows, out, t_start)
     finally:
         lock.release(remove_created=True)  # removes only what this job created and left empty
@@ -293,12 +296,19 @@ def _train(args: argparse.Namespace, rows, out: Path, t_start: float) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except UsageError as e:
-        print(f"train_reward.py: error: {e}", file=sys.stderr)
-        return 2
+    from ppojax.cli import interrupted_exit, interrupts_raise
+
+    progress = {"started": False}
+    with interrupts_raise():  # SIGINT/SIGTERM: one line, the lock released, the saved epochs kept
+        try:
+            args = parse_args(argv)
+            try:
+                run(args, progress)
+            except UsageError as e:
+                print(f"train_reward.py: error: {e}", file=sys.stderr)
+                return 2
+        except KeyboardInterrupt as e:
+            return interrupted_exit("train_reward.py", getattr(e, "signum", 2), progress["started"])
     return 0
 
 

@@ -10,12 +10,20 @@ with LoRA made more positive against VADER, offline), and ``sweep.py`` ``configs
 MODULE`` (repeatable) imports a module before the config is resolved, as the config's ``imports:`` list does, so
 that what it registers (a reward, an estimator, a loss, a model family) can be named in the YAML and in ``--set``.
 Every input problem is one line on stderr and exit code 2.
+
+Signals: SIGINT or SIGTERM during start-up (imports, checks, loading, compiling; before the training loop installs
+its own handler) end the job with one line, the run directory's lock released and a directory the job created
+removed; during training the loop finishes its iteration and saves (exit 0, rerun to resume); a second SIGINT, or a
+signal after the loop (the export), ends the job with one line, keeping the checkpoints already saved. The exit
+code of an interrupted job is the shell's: 130 for SIGINT, 143 for SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -45,6 +53,90 @@ def quiet_third_party() -> None:
     log = logging.getLogger("transformers")
     if _not_torch_missing not in log.filters:
         log.addFilter(_not_torch_missing)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM outside the training loop's own handler (start-up, the export): raised on the main thread,
+    so that ``build_run`` and ``Run.close`` release what they hold on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_pending: dict = {}
+"""The signal being acted on (``signum``), until the job's way out has begun."""
+
+
+def _unwinding() -> bool:
+    """An interruption is already on its way out (some frame is handling it: an ``except``/``finally``/``__exit__``
+    releasing the lock): a further signal must not cut that short."""
+    return isinstance(sys.exc_info()[1], KeyboardInterrupt)
+
+
+def _raise_interrupted(signum, frame):
+    if _unwinding():
+        return
+    _pending.setdefault("signum", signum)
+    # A raise inside a gc or weakref callback is swallowed ("Exception ignored"): raise again from a timer until
+    # one gets through (``interrupted_exit`` and leaving ``interrupts_raise`` stop it).
+    signal.setitimer(signal.ITIMER_REAL, 0.2, 0.2)
+    raise Interrupted(_pending["signum"])
+
+
+def _raise_pending(signum, frame):
+    if "signum" in _pending and not _unwinding():
+        raise Interrupted(_pending["signum"])
+
+
+def _stop_retrying() -> None:
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    _pending.clear()
+
+
+def _quiet_unraisable(previous):
+    def hook(unraisable):
+        if not isinstance(unraisable.exc_value, Interrupted):  # ours is retried: no "Exception ignored" notice
+            previous(unraisable)
+    return hook
+
+
+@contextlib.contextmanager
+def interrupts_raise():
+    """SIGINT and SIGTERM raise :class:`Interrupted` for the block's duration (main thread only; the previous
+    handlers come back afterwards). The training loop's ``StopSignal`` takes over while it runs. A signal whose
+    handler is ``SIG_IGN`` when the block starts (a background job of a shell) stays ignored."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
+    for s in (signal.SIGINT, signal.SIGTERM):
+        if previous[s] is not signal.SIG_IGN:
+            signal.signal(s, _raise_interrupted)
+    signal.signal(signal.SIGALRM, _raise_pending)
+    previous_hook, sys.unraisablehook = sys.unraisablehook, _quiet_unraisable(sys.unraisablehook)
+    try:
+        yield
+    finally:
+        _stop_retrying()
+        sys.unraisablehook = previous_hook
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def interrupted_exit(prog: str, signum: int, started: bool) -> int:
+    """One line for a job ended by a signal; the shell's exit code for it (128 + the signal's number)."""
+    _stop_retrying()
+    name = signal.Signals(signum).name
+    if started:
+        print(f"{prog}: error: interrupted by {name}; the checkpoints already saved are kept (a save in progress "
+              "is lost); rerun the same command to resume", file=sys.stderr, flush=True)
+    else:
+        print(f"{prog}: error: interrupted by {name} during start-up; nothing was written", file=sys.stderr,
+              flush=True)
+    return 128 + signum
 
 
 def _add_config_flags(p: argparse.ArgumentParser, default: Path) -> None:
@@ -118,10 +210,14 @@ def _start_processes(args: argparse.Namespace) -> None:
         raise RunError(str(e)) from None
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, progress: Optional[dict] = None) -> int:
+    """The job of ``ppo_gpt2.py``; ``progress['started']`` becomes True once the run is built (its lock held, its
+    state restored), which tells an interruption during start-up from one during the run."""
     import jax
 
     from ppojax.train import run as runs
+
+    progress = {} if progress is None else progress
 
     cfg, config_dir = build_config(args)
     name = Path(args.config).stem if args.config else DEFAULT_CONFIG.stem
@@ -132,26 +228,33 @@ def run(args: argparse.Namespace) -> int:
         return runs.export_checkpoint(args.export_checkpoint, cfg, config_dir, run_dir, mesh,
                                       jax.process_index() == 0)
     with runs.build_run(cfg, run_dir, config_dir=config_dir, mesh=args.mesh) as run_:
+        progress["started"] = True
         return run_.train().exit_code
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``experiments/ppo_gpt2.py``."""
-    quiet_third_party()
-    args = parse_args(argv)
-    if args.help_config:
-        from ppojax.io import configlib
-        from ppojax.train.config import ExperimentConfig
+    progress = {"started": False}
+    with interrupts_raise():
+        try:
+            quiet_third_party()
+            args = parse_args(argv)
+            if args.help_config:
+                from ppojax.io import configlib
+                from ppojax.train.config import ExperimentConfig
 
-        print(configlib.describe(ExperimentConfig))
-        return 0
-    from ppojax.train.run import RunError
+                print(configlib.describe(ExperimentConfig))
+                return 0
+            from ppojax.train.run import RunError
 
-    try:
-        return run(args)
-    except RunError as e:
-        print(f"ppo_gpt2.py: error: {e}", file=sys.stderr)
-        return 2
+            try:
+                return run(args, progress)
+            except RunError as e:
+                print(f"ppo_gpt2.py: error: {e}", file=sys.stderr)
+                return 2
+        except KeyboardInterrupt as e:  # a signal outside the loop, or the loop's second SIGINT
+            signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+            return interrupted_exit("ppo_gpt2.py", signum, progress["started"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -188,5 +291,5 @@ def sweep_main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
 
 
-__all__ = ["DEFAULT_CONFIG", "DEFAULT_SWEEP_CONFIG", "REPO_ROOT", "build_config", "main", "parse_args",
+__all__ = ["Interrupted", "interrupted_exit", "interrupts_raise", "DEFAULT_CONFIG", "DEFAULT_SWEEP_CONFIG", "REPO_ROOT", "build_config", "main", "parse_args",
            "parse_sweep_args", "quiet_third_party", "sweep_main"]

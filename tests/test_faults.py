@@ -142,3 +142,146 @@ def test_corrupted_checkpoints(uninterrupted, reference, tmp_path):
     assert len(errors) == 1 and "aside" in errors[0] and "Traceback" not in err, err[-3000:]
     assert sorted(str(p) for p in run_dir.rglob("*")) == before
     assert [m["iteration"] for m in _metrics(run_dir)] == list(range(1, ITERATIONS + 1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Signals during start-up and saves, a finished run missing its end products, train_reward.py's SIGTERM,
+# rlhf_pipeline.py's --out (issue 25).
+
+
+def _error_lines(stderr, prog="ppo_gpt2.py"):
+    return [line for line in stderr.splitlines() if line.startswith(f"{prog}: error:") or "Traceback" in line]
+
+
+@pytest.mark.parametrize("signum,delay", [(signal.SIGINT, 1.0), (signal.SIGTERM, 3.0), (signal.SIGINT, 7.0),
+                                          (signal.SIGTERM, 7.0)])
+def test_signal_during_start_up_is_one_line_and_leaves_nothing(tmp_path, signum, delay):
+    run_dir = tmp_path / "run"
+    proc = _start(run_dir)
+    time.sleep(delay)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=300)
+    if "received signal" in err:  # a fast machine: the loop had started and saved (its own contract)
+        assert proc.returncode == 0 and not (run_dir / "ppojax.lock").exists(), err[-3000:]
+        return
+    assert proc.returncode == 128 + signum, err[-3000:]
+    errors = _error_lines(err)
+    name = signal.Signals(signum).name
+    assert errors == [f"ppo_gpt2.py: error: interrupted by {name} during start-up; nothing was written"], err[-3000:]
+    assert not run_dir.exists()  # the directory this job created is gone, with its lock
+
+
+def test_signal_during_start_up_of_a_resume_keeps_the_run(uninterrupted, reference, tmp_path):
+    """A resumed run interrupted while starting: its directory stays as it was (no lock), and the rerun finishes
+    it exactly as the uninterrupted run did."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    before = sorted(str(p) for p in run_dir.rglob("*"))
+    proc = _start(run_dir, "--iterations", str(ITERATIONS + 2))
+    time.sleep(4.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    if "received signal" not in err:
+        assert proc.returncode == 143 and len(_error_lines(err)) == 1, err[-3000:]
+        assert sorted(str(p) for p in run_dir.rglob("*")) == before
+    assert not (run_dir / "ppojax.lock").exists()
+    code, err = _run(run_dir)
+    assert code == 0 and not _errors(err), err[-3000:]
+    assert _metrics(run_dir)[:ITERATIONS] == reference
+
+
+def test_second_sigint_during_a_save_is_one_line_and_resume_equals_uninterrupted(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _start(run_dir)
+    deadline = time.time() + 300
+    while proc.poll() is None and _lines(run_dir / "metrics.jsonl") < 2 and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)  # the loop finishes the iteration and saves ...
+    time.sleep(0.4)
+    proc.send_signal(signal.SIGINT)  # ... and the second one cuts the save
+    _, err = proc.communicate(timeout=300)
+    errors = _error_lines(err)
+    if proc.returncode == 0:  # the save had finished before the second signal: the loop's own stop
+        assert not errors and "received signal" in err, err[-3000:]
+    else:
+        assert proc.returncode == 130, err[-3000:]
+        assert len(errors) == 1 and "interrupted by SIGINT; the checkpoints already saved are kept" in errors[0], err
+    assert not (run_dir / "ppojax.lock").exists()
+    code, err = _run(run_dir)
+    assert code == 0 and not _errors(err), err[-3000:]
+    _assert_equals_uninterrupted(run_dir, reference)
+
+
+def test_rerun_of_a_finished_run_writes_its_missing_curves_and_export(uninterrupted, reference, tmp_path):
+    """What kill -9 after the last iteration's checkpoint leaves: no curves.png and no export. The rerun writes
+    them instead of saying "nothing to do"."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    (run_dir / "curves.png").unlink()
+    shutil.rmtree(run_dir / "export")
+    code, err = _run(run_dir)
+    assert code == 0 and not _errors(err), err[-3000:]
+    assert "wrote what was missing: curves.png, export" in err, err[-3000:]
+    assert (run_dir / "curves.png").stat().st_size > 0 and (run_dir / "export" / "config.json").exists()
+    assert _metrics(run_dir) == reference
+    code, err = _run(run_dir)  # now complete: nothing to do
+    assert code == 0 and "nothing to do" in err
+
+
+def test_kill_9_after_the_last_iteration_then_rerun_has_curves(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _start(run_dir)
+    deadline = time.time() + 300
+    while proc.poll() is None and not (run_dir / "checkpoints" / str(ITERATIONS)).is_dir() and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    code, err = _run(run_dir)
+    assert code == 0 and not _errors(err), err[-3000:]
+    assert (run_dir / "curves.png").exists() and (run_dir / "export").is_dir()
+    _assert_equals_uninterrupted(run_dir, reference)
+
+
+def test_train_reward_sigterm_is_one_line_keeps_the_saved_epochs_and_resumes(tmp_path):
+    rows = [{"query": f"Item {i} was", "responses": [" good", " bad"], "choice": i % 2} for i in range(64)]
+    data = tmp_path / "labels.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "rm"
+    argv = [sys.executable, str(REPO / "experiments" / "train_reward.py"), "--data", str(data), "--init", "random",
+            "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--n-positions", "32", "--out", str(out),
+            "--query-length", "8", "--response-length", "4", "--batch-size", "8", "--normalize", "none"]
+    proc = subprocess.Popen(argv + ["--epochs", "200"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=ENV, cwd=REPO)
+    deadline = time.time() + 300
+    while proc.poll() is None and not (out / "checkpoints" / "1").is_dir() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    errors = _error_lines(err, "train_reward.py")
+    assert len(errors) == 1 and "interrupted by SIGTERM; the checkpoints already saved are kept" in errors[0], err
+    assert not (out / "ppojax.lock").exists() and (out / "checkpoints" / "1").is_dir()
+    saved = max(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    done = subprocess.run(argv + ["--epochs", str(saved + 1)], capture_output=True, text=True, env=ENV, cwd=REPO,
+                          timeout=300)
+    assert done.returncode == 0 and f"resuming {out} after epoch {saved}" in done.stderr, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("case", ["file", "under_a_file", "not_creatable", "missing_policy"])
+def test_pipeline_out_and_policy_errors_are_one_line_and_create_nothing(tmp_path, case):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    out, extra, words = {
+        "file": (a_file, ["--fast"], "is a file, not a directory"),
+        "under_a_file": (a_file / "sub", ["--fast"], "is a file, not a directory"),
+        "not_creatable": (Path("/proc/ppojax-no-such-dir/out"), ["--fast"], "cannot create the directory"),
+        "missing_policy": (tmp_path / "out", ["--policy", str(tmp_path / "no-policy")], "does not exist"),
+    }[case]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "rlhf_pipeline.py"), "--out", str(out), *extra],
+                          capture_output=True, text=True, env=ENV, cwd=REPO, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = _error_lines(proc.stderr, "rlhf_pipeline.py")
+    assert len(errors) == 1 and words in errors[0], proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and a_file.read_text() == "x"

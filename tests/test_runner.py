@@ -391,3 +391,13 @@ def test_the_default_config_is_the_checkouts_smollm2_run():
     assert config_dir == REPO / "configs" and cfg.lora.rank > 0
     assert cfg.model.name_or_path == cfg.tokenizer == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert runner.REPO_ROOT == REPO
+
+
+@pytest.mark.parametrize("flags", [["--num-processes", "2", "--process-id", "0"], ["--process-id", "1"]])
+def test_processes_without_a_coordinator_are_one_line_exit_2(tmp_path, capsys, flags):
+    from ppojax import cli as runner
+
+    code = runner.main(["--config", str(TINY), "--run-dir", str(tmp_path / "run"), *flags])
+    assert code == 2
+    _one_error(capsys.readouterr().err, "without a coordinator")
+    assert not (tmp_path / "run").exists()

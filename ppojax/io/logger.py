@@ -41,13 +41,14 @@ import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 __all__ = [
     "CONSOLE_KEYS",
     "RunLogger",
     "format_console_line",
     "plot_curves",
+    "write_curves",
     "read_metrics",
     "read_samples",
 ]
@@ -335,6 +336,24 @@ def plot_curves(
 # ---------------------------------------------------------------------------------------------------------------
 # The run logger
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def write_curves(run_dir: str | os.PathLike, out_png: str | os.PathLike | None = None) -> Optional[Path]:
+    """``run_dir/curves.png`` (or ``out_png``) from the run directory's ``metrics.jsonl`` (``plot_curves``); the path
+    written, or None when there is nothing to plot (no metrics) or matplotlib is missing (with a warning). Used by
+    ``RunLogger.close`` and by a rerun of a finished run whose curves were never written (killed at the end)."""
+    run_dir = Path(run_dir)
+    metrics = run_dir / METRICS_FILE
+    if not metrics.exists() or metrics.stat().st_size == 0:
+        return None
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        warnings.warn("matplotlib is not installed; no curves.png written.", RuntimeWarning, stacklevel=2)
+        return None
+    out = run_dir / CURVES_FILE if out_png is None else Path(out_png)
+    plot_curves(run_dir, out)
+    return out
 
 
 def _not_nan_notice(record: logging.LogRecord) -> bool:

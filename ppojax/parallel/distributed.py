@@ -55,7 +55,15 @@ class DistributedConfig:
     def __post_init__(self):
         if self.timeout_s < 1:
             raise DistributedError(f"distributed timeout_s must be >= 1, got {self.timeout_s}")
-        if self.coordinator in (None, "auto"):
+        if self.coordinator is None:
+            # Without a coordinator the run is one process: settings that say otherwise are a mistake, not a hint.
+            if (self.num_processes or 1) > 1 or (self.process_id or 0) != 0:
+                raise DistributedError(
+                    f"num_processes={self.num_processes}, process_id={self.process_id} without a coordinator: "
+                    "give --coordinator host:port (or $PPOJAX_COORDINATOR) for a multi-process run, or drop "
+                    "--num-processes/--process-id for one process")
+            return
+        if self.coordinator == "auto":
             return
         host, sep, port = self.coordinator.rpartition(":")
         if not sep or not host or not port.isdigit():

@@ -270,6 +270,20 @@ def check_model_fits(cfg, model_config, prompt_ids, prompt_mask) -> None:
                        f"{model_config.vocab_size}")
 
 
+def check_memory(cfg, model_config) -> None:
+    """The run's memory estimate fits its devices (``ppojax.train.memory.check_run_fits``; skipped with
+    ``PPOJAX_SKIP_MEMORY_CHECK=1``)."""
+    from ppojax.models import lora
+    from ppojax.train import memory
+
+    try:
+        memory.check_run_fits(cfg, model_config)
+    except memory.MemoryCheckError as e:
+        raise RunError(str(e)) from None
+    except (lora.LoraError, ValueError):
+        pass  # settings that do not combine are named by the checks that follow (check_lora, new_state)
+
+
 def lora_roles(cfg, model_config):
     """The run's LoRA role view (``ppojax.rl.roles.LoraRoles``), or None when ``lora.rank`` is 0. ``RunError``
     for settings no model could take (e.g. a family without LoRA targets)."""
@@ -375,6 +389,7 @@ def load_inputs(cfg, config_dir: Path) -> Inputs:
     _, prompt_ids, prompt_mask = load_prompts(cfg, config_dir, tokenizer)
     model_config, actor_params = model_config_of(cfg)
     check_model_fits(cfg, model_config, prompt_ids, prompt_mask)
+    check_memory(cfg, model_config)
     check_lora(cfg, model_config, actor_params)
     reward, host_reward = build_reward(cfg, tokenizer, model_config, config_dir)
     check_reward(reward, cfg, model_config, actor_params)
@@ -709,6 +724,19 @@ class Run:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _finish_end_products(self, export: bool) -> list:
+        """What a finished run's end left unwritten (killed after its last iteration): ``curves.png`` from
+        ``metrics.jsonl``, and the export. Returns the names written."""
+        from ppojax.io.logger import CURVES_FILE, write_curves
+
+        written = []
+        if self.is_main and not (self.run_dir / CURVES_FILE).exists() and write_curves(self.run_dir) is not None:
+            written.append(CURVES_FILE)
+        if export and not all(d.is_dir() for d in self.export_dirs()):
+            self.export()  # a collective: every process agrees, as the directories are on process 0's disk
+            written += [d.name for d in self.export_dirs()]
+        return written
+
     # -- driving it -----------------------------------------------------------------------------------------------
 
     def train(self, iterations: Optional[int] = None, *, callbacks: Sequence[Any] = (), handle_signals: bool = True,
@@ -726,10 +754,9 @@ class Run:
         total = cfg.iterations if iterations is None else iterations
         export = cfg.export if export is None else export
         if self.start >= total:
-            if self.run_dir is not None and export and not all(d.is_dir() for d in self.export_dirs()):
-                self.export()  # e.g. killed while exporting
-            else:
-                _log(f"{self.run_dir or 'the run'} already has {self.start} of {total} iterations; nothing to do")
+            written = self._finish_end_products(export) if self.run_dir is not None else []
+            done = f"{self.run_dir or 'the run'} already has {self.start} of {total} iterations"
+            _log(f"{done}; wrote what was missing: {', '.join(written)}" if written else f"{done}; nothing to do")
             return RunOutcome(exit_code=0, done=self.start)
         own = _RunFiles(self, total) if self.run_dir is not None else None
         if self.is_main:
