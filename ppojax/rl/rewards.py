@@ -891,12 +891,9 @@ def _resolve_function(cfg: Any, what: str) -> Callable:
     from ppojax.registry import resolve_callable  # the same 'module:function' resolution as loss terms
 
     spec = cfg.function
-    try:
-        if not isinstance(spec, str) or ":" not in spec:
-            raise ValueError(f"a {what} is named 'package.module:function'")
-        return resolve_callable(spec, what=what)
-    except (ImportError, AttributeError, TypeError, ValueError) as e:
-        raise ValueError(f"reward.function={spec!r}: {_first_line(e)}") from None
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ValueError(f"reward.function={spec!r}: a {what} is named 'package.module:function'")
+    return resolve_callable(spec, what=what, key="reward.function")  # one line naming the key
 
 
 def _first_line(e: BaseException) -> str:

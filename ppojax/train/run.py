@@ -322,6 +322,25 @@ def _first_line(e: BaseException) -> str:
     return lines[0] if lines else ""
 
 
+def check_user_callables(cfg, state=None, prompt_ids=None, host_reward: bool = False) -> None:
+    """Every user callable of the config (estimator, policy loss, loss terms, reward function) resolved and, given
+    the train state, the iteration traced once on its shapes (``ppojax.registry.check_callables``: nothing
+    compiles): ``RunError`` naming the config key of the one at fault."""
+    import jax
+    import jax.numpy as jnp
+
+    from ppojax.registry import RegistryError, check_callables
+
+    ids = None
+    if state is not None:  # the global batch's shapes, laid out on one device: only the shapes matter
+        state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+        ids = jax.ShapeDtypeStruct((cfg.ppo.prompts_per_iteration, prompt_ids.shape[1]), jnp.int32)
+    try:
+        check_callables(cfg, state, ids, ids, host_reward=host_reward)
+    except RegistryError as e:
+        raise RunError(_first_line(e)) from None
+
+
 @dataclasses.dataclass
 class Inputs:
     """Everything a run is built from, checked."""
@@ -339,6 +358,7 @@ def load_inputs(cfg, config_dir: Path) -> Inputs:
     """Tokenizer, prompts, model shape and reward, each checked; the policy is initialised last, once all passed."""
     import ppojax
 
+    check_user_callables(cfg)
     try:
         tokenizer = ppojax.load_tokenizer(cfg.tokenizer)
     except (OSError, ValueError) as e:
@@ -797,6 +817,7 @@ def build_run(config: Any, run_dir: Optional[str | Path] = None, *, overrides: S
         if resuming and not resume:
             raise RunError(f"run directory {run_dir} holds checkpoints; pass resume=True or a new run directory")
         state = new_state(cfg, inputs, mesh)
+        check_user_callables(cfg, state, inputs.prompt_ids, host_reward=inputs.host_reward is not None)
         run = Run(config=cfg, config_dir=config_dir, run_dir=run_dir, mesh=mesh, tokenizer=inputs.tokenizer,
                   prompt_ids=inputs.prompt_ids, prompt_mask=inputs.prompt_mask, model_config=inputs.model_config,
                   reward=inputs.reward, host_reward=inputs.host_reward, state=state, resuming=resuming,
