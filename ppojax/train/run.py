@@ -618,7 +618,8 @@ def _with_arrays(state, arrays):
 @dataclasses.dataclass
 class RunOutcome:
     """How :meth:`Run.train` ended: ``exit_code`` 0 (done, or stopped by a signal after saving) or 1 (a non-finite
-    metric: the last good checkpoint is kept), and the loop's :class:`ppojax.train.loop.LoopResult`."""
+    metric, or a reward that raised, hung past ``reward.timeout_s`` or outlived a signal: the last good checkpoint
+    is kept), and the loop's :class:`ppojax.train.loop.LoopResult`."""
 
     exit_code: int
     done: int
@@ -728,13 +729,17 @@ class Run:
         try:
             result = loop.train(self.state, self.prompt_loader(), iterations=total, start=self.start, mesh=self.mesh,
                                 host_reward=self.host_reward, donate=True, timing=timing,
-                                callbacks=([own] if own else []) + list(callbacks), handle_signals=handle_signals)
+                                callbacks=([own] if own else []) + list(callbacks), handle_signals=handle_signals,
+                                callback_label=_reward_label(cfg))
         finally:
             if own is not None:
                 own.close()
         self.state, self.start = result.state, result.done
-        outcome = RunOutcome(exit_code=1 if result.stop_reason == "non-finite" else 0, done=result.done,
-                             stop_reason=result.stop_reason, signal=result.signal, error=result.error)
+        if result.stop_reason == "host-call":  # a reward raised, hung past reward.timeout_s or outlived a signal
+            _log(f"error: {result.error}. " + (own.last_good() if own is not None else "Nothing was saved."))
+        outcome = RunOutcome(exit_code=1 if result.stop_reason in ("non-finite", "host-call") else 0,
+                             done=result.done, stop_reason=result.stop_reason, signal=result.signal,
+                             error=result.error)
         if own is not None and result.stop_reason is None and export:
             self.export()
         return outcome
@@ -762,10 +767,7 @@ class _RunFiles:
         run.state = it.state
         self.logger.log_metrics(it.done, it.metrics)
         if it.error is not None:
-            where = (f"the last good checkpoint (iteration {self.last_saved}) is intact in "
-                     f"{run.run_dir / 'checkpoints'}" if self.last_saved is not None
-                     else "no checkpoint was saved yet: a rerun starts over")
-            _log(f"error: {it.error.rstrip('.')}. {where[0].upper()}{where[1:]}.")
+            _log(f"error: {it.error.rstrip('.')}. {self.last_good()}")
             return True
         every = cfg.logging.samples_every
         if every and (it.done % every == 0 or it.done == 1 or it.done == it.total):
@@ -778,6 +780,13 @@ class _RunFiles:
             _log(f"received signal {it.signal}: checkpoint saved at iteration {it.done}; rerun the same command to "
                  "resume")
         return False
+
+    def last_good(self) -> str:
+        """Where a failed run's last good state is, as a sentence."""
+        if self.last_saved is None:
+            return "No checkpoint was saved yet: a rerun starts over."
+        return (f"The last good checkpoint (iteration {self.last_saved}) is intact in "
+                f"{self.run.run_dir / 'checkpoints'}.")
 
     def close(self) -> None:
         self.logger.close()
