@@ -19,7 +19,21 @@ __all__ = ["RegistryError", "check_callables", "resolve_callable", "user_callabl
 
 
 class RegistryError(ValueError):
-    """A user callable that cannot be used, said in one line naming its config key."""
+    """A user callable that cannot be used, said in one line naming its config key. What failed is also in the
+    type: a module that does not import is an ImportError too, a missing attribute an AttributeError, something
+    not callable (or not a string) a TypeError."""
+
+
+class _ImportFailed(RegistryError, ImportError):
+    pass
+
+
+class _MissingAttribute(RegistryError, AttributeError):
+    pass
+
+
+class _NotCallable(RegistryError, TypeError):
+    pass
 
 
 def _detail(e: BaseException) -> str:
@@ -31,29 +45,30 @@ def resolve_callable(spec: str | Callable, *, what: str = "function", key: Optio
     """The callable named ``'package.module:function'`` (an attribute path such as ``'pkg.mod:Class.method'``
     works too), or ``spec`` itself when it is callable.
 
-    Every failure is a :class:`RegistryError` (a ValueError) of one line that starts with ``key=spec`` (the config
-    key, e.g. ``ppo.extra_loss_terms[0].fn='mymod:term'``) or, without a key, with ``what`` (a reward, a loss term,
-    an estimator...) and says what is wrong: a malformed string, a module that does not import (not found, a
+    Every failure is a :class:`RegistryError` (a ValueError) of one line, starting with ``key=spec`` when the config
+    key is given (e.g. ``ppo.extra_loss_terms[0].fn='mymod:term': ``), that names ``what`` it is for (a reward, a
+    loss term, an estimator...) and what is wrong: a malformed string, a module that does not import (not found, a
     syntax error, or anything it raises while it runs), a missing attribute, or something not callable."""
     if callable(spec):
         return spec
-    where = f"{key}={spec!r}" if key else f"{what} {spec!r}"
+    at = f"{key}={spec!r}: " if key else ""
     if not isinstance(spec, str):
-        raise RegistryError(f"{key + ': ' if key else ''}a {what} is a callable or a 'package.module:function' "
-                            f"string, got {type(spec).__name__}")
+        raise _NotCallable(f"{at}a {what} is a callable or a 'package.module:function' string, got "
+                           f"{type(spec).__name__}")
     module_name, _, attr_path = spec.partition(":")
     if not module_name or not attr_path or ":" in attr_path or not all(attr_path.split(".")):
-        raise RegistryError(f"{where}: a {what} must look like 'package.module:function'")
+        raise RegistryError(f"{at}{what} {spec!r} must look like 'package.module:function'")
     try:
         obj = importlib.import_module(module_name)
     except (Exception, SystemExit) as e:  # whatever the module raises while it runs: one line, not its traceback
-        raise RegistryError(f"{where}: module {module_name!r} could not be imported: {_detail(e)}") from None
+        raise _ImportFailed(f"{at}cannot import module {module_name!r} for {what} {spec!r}: {_detail(e)}") from None
     for attr in attr_path.split("."):
         if not hasattr(obj, attr):
-            raise RegistryError(f"{where}: {getattr(obj, '__name__', obj)!r} has no attribute {attr!r}")
+            raise _MissingAttribute(f"{at}{what} {spec!r}: {getattr(obj, '__name__', obj)!r} has no attribute "
+                                    f"{attr!r}")
         obj = getattr(obj, attr)
     if not callable(obj):
-        raise RegistryError(f"{where}: resolves to a {type(obj).__name__}, which is not callable")
+        raise _NotCallable(f"{at}{what} {spec!r} resolves to a {type(obj).__name__}, which is not callable")
     return obj
 
 

@@ -34,9 +34,9 @@ WRONG = {
 }
 BROKEN = {"syntax": "def broken(:\n", "raises": "raise RuntimeError('boom at import')\n"}
 EXPECT = {  # what the one line says after the key
-    "missing": "could not be imported: ModuleNotFoundError: No module named",
-    "syntax": "could not be imported: SyntaxError: invalid syntax",
-    "raises": "could not be imported: RuntimeError: boom at import",
+    "missing": "ModuleNotFoundError: No module named",
+    "syntax": "SyntaxError: invalid syntax",
+    "raises": "RuntimeError: boom at import",
     "signature": "TypeError: ",
 }
 KEYS = {"estimator": "ppo.advantage_estimator", "loss": "ppo.policy_loss", "term": "ppo.extra_loss_terms[0].fn",
@@ -78,7 +78,9 @@ def test_bad_user_callable_is_one_line_naming_its_key(tmp_path, monkeypatch, cap
     code = cli.main(["--config", str(TINY), "--run-dir", str(run_dir), "--iterations", "1", *_flags(kind, spec)])
     line = _one_line(capsys.readouterr().err)
     assert code == 2, line
-    assert f"{KEYS[kind]}={spec!r}" in line and EXPECT[mode] in line, line
+    assert f"{KEYS[kind]}={spec!r}: " in line and EXPECT[mode] in line, line
+    if mode != "signature":
+        assert f"cannot import module {spec.split(':')[0]!r}" in line, line
     assert not run_dir.exists()  # nothing written: no config.yaml, metrics or TensorBoard file
 
 
