@@ -98,7 +98,7 @@ def config_record(cfg) -> dict:
 
 def config_changes(saved: dict, cfg) -> List[str]:
     """What differs between a checkpoint's config and ``cfg``, as ``field: old -> new`` lines. The run length and
-    the mesh may change on resume; a field that ppojax added since the checkpoint was written counts only when it
+    the mesh (and ``reward.timeout_s``) may change on resume; a field that ppojax added since the checkpoint was written counts only when it
     is set away from its default."""
     from ppojax.train.config import ExperimentConfig
 
@@ -107,7 +107,7 @@ def config_changes(saved: dict, cfg) -> List[str]:
     changes = []
     for line in _config_diff(saved, now):
         field = line.split(":", 1)[0]
-        if field.split(".")[0] in ("iterations", "mesh", "imports"):
+        if field.split(".")[0] in ("iterations", "mesh", "imports") or field == "reward.timeout_s":
             continue
         if _lookup(saved, field) is _MISSING and _lookup(now, field) == _lookup(defaults, field):
             continue
