@@ -285,3 +285,97 @@ def test_pipeline_out_and_policy_errors_are_one_line_and_create_nothing(tmp_path
     errors = _error_lines(proc.stderr, "rlhf_pipeline.py")
     assert len(errors) == 1 and words in errors[0], proc.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == before and a_file.read_text() == "x"
+
+
+# A host reward that hangs: SIGTERM and reward.timeout_s end the run (exit 1, one line, last good checkpoint kept,
+# lock released), and a rerun resumes to what an uninterrupted run with the same reward leaves.
+
+HANGING_REWARD = '''
+import os
+import time
+
+import ppojax
+
+
+@ppojax.register_reward("hangs_after", host=True)
+def hangs_after(responses):
+    """The length of each response; from call HANG_AFTER + 1 on, it never returns."""
+    hangs_after.calls = getattr(hangs_after, "calls", 0) + 1
+    if hangs_after.calls > int(os.environ.get("HANG_AFTER", "1000000")):
+        time.sleep(3600)
+    return [float(len(r)) for r in responses]
+'''
+# Scoring and sample tables call the reward: iterations 1 and 2 make calls 1-4, iteration 3 scores with call 5.
+HANG_ARGS = ["--import", "hanging_reward", "--set", "reward.kind=hangs_after"]
+
+
+@pytest.fixture(scope="module")
+def hanging_reward(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("modules")
+    (folder / "hanging_reward.py").write_text(HANGING_REWARD)
+    return folder
+
+
+def _hang_env(folder, hang_after=None):
+    env = dict(ENV, PYTHONPATH=os.pathsep.join([str(folder), ENV.get("PYTHONPATH", "")]))
+    if hang_after is not None:
+        env["HANG_AFTER"] = str(hang_after)
+    return env
+
+
+def _hang_run(folder, run_dir, *extra, hang_after=None, timeout=600):
+    proc = subprocess.run([sys.executable, str(SCRIPT), *ARGS, "--run-dir", str(run_dir), *HANG_ARGS, *extra],
+                          capture_output=True, text=True, env=_hang_env(folder, hang_after), cwd=REPO,
+                          timeout=timeout)
+    return proc.returncode, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def hang_reference(hanging_reward, tmp_path_factory):
+    """The metrics of the run with the same reward that never hangs, done in one go."""
+    run_dir = tmp_path_factory.mktemp("hang-reference")
+    code, err = _hang_run(hanging_reward, run_dir)
+    assert code == 0, err[-3000:]
+    return _metrics(run_dir)
+
+
+def _resumes_to_reference(folder, run_dir, reference, last_good):
+    assert (run_dir / "checkpoints" / str(last_good)).is_dir()
+    code, err = _hang_run(folder, run_dir)  # the reward fixed: the rerun resumes from the last good checkpoint
+    assert code == 0 and not _errors(err), err[-3000:]
+    assert f"resuming {run_dir} from iteration {last_good}" in err
+    _assert_equals_uninterrupted(run_dir, reference)
+
+
+def test_sigterm_stops_a_run_whose_reward_hangs(hanging_reward, hang_reference, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *ARGS, "--run-dir", str(run_dir), *HANG_ARGS],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_hang_env(hanging_reward, hang_after=4), cwd=REPO)
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoints" / "2").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)  # iteration 3's scoring is now stuck in the reward
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert time.time() - sent < 30, err[-3000:]  # a 5 s grace for the reward, then out through the normal path
+    errors = _errors(err)
+    assert proc.returncode == 1 and len(errors) == 1, err[-3000:]
+    assert errors[0].startswith("[ppojax] error: reward.kind='hangs_after' was abandoned at iteration 3: "
+                                "still running 5 s after SIGTERM"), errors[0]
+    assert "last good checkpoint (iteration 2)" in errors[0]
+    assert not (run_dir / "ppojax.lock").exists()
+    _resumes_to_reference(hanging_reward, run_dir, hang_reference, last_good=2)
+
+
+def test_reward_timeout_stops_a_run_whose_reward_hangs(hanging_reward, hang_reference, tmp_path):
+    run_dir = tmp_path / "run"
+    code, err = _hang_run(hanging_reward, run_dir, "--set", "reward.timeout_s=2", hang_after=4)
+    errors = _errors(err)
+    assert code == 1 and len(errors) == 1, err[-3000:]
+    assert errors[0].startswith("[ppojax] error: reward.kind='hangs_after' timed out at iteration 3: no result "
+                                "after 2 s (reward.timeout_s)"), errors[0]
+    assert not (run_dir / "ppojax.lock").exists()
+    _resumes_to_reference(hanging_reward, run_dir, hang_reference, last_good=2)

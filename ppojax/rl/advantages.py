@@ -305,7 +305,7 @@ def get_estimator(spec: str) -> Estimator:
             raise ValueError(f"unknown advantage estimator {spec!r} (registered: {', '.join(sorted(_ESTIMATORS))})"
                              f"{hint}")
         return _ESTIMATORS[spec]
-    fn = resolve_callable(spec, what="advantage estimator")
+    fn = resolve_callable(spec, what="advantage estimator", key="ppo.advantage_estimator")
     registered = getattr(fn, "estimator", None)
     if isinstance(registered, Estimator):
         return registered

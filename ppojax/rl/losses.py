@@ -304,7 +304,7 @@ def get_policy_loss(spec: str) -> TermFn:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"unknown policy loss {spec!r} (registered: {', '.join(sorted(_POLICY_LOSSES))}){hint}")
         return _POLICY_LOSSES[spec]
-    return resolve_callable(spec, what="policy loss")
+    return resolve_callable(spec, what="policy loss", key="ppo.policy_loss")
 
 
 def policy_loss_hparams(spec: str) -> dict[str, float]:

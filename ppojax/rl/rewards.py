@@ -795,7 +795,23 @@ def build_reward(reward_cfg: Any, *, tokenizer: Any, model_config: Any,
     if not isinstance(built, BuiltReward):
         raise ValueError(f"reward.kind={reward_cfg.kind!r}: its builder returned {type(built).__name__}, "
                          "not a BuiltReward")
-    return built.reward, built.host_reward
+    host = built.host_reward
+    if host is not None:  # what the loop's host call names in an error, and how long it waits for it
+        host = _labelled_host_reward(host, reward_label(reward_cfg), getattr(reward_cfg, "timeout_s", None))
+    return built.reward, host
+
+
+def _labelled_host_reward(host: HostRewardFn, label: str, timeout_s: float | None) -> HostRewardFn:
+    """``host`` with the attributes ``ppojax.train.loop.score_on_host`` reads: ``label`` (the reward's config key),
+    ``timeout_s`` and ``timeout_key`` (``reward.timeout_s``); ``uses_prompts`` is kept."""
+
+    @functools.wraps(host)
+    def labelled(tokens: Any, mask: Any, **kwargs: Any) -> np.ndarray:
+        return host(tokens, mask, **kwargs)
+
+    labelled.uses_prompts = getattr(host, "uses_prompts", False)
+    labelled.label, labelled.timeout_s, labelled.timeout_key = label, timeout_s or None, "reward.timeout_s"
+    return labelled
 
 
 # Binding user functions and their kwargs.
@@ -891,12 +907,9 @@ def _resolve_function(cfg: Any, what: str) -> Callable:
     from ppojax.registry import resolve_callable  # the same 'module:function' resolution as loss terms
 
     spec = cfg.function
-    try:
-        if not isinstance(spec, str) or ":" not in spec:
-            raise ValueError(f"a {what} is named 'package.module:function'")
-        return resolve_callable(spec, what=what)
-    except (ImportError, AttributeError, TypeError, ValueError) as e:
-        raise ValueError(f"reward.function={spec!r}: {_first_line(e)}") from None
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ValueError(f"reward.function={spec!r}: a {what} is named 'package.module:function'")
+    return resolve_callable(spec, what=what, key="reward.function")  # one line naming the key
 
 
 def _first_line(e: BaseException) -> str:

@@ -167,9 +167,18 @@ class RewardConfig:
     """kind=lexicon: average or sum the per-token valences over the response."""
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Keyword arguments bound to a registered or `function` reward when it is built (e.g. {word: great})."""
+    timeout_s: Optional[float] = 600.0
+    """A host reward's call (kind=vader, host_function, or a registered host reward) that takes longer than this
+    many seconds stops the run: one error line naming the reward and the iteration, exit code 1, the last good
+    checkpoint kept. null or 0: no limit. SIGTERM/SIGINT abandon a call still running 5 s after the signal."""
 
     def __post_init__(self):
         from ppojax.rl.rewards import check_reward_config
+
+        t = self.timeout_s
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not t >= 0
+                              or t == float("inf")):
+            raise ValueError(f"reward.timeout_s must be a number of seconds >= 0 (0 or null: no limit), got {t!r}")
 
         check_reward_config(self)  # a registered kind, and what its builder needs is set
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import signal
+import threading
 import time
 from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
@@ -41,11 +43,106 @@ class PromptSource(Protocol):
     def batch(self, iteration: int) -> tuple[np.ndarray, np.ndarray]: ...
 
 
+class HostCallError(RuntimeError):
+    """A host callback (a host reward) that raised, ran past its timeout, or was abandoned after a signal. ``label``
+    names it (its config key, e.g. ``reward.kind='vader'``), ``how`` says what happened; :meth:`line` is the one
+    line a user sees."""
+
+    def __init__(self, label: str, how: str, detail: str = ""):
+        self.label, self.how, self.detail = label, how, detail
+        super().__init__(self.line())
+
+    def line(self, iteration: Optional[int] = None) -> str:
+        at = f" at iteration {iteration}" if iteration is not None else ""
+        return f"{self.label} {self.how}{at}{': ' + self.detail if self.detail else ''}"
+
+
+SIGNAL_GRACE_S = 5.0
+"""After SIGTERM/SIGINT, how long a running host call may still take before it is abandoned (the run then ends
+with exit code 1, keeping its last good checkpoint)."""
+_WAIT_SLICE_S = 0.05
+_STOPS: list["StopSignal"] = []  # the loop's installed signal handler, read while a host call runs
+
+
+def _detail(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def call_on_host(fn: Callable, *args, label: str, timeout_s: Optional[float] = None,
+                 timeout_key: str = "timeout_s", **kwargs):
+    """``fn(*args, **kwargs)`` in a daemon worker thread, waited for in short slices so the main thread stays
+    responsive. :class:`HostCallError` when ``fn`` raises, runs past ``timeout_s`` (None or 0: no limit), or is
+    still running :data:`SIGNAL_GRACE_S` after the loop's SIGTERM/SIGINT (a second SIGINT: at once). An abandoned
+    call keeps running in its thread, which does not keep the process alive."""
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def work():
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 -- reported on the main thread
+            box["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=work, name=f"ppojax host call {label}", daemon=True).start()
+    start, signalled = time.monotonic(), None
+    while True:
+        try:
+            if done.wait(_WAIT_SLICE_S):
+                break
+        except KeyboardInterrupt:  # the second SIGINT: stop waiting now
+            raise HostCallError(label, "was abandoned", "still running at the second SIGINT") from None
+        now = time.monotonic()
+        if timeout_s and now - start > timeout_s:
+            raise HostCallError(label, "timed out", f"no result after {timeout_s:g} s ({timeout_key})")
+        sig = _STOPS[-1].signal if _STOPS else None
+        if sig is not None:
+            signalled = signalled or now
+            if now - signalled > SIGNAL_GRACE_S:
+                raise HostCallError(label, "was abandoned", f"still running {SIGNAL_GRACE_S:g} s after "
+                                                            f"{signal.Signals(sig).name}")
+    if "error" in box:
+        raise HostCallError(label, "failed", _detail(box["error"])) from None
+    return box["value"]
+
+
 def score_on_host(host_reward: HostReward, tokens, mask, prompt_ids, prompt_mask) -> np.ndarray:
-    """``host_reward(tokens, mask)``, with ``prompts=(prompt_ids, prompt_mask)`` for a reward that wants them."""
-    if getattr(host_reward, "uses_prompts", False):
-        return host_reward(tokens, mask, prompts=(prompt_ids, prompt_mask))
-    return host_reward(tokens, mask)
+    """``host_reward(tokens, mask)``, with ``prompts=(prompt_ids, prompt_mask)`` for a reward that wants them, run by
+    :func:`call_on_host` with the reward's ``label`` and ``timeout_s`` (attributes set by
+    ``ppojax.rl.rewards.build_reward``; absent: no limit): :class:`HostCallError` if it raises, hangs past its
+    timeout or is still running after a signal."""
+    kwargs = {"prompts": (prompt_ids, prompt_mask)} if getattr(host_reward, "uses_prompts", False) else {}
+    return call_on_host(host_reward, tokens, mask, label=getattr(host_reward, "label", "the host reward"),
+                        timeout_s=getattr(host_reward, "timeout_s", None),
+                        timeout_key=getattr(host_reward, "timeout_key", "timeout_s"), **kwargs)
+
+
+_CALLBACK_ERROR = re.compile(r"^[A-Za-z_][\w.]*: \S")
+
+
+def callback_error(e: BaseException) -> Optional[str]:
+    """What a Python callback inside a jitted program raised (``jax.pure_callback``/``io_callback``), as
+    ``'ValueError: ...'`` from the runtime error that carries its traceback; None for any other runtime error."""
+    text = str(e)  # a JaxRuntimeError (a ValueError when run eagerly): 'INTERNAL: CpuCallback error ...'
+    if "callback error" not in text.lower() or "Traceback" not in text:
+        return None
+    lines = [line for line in text.splitlines() if _CALLBACK_ERROR.match(line)]
+    return lines[-1] if lines else None
+
+
+@contextlib.contextmanager
+def _quiet_callback_logs():
+    """JAX logs a failed callback's traceback before raising; the loop reports it in one line instead."""
+    import logging
+
+    log = logging.getLogger("jax._src.callback")
+    was, log.disabled = log.disabled, True
+    try:
+        yield
+    finally:
+        log.disabled = was
 
 
 def _block(tree):
@@ -162,11 +259,12 @@ class LoopResult:
     done: int
     """Iterations completed, counting those before ``start``."""
     stop_reason: Optional[str] = None
-    """None: ran to ``iterations``; ``'signal'``, ``'non-finite'`` or ``'callback'``."""
+    """None: ran to ``iterations``; ``'signal'``, ``'non-finite'``, ``'callback'`` or ``'host-call'`` (a host
+    reward or a callback inside the jitted iteration failed, timed out or was abandoned after a signal)."""
     signal: Optional[int] = None
     """The signal that stopped it, if any."""
     error: Optional[str] = None
-    """The non-finite metric's message, if any."""
+    """The non-finite metric's or the failed host call's message (one line), if any."""
 
 
 class StopSignal:
@@ -184,15 +282,15 @@ class StopSignal:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["StopSignal"]:
-        import threading
-
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
         previous = {s: signal.signal(s, self._handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        _STOPS.append(self)  # a host call waiting on the main thread gives up after a signal
         try:
             yield self
         finally:
+            _STOPS.remove(self)
             for s, h in previous.items():
                 signal.signal(s, h)
 
@@ -228,7 +326,7 @@ def train(state: Any, prompts: Optional[PromptSource] = None, *, iterations: int
           mesh: Optional[jax.sharding.Mesh] = None, host_reward: Optional[HostReward] = None, donate: bool = True,
           timing: bool = False, step: Optional[Callable] = None, callbacks: Sequence[Callback] = (),
           check: Optional[Callable[[Any, int], Optional[str]]] = _check_finite,
-          handle_signals: bool = False) -> LoopResult:
+          handle_signals: bool = False, callback_label: str = "a callback of the jitted iteration") -> LoopResult:
     """Iterations ``start + 1 .. iterations``.
 
     Each iteration calls ``step(state, it)`` -- by default :func:`default_step` over ``prompts`` (with ``mesh``,
@@ -236,7 +334,10 @@ def train(state: Any, prompts: Optional[PromptSource] = None, *, iterations: int
     the host. The loop adds ``time_s`` (the iteration's wall time) to a dict of metrics, runs ``check(metrics,
     done)`` (default: :func:`ppojax.rl.iteration.check_metrics`; a message means non-finite), then calls every
     callback with an :class:`Iteration`. It stops after the callbacks when the run is done, a callback returns
-    True, a metric is not finite, or (``handle_signals``) SIGTERM/SIGINT arrived.
+    True, a metric is not finite, or (``handle_signals``) SIGTERM/SIGINT arrived. A host reward or a Python
+    callback inside the jitted iteration (named ``callback_label`` in the message) that raises, times out or is
+    abandoned after a signal ends the loop at once with ``stop_reason='host-call'`` and a one-line ``error``; the
+    state is then the last one that completed its callbacks.
     """
     if step is None:
         if prompts is None:
@@ -244,17 +345,28 @@ def train(state: Any, prompts: Optional[PromptSource] = None, *, iterations: int
         step = default_step(prompts, mesh=mesh, host_reward=host_reward, donate=donate, timing=timing)
     stop = StopSignal()
     result = LoopResult(state=state, done=start)
-    with stop.installed() if handle_signals else contextlib.nullcontext(stop):
+    with stop.installed() if handle_signals else contextlib.nullcontext(stop), _quiet_callback_logs():
         for it in range(start, iterations):
             t0 = time.time()
-            state, metrics, batch = step(state, it)
-            if isinstance(metrics, dict):
-                metrics["time_s"] = time.time() - t0
             done = it + 1
-            error = check(metrics, done) if check is not None else None
-            info = Iteration(done=done, total=iterations, state=state, metrics=metrics, prompts=batch,
-                             signal=stop.signal, error=error)
-            asked = [bool(cb(info)) for cb in callbacks]
+            try:
+                state, metrics, batch = step(state, it)
+                if isinstance(metrics, dict):
+                    metrics["time_s"] = time.time() - t0
+                error = check(metrics, done) if check is not None else None
+                info = Iteration(done=done, total=iterations, state=state, metrics=metrics, prompts=batch,
+                                 signal=stop.signal, error=error)
+                asked = [bool(cb(info)) for cb in callbacks]
+            except HostCallError as e:  # the iteration is lost; the last checkpoint is what a rerun resumes
+                result.stop_reason, result.error, result.signal = "host-call", e.line(done), stop.signal
+                break
+            except Exception as e:  # noqa: BLE001 -- only a failed callback is reported here; the rest re-raised
+                detail = callback_error(e)
+                if detail is None:
+                    raise
+                result.stop_reason, result.signal = "host-call", stop.signal
+                result.error = HostCallError(callback_label, "failed", detail).line(done)
+                break
             result = LoopResult(state=state, done=done)
             if error is not None:
                 result.stop_reason, result.error = "non-finite", error
@@ -288,5 +400,6 @@ def sample_table(state: TrainState, prompt_ids, prompt_mask, *, mesh: Optional[j
     return host, np.asarray(scores)
 
 
-__all__ = ["Callback", "HostReward", "Iteration", "LoopResult", "PromptSource", "StopSignal", "default_step",
-           "metrics_to_host", "sample_table", "score_on_host", "train", "train_step"]
+__all__ = ["Callback", "HostCallError", "HostReward", "Iteration", "LoopResult", "PromptSource", "StopSignal",
+           "call_on_host", "callback_error", "default_step", "metrics_to_host", "sample_table", "score_on_host",
+           "train", "train_step"]

@@ -98,7 +98,7 @@ def config_record(cfg) -> dict:
 
 def config_changes(saved: dict, cfg) -> List[str]:
     """What differs between a checkpoint's config and ``cfg``, as ``field: old -> new`` lines. The run length and
-    the mesh may change on resume; a field that ppojax added since the checkpoint was written counts only when it
+    the mesh (and ``reward.timeout_s``) may change on resume; a field that ppojax added since the checkpoint was written counts only when it
     is set away from its default."""
     from ppojax.train.config import ExperimentConfig
 
@@ -107,7 +107,7 @@ def config_changes(saved: dict, cfg) -> List[str]:
     changes = []
     for line in _config_diff(saved, now):
         field = line.split(":", 1)[0]
-        if field.split(".")[0] in ("iterations", "mesh", "imports"):
+        if field.split(".")[0] in ("iterations", "mesh", "imports") or field == "reward.timeout_s":
             continue
         if _lookup(saved, field) is _MISSING and _lookup(now, field) == _lookup(defaults, field):
             continue
@@ -365,6 +365,25 @@ def _first_line(e: BaseException) -> str:
     return lines[0] if lines else ""
 
 
+def check_user_callables(cfg, state=None, prompt_ids=None, host_reward: bool = False) -> None:
+    """Every user callable of the config (estimator, policy loss, loss terms, reward function) resolved and, given
+    the train state, the iteration traced once on its shapes (``ppojax.registry.check_callables``: nothing
+    compiles): ``RunError`` naming the config key of the one at fault."""
+    import jax
+    import jax.numpy as jnp
+
+    from ppojax.registry import RegistryError, check_callables
+
+    ids = None
+    if state is not None:  # the global batch's shapes, laid out on one device: only the shapes matter
+        state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+        ids = jax.ShapeDtypeStruct((cfg.ppo.prompts_per_iteration, prompt_ids.shape[1]), jnp.int32)
+    try:
+        check_callables(cfg, state, ids, ids, host_reward=host_reward)
+    except RegistryError as e:
+        raise RunError(_first_line(e)) from None
+
+
 @dataclasses.dataclass
 class Inputs:
     """Everything a run is built from, checked."""
@@ -382,6 +401,7 @@ def load_inputs(cfg, config_dir: Path) -> Inputs:
     """Tokenizer, prompts, model shape and reward, each checked; the policy is initialised last, once all passed."""
     import ppojax
 
+    check_user_callables(cfg)
     try:
         tokenizer = ppojax.load_tokenizer(cfg.tokenizer)
     except (OSError, ValueError) as e:
@@ -640,7 +660,8 @@ def _with_arrays(state, arrays):
 @dataclasses.dataclass
 class RunOutcome:
     """How :meth:`Run.train` ended: ``exit_code`` 0 (done, or stopped by a signal after saving) or 1 (a non-finite
-    metric: the last good checkpoint is kept), and the loop's :class:`ppojax.train.loop.LoopResult`."""
+    metric, or a reward that raised, hung past ``reward.timeout_s`` or outlived a signal: the last good checkpoint
+    is kept), and the loop's :class:`ppojax.train.loop.LoopResult`."""
 
     exit_code: int
     done: int
@@ -765,13 +786,17 @@ class Run:
         try:
             result = loop.train(self.state, self.prompt_loader(), iterations=total, start=self.start, mesh=self.mesh,
                                 host_reward=self.host_reward, donate=True, timing=timing,
-                                callbacks=([own] if own else []) + list(callbacks), handle_signals=handle_signals)
+                                callbacks=([own] if own else []) + list(callbacks), handle_signals=handle_signals,
+                                callback_label=_reward_label(cfg))
         finally:
             if own is not None:
                 own.close()
         self.state, self.start = result.state, result.done
-        outcome = RunOutcome(exit_code=1 if result.stop_reason == "non-finite" else 0, done=result.done,
-                             stop_reason=result.stop_reason, signal=result.signal, error=result.error)
+        if result.stop_reason == "host-call":  # a reward raised, hung past reward.timeout_s or outlived a signal
+            _log(f"error: {result.error}. " + (own.last_good() if own is not None else "Nothing was saved."))
+        outcome = RunOutcome(exit_code=1 if result.stop_reason in ("non-finite", "host-call") else 0,
+                             done=result.done, stop_reason=result.stop_reason, signal=result.signal,
+                             error=result.error)
         if own is not None and result.stop_reason is None and export:
             self.export()
         return outcome
@@ -799,10 +824,7 @@ class _RunFiles:
         run.state = it.state
         self.logger.log_metrics(it.done, it.metrics)
         if it.error is not None:
-            where = (f"the last good checkpoint (iteration {self.last_saved}) is intact in "
-                     f"{run.run_dir / 'checkpoints'}" if self.last_saved is not None
-                     else "no checkpoint was saved yet: a rerun starts over")
-            _log(f"error: {it.error.rstrip('.')}. {where[0].upper()}{where[1:]}.")
+            _log(f"error: {it.error.rstrip('.')}. {self.last_good()}")
             return True
         every = cfg.logging.samples_every
         if every and (it.done % every == 0 or it.done == 1 or it.done == it.total):
@@ -815,6 +837,13 @@ class _RunFiles:
             _log(f"received signal {it.signal}: checkpoint saved at iteration {it.done}; rerun the same command to "
                  "resume")
         return False
+
+    def last_good(self) -> str:
+        """Where a failed run's last good state is, as a sentence."""
+        if self.last_saved is None:
+            return "No checkpoint was saved yet: a rerun starts over."
+        return (f"The last good checkpoint (iteration {self.last_saved}) is intact in "
+                f"{self.run.run_dir / 'checkpoints'}.")
 
     def close(self) -> None:
         self.logger.close()
@@ -855,6 +884,7 @@ def build_run(config: Any, run_dir: Optional[str | Path] = None, *, overrides: S
         if resuming and not resume:
             raise RunError(f"run directory {run_dir} holds checkpoints; pass resume=True or a new run directory")
         state = new_state(cfg, inputs, mesh)
+        check_user_callables(cfg, state, inputs.prompt_ids, host_reward=inputs.host_reward is not None)
         run = Run(config=cfg, config_dir=config_dir, run_dir=run_dir, mesh=mesh, tokenizer=inputs.tokenizer,
                   prompt_ids=inputs.prompt_ids, prompt_mask=inputs.prompt_mask, model_config=inputs.model_config,
                   reward=inputs.reward, host_reward=inputs.host_reward, state=state, resuming=resuming,

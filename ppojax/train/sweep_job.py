@@ -67,13 +67,14 @@ def run_sweep(config, *, seeds: Optional[str] = None, grid: Sequence[str] = (), 
     from ppojax.io import configlib
     from ppojax.train import sweep as sw
     from ppojax.train.config import ExperimentConfig
-    from ppojax.train.run import RunError, resolve_config
+    from ppojax.train.run import RunError, check_user_callables, resolve_config
 
     path = Path(config)
     if not path.exists():
         raise SweepRunError(f"config file {path} does not exist")
     try:
         base, _ = resolve_config(path, overrides=overrides, imports=imports)
+        check_user_callables(base)  # every 'module:function' resolves (one line naming its key)
         data = configlib.to_dict(base)
         seed_list = sw.parse_seeds(seeds, base.seed)
         grid_values = sw.parse_grid(grid, ExperimentConfig)
@@ -97,7 +98,7 @@ def run_sweep(config, *, seeds: Optional[str] = None, grid: Sequence[str] = (), 
     try:
         return _run_locked(path, data, base, runs, seeds, grid, grid_values, run_dir, width)
     finally:
-        lock.release()
+        lock.release(remove_created=True)  # a sweep refused before writing leaves no directory behind
 
 
 def _run_locked(path: Path, data: dict, base, runs, seeds, grid: Sequence[str], grid_values: dict, run_dir: Path,
@@ -110,6 +111,7 @@ def _run_locked(path: Path, data: dict, base, runs, seeds, grid: Sequence[str], 
     from ppojax.rl.iteration import check_metrics
     from ppojax.train import loop
     from ppojax.train import sweep as sw
+    from ppojax.train.run import RunError
 
     spec = _spec(seeds, grid, {k: v for k, v in data.items() if k != "iterations"})
     spec_file = run_dir / "sweep.json"
@@ -127,8 +129,13 @@ def _run_locked(path: Path, data: dict, base, runs, seeds, grid: Sequence[str], 
     _say(f"{len(runs)} runs ({n_seeds} seeds x {len(runs) // n_seeds} grid points) "
          f"in {len(groups_of)} program(s)" + (f": {', '.join(splitting)} change the program, so each of "
                                                             "their values compiles its own" if splitting else ""))
-    groups = sw.build_groups(runs, path.resolve().parent, log=lambda m: print(m, file=sys.stderr, flush=True),
-                             width=width)
+    try:
+        groups = sw.build_groups(runs, path.resolve().parent, log=lambda m: print(m, file=sys.stderr, flush=True),
+                                 width=width)
+        for group in groups:  # each program traced once on one run's shapes (nothing compiles), as a run does
+            _check_group(group)
+    except RunError as e:
+        raise SweepRunError(str(e)) from None
 
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(spec_file, spec)
@@ -197,11 +204,28 @@ def _run_locked(path: Path, data: dict, base, runs, seeds, grid: Sequence[str], 
             c.close()
     if result.stop_reason == "signal":
         return 0
+    if result.stop_reason == "host-call":  # a reward raised, hung past reward.timeout_s or outlived a signal
+        _say(f"error: {result.error}. The last checkpoint kept is in {ckpt_dir}: rerun the same command to resume")
+        return 1
     summary = write_summary(run_dir, runs, grid_values, rows, atomic_write_text)
     plot_sweep(run_dir / "sweep.png", runs, grid_values, rows)
     print(summary, file=sys.stderr)
     _say(f"wrote {run_dir / 'metrics.jsonl'}, {run_dir / 'summary.md'} and {run_dir / 'sweep.png'}")
     return 0
+
+
+def _check_group(group) -> None:
+    """The user callables of a group's first run, and its iteration traced on one run's shapes
+    (``ppojax.train.run.check_user_callables``): ``RunError`` naming the config key at fault."""
+    import jax
+
+    from ppojax.train.run import check_user_callables
+
+    one = {field: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), getattr(group.state, field))
+           for field, axis in group.axes.field_axes().items() if axis == 0}
+    ids, _ = group.loaders[0].batch(0)
+    check_user_callables(group.runs[0].config, group.state.replace(**one), ids,
+                         host_reward=group.host_reward is not None)
 
 
 def _say(message: str) -> None:
