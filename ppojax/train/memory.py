@@ -114,8 +114,7 @@ _KEYS = {
     "gradients": "the model's size (model.*), lora.rank",
     "kv_cache": "ppo.batch_size x (prompts.max_prompt_tokens + ppo.response_length)",
     "rollout": "ppo.batch_size, ppo.rollout_chunk_size x (prompts.max_prompt_tokens + ppo.response_length)",
-    "update": "ppo.minibatch_size x (prompts.max_prompt_tokens + ppo.response_length), model.remat",
-    "margin": "a quarter of the rest",
+    "update": "ppo.minibatch_size x (prompts.max_prompt_tokens + ppo.response_length); model.remat=true keeps less",
 }
 
 
@@ -174,7 +173,7 @@ def check_run_fits(cfg, model_config, *, reward: Any = None) -> dict:
     limit, where = device_memory()
     if limit is None or estimate["total"] <= limit:
         return estimate
-    parts = sorted(((v, k) for k, v in estimate.items() if k != "total"), reverse=True)[:2]
+    parts = sorted(((v, k) for k, v in estimate.items() if k not in ("total", "margin")), reverse=True)[:2]
     biggest = "; ".join(f"{k} {format_bytes(v)} ({_KEYS[k]})" for v, k in parts)
     raise MemoryCheckError(
         f"the run needs about {format_bytes(estimate['total'])} but its devices have {format_bytes(limit)} "
