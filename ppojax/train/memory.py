@@ -142,8 +142,9 @@ def _meminfo_available() -> Optional[int]:
 
 def device_memory() -> tuple[Optional[int], str]:
     """``(bytes, where)``: the memory the run's arrays can use -- the sum of ``memory_stats()['bytes_limit']`` over
-    this process's accelerators, or on CPU the host's available RAM (``MemAvailable`` of /proc/meminfo, else
-    ``os.sysconf``) less :data:`HOST_RUNTIME_BYTES`. ``(None, ...)`` when unknown (then nothing is refused)."""
+    the run's accelerators (this process's, times the process count), or on CPU the host's available RAM
+    (``MemAvailable`` of /proc/meminfo, else ``os.sysconf``) less :data:`HOST_RUNTIME_BYTES`. ``(None, ...)`` when
+    unknown (then nothing is refused)."""
     import jax
 
     devices = jax.local_devices()
@@ -155,8 +156,10 @@ def device_memory() -> tuple[Optional[int], str]:
             except Exception:  # noqa: BLE001 -- a backend without memory stats: unknown
                 stats = {}
             limits.append(stats.get("bytes_limit"))
-        if all(limits):
-            return sum(limits), f"{len(devices)} x {devices[0].device_kind} ({format_bytes(limits[0])} each)"
+        if all(limits):  # every process holds as many devices (a multi-process run counts them all)
+            count = len(devices) * jax.process_count()
+            each = format_bytes(limits[0])
+            return sum(limits) * jax.process_count(), f"{count} x {devices[0].device_kind} ({each} each)"
         return None, "unknown"
     available = _meminfo_available()
     if available is None:
