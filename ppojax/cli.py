@@ -291,5 +291,5 @@ def sweep_main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
 
 
-__all__ = ["Interrupted", "interrupted_exit", "interrupts_raise", "DEFAULT_CONFIG", "DEFAULT_SWEEP_CONFIG", "REPO_ROOT", "build_config", "main", "parse_args",
-           "parse_sweep_args", "quiet_third_party", "sweep_main"]
+__all__ = ["DEFAULT_CONFIG", "DEFAULT_SWEEP_CONFIG", "REPO_ROOT", "Interrupted", "build_config", "interrupted_exit",
+           "interrupts_raise", "main", "parse_args", "parse_sweep_args", "quiet_third_party", "sweep_main"]

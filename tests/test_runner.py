@@ -401,3 +401,34 @@ def test_processes_without_a_coordinator_are_one_line_exit_2(tmp_path, capsys, f
     assert code == 2
     _one_error(capsys.readouterr().err, "without a coordinator")
     assert not (tmp_path / "run").exists()
+
+
+def test_an_interrupt_swallowed_by_a_gc_callback_is_raised_again(capsys):
+    """A signal whose KeyboardInterrupt lands inside a gc callback (printed as "Exception ignored" and dropped) is
+    raised again on the main path, without the notice."""
+    import gc
+
+    from ppojax import cli as runner
+
+    def callback(phase, info):
+        if phase == "start":
+            os.kill(os.getpid(), signal.SIGTERM)
+            sum(range(1000))  # bytecodes: the handler runs here, inside the callback
+
+    caught = None
+    with runner.interrupts_raise():
+        gc.callbacks.append(callback)
+        try:
+            gc.collect()
+            gc.callbacks.remove(callback)
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 5:
+                time.sleep(0.01)
+        except runner.Interrupted as e:
+            caught = (e.signum, time.monotonic() - t0)
+        finally:
+            if callback in gc.callbacks:
+                gc.callbacks.remove(callback)
+    assert caught is not None and caught[0] == signal.SIGTERM and caught[1] < 1.0, caught
+    assert "Exception ignored" not in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -114,8 +114,7 @@ _KEYS = {
     "gradients": "the model's size (model.*), lora.rank",
     "kv_cache": "ppo.batch_size x (prompts.max_prompt_tokens + ppo.response_length)",
     "rollout": "ppo.batch_size, ppo.rollout_chunk_size x (prompts.max_prompt_tokens + ppo.response_length)",
-    "update": "ppo.minibatch_size x (prompts.max_prompt_tokens + ppo.response_length), model.remat",
-    "margin": "a quarter of the rest",
+    "update": "ppo.minibatch_size x (prompts.max_prompt_tokens + ppo.response_length); model.remat=true keeps less",
 }
 
 
@@ -143,8 +142,9 @@ def _meminfo_available() -> Optional[int]:
 
 def device_memory() -> tuple[Optional[int], str]:
     """``(bytes, where)``: the memory the run's arrays can use -- the sum of ``memory_stats()['bytes_limit']`` over
-    this process's accelerators, or on CPU the host's available RAM (``MemAvailable`` of /proc/meminfo, else
-    ``os.sysconf``) less :data:`HOST_RUNTIME_BYTES`. ``(None, ...)`` when unknown (then nothing is refused)."""
+    the run's accelerators (this process's, times the process count), or on CPU the host's available RAM
+    (``MemAvailable`` of /proc/meminfo, else ``os.sysconf``) less :data:`HOST_RUNTIME_BYTES`. ``(None, ...)`` when
+    unknown (then nothing is refused)."""
     import jax
 
     devices = jax.local_devices()
@@ -156,8 +156,10 @@ def device_memory() -> tuple[Optional[int], str]:
             except Exception:  # noqa: BLE001 -- a backend without memory stats: unknown
                 stats = {}
             limits.append(stats.get("bytes_limit"))
-        if all(limits):
-            return sum(limits), f"{len(devices)} x {devices[0].device_kind} ({format_bytes(limits[0])} each)"
+        if all(limits):  # every process holds as many devices (a multi-process run counts them all)
+            count = len(devices) * jax.process_count()
+            each = format_bytes(limits[0])
+            return sum(limits) * jax.process_count(), f"{count} x {devices[0].device_kind} ({each} each)"
         return None, "unknown"
     available = _meminfo_available()
     if available is None:
@@ -174,7 +176,7 @@ def check_run_fits(cfg, model_config, *, reward: Any = None) -> dict:
     limit, where = device_memory()
     if limit is None or estimate["total"] <= limit:
         return estimate
-    parts = sorted(((v, k) for k, v in estimate.items() if k != "total"), reverse=True)[:2]
+    parts = sorted(((v, k) for k, v in estimate.items() if k not in ("total", "margin")), reverse=True)[:2]
     biggest = "; ".join(f"{k} {format_bytes(v)} ({_KEYS[k]})" for v, k in parts)
     raise MemoryCheckError(
         f"the run needs about {format_bytes(estimate['total'])} but its devices have {format_bytes(limit)} "
