@@ -37,6 +37,18 @@ def _runs_of(run_dir: Path) -> list[tuple[str, Optional[int], list[dict]]]:
     return [(run_dir.name, seed, sorted(rows, key=lambda x: x["iteration"]))]
 
 
+def _samples(run_dir: Path) -> list[dict]:
+    """The sample rows of the first and the last iteration a run logged (``samples.jsonl``), for README tables."""
+    path = run_dir / "samples.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return []
+    ends = {min(r["iteration"] for r in rows), max(r["iteration"] for r in rows)}
+    return [r for r in rows if r["iteration"] in ends]
+
+
 def stat(values: Sequence[float]) -> dict:
     """Mean and range (min, max) over seeds."""
     return {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "n": len(values)}
@@ -44,6 +56,7 @@ def stat(values: Sequence[float]) -> dict:
 
 def summarize(run_dirs: Sequence[Path], final_window: int = 5) -> dict:
     runs = []
+    samples = {d.name: _samples(d) for d in run_dirs}
     for name, seed, rows in (run for d in run_dirs for run in _runs_of(d)):
         if not rows:
             raise SystemExit(f"seed_summary.py: error: {name}/metrics.jsonl has no rows")
@@ -52,7 +65,8 @@ def summarize(run_dirs: Sequence[Path], final_window: int = 5) -> dict:
         window = score[-final_window:]
         runs.append({"run": name, "seed": seed, "iterations": len(rows), "score": score, "kl": kl,
                      "time_s": [r.get("time_s") for r in rows], "first_score": score[0],
-                     "final_score": sum(window) / len(window), "max_kl": max(kl), "final_kl": kl[-1]})
+                     "final_score": sum(window) / len(window), "max_kl": max(kl), "final_kl": kl[-1],
+                     "samples": samples.get(name, [])})
     lengths = {r["iterations"] for r in runs}
     if len(lengths) != 1:
         raise SystemExit(f"seed_summary.py: error: the runs have different lengths {sorted(lengths)}")

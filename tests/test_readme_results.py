@@ -1,0 +1,69 @@
+"""The README's learning figures are the committed results': each number a README sentence states is recomputed here
+from the JSON under docs/results/ (written by experiments/seed_summary.py from the runs), and each sample row the
+README shows is one of those runs' samples. A README edited without its runs, or runs without the README, fails."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+README = REPO / "README.md"
+
+
+def _flat(text: str) -> str:
+    return re.sub(r"\s+", " ", text)
+
+
+def _range(stat: dict, fmt: str) -> str:
+    return f"{stat['mean']:{fmt}} ({stat['min']:{fmt}}-{stat['max']:{fmt}})"
+
+
+def _table_rows(section: str) -> list[tuple[str, str, float]]:
+    rows = []
+    for line in section.splitlines():
+        if not line.startswith("|"):
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0] not in ("prompt", "---") and not set(cells[0]) <= {"-", " "}:
+            rows.append((cells[0], cells[1], float(cells[2])))
+    return rows
+
+
+def _section(text: str, title: str) -> str:
+    start = text.index(title)
+    end = text.find("\n## ", start + len(title))
+    return text[start:end if end > 0 else len(text)]
+
+
+def test_the_default_runs_numbers_and_samples_are_the_committed_results():
+    result = json.loads((REPO / "docs" / "results" / "smollm2_sentiment.json").read_text())
+    assert len(result["runs"]) >= 3 and result["iterations"] == 30
+    section = _section(README.read_text(), "## What the default shows")
+    flat = _flat(section)
+    s = result["summary"]
+    assert f"{len(result['runs'])} seeds" in flat
+    assert f"goes from {_range(s['first_score'], '.2f')} at the first iteration" in flat
+    assert f"to {_range(s['final_score'], '.2f')} over the last {result['final_window']} iterations" in flat
+    assert f"at most {s['max_kl']['mean']:.1f} nats per response ({s['max_kl']['min']:.1f}-{s['max_kl']['max']:.1f})" \
+        in flat
+    # Every sample row shown is a row the seed-0 run logged, with its score.
+    seed0 = next(r for r in result["runs"] if r["seed"] == 0)
+    logged = {(x["prompt"].strip(), x["response"].strip().replace("\n", " ")): x["score"] for x in seed0["samples"]}
+    rows = _table_rows(section)
+    assert len(rows) >= 4
+    for prompt, response, score in rows:
+        key = (prompt, response)
+        assert key in logged, f"README sample not among seed 0's logged samples: {prompt} | {response}"
+        assert round(logged[key], 2) == pytest.approx(score, abs=0.005)
+
+
+def test_the_summary_is_what_the_runs_say():
+    """The summary in the JSON is recomputed from the per-iteration scores it stores (a loop written here)."""
+    result = json.loads((REPO / "docs" / "results" / "smollm2_sentiment.json").read_text())
+    w = result["final_window"]
+    finals = [sum(r["score"][-w:]) / w for r in result["runs"]]
+    assert result["summary"]["final_score"]["mean"] == pytest.approx(sum(finals) / len(finals))
+    assert result["summary"]["max_kl"]["max"] == pytest.approx(max(max(r["kl"]) for r in result["runs"]))
+    assert result["summary"]["first_score"]["min"] == pytest.approx(min(r["score"][0] for r in result["runs"]))
