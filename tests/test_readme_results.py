@@ -67,3 +67,14 @@ def test_the_summary_is_what_the_runs_say():
     assert result["summary"]["final_score"]["mean"] == pytest.approx(sum(finals) / len(finals))
     assert result["summary"]["max_kl"]["max"] == pytest.approx(max(max(r["kl"]) for r in result["runs"]))
     assert result["summary"]["first_score"]["min"] == pytest.approx(min(r["score"][0] for r in result["runs"]))
+
+
+def test_the_offline_tasks_numbers_are_the_committed_results():
+    result = json.loads((REPO / "docs" / "results" / "offline.json").read_text())
+    assert len(result["runs"]) >= 3 and result["iterations"] == 60
+    flat = _flat(_section(README.read_text(), "### The tiny offline task"))
+    s = result["summary"]
+    assert f"{len(result['runs'])} seeds" in flat
+    assert f"climbs from {_range(s['first_score'], '.2f')} at the first iteration" in flat
+    assert f"to {_range(s['final_score'], '.2f')} over the last {result['final_window']} iterations" in flat
+    assert f"reaches {_range(s['max_kl'], '.1f')} nats" in flat
