@@ -74,9 +74,10 @@ def resolve_callable(spec: str | Callable, *, what: str = "function", key: Optio
 
 def user_callables(cfg: Any) -> dict[str, Callable]:
     """Every user callable an ``ExperimentConfig`` names as ``'package.module:function'``, resolved, by config key
-    (``ppo.advantage_estimator``, ``ppo.policy_loss``, ``ppo.extra_loss_terms[i].fn``, ``reward.function``).
-    Registered names are the registries' business (a typo there is refused with the closest name when the config
-    is built). ``RegistryError`` for the first that cannot be resolved."""
+    (``ppo.advantage_estimator``, ``ppo.policy_loss``, ``ppo.extra_loss_terms[i].fn``, ``reward.function``), and
+    an estimator or policy loss that a user module registered and the config names by its registered name (a typo
+    in a name is refused with the closest one when the config is built). ``RegistryError`` for the first that
+    cannot be resolved."""
     specs = {"ppo.advantage_estimator": cfg.ppo.advantage_estimator, "ppo.policy_loss": cfg.ppo.policy_loss}
     for i, term in enumerate(cfg.ppo.extra_loss_terms):
         specs[f"ppo.extra_loss_terms[{i}].fn"] = term.fn
@@ -84,8 +85,18 @@ def user_callables(cfg: Any) -> dict[str, Callable]:
         specs["reward.function"] = cfg.reward.function
     what = {"ppo.advantage_estimator": "advantage estimator", "ppo.policy_loss": "policy loss",
             "reward.function": "reward"}
-    return {key: resolve_callable(spec, what=what.get(key, "loss term"), key=key)
-            for key, spec in specs.items() if callable(spec) or (isinstance(spec, str) and ":" in spec)}
+    found = {key: resolve_callable(spec, what=what.get(key, "loss term"), key=key)
+             for key, spec in specs.items() if callable(spec) or (isinstance(spec, str) and ":" in spec)}
+    # Registered by a user module (imports:) and named by its registered name: the user's function all the same.
+    from ppojax.rl.advantages import get_estimator
+    from ppojax.rl.losses import get_policy_loss
+
+    for key, get in (("ppo.advantage_estimator", lambda s: get_estimator(s).fn), ("ppo.policy_loss", get_policy_loss)):
+        if key not in found:
+            fn = get(specs[key])
+            if not getattr(fn, "__module__", "ppojax").startswith("ppojax"):
+                found[key] = fn
+    return found
 
 
 def _spec_line(cfg: Any, key: str) -> str:

@@ -78,7 +78,8 @@ def test_bad_user_callable_is_one_line_naming_its_key(tmp_path, monkeypatch, cap
     code = cli.main(["--config", str(TINY), "--run-dir", str(run_dir), "--iterations", "1", *_flags(kind, spec)])
     line = _one_line(capsys.readouterr().err)
     assert code == 2, line
-    assert f"{KEYS[kind]}={spec!r}: " in line and EXPECT[mode] in line, line
+    assert line.startswith(f"ppo_gpt2.py: error: {KEYS[kind]}={spec!r}") or f": {KEYS[kind]}={spec!r}: " in line
+    assert EXPECT[mode] in line, line
     if mode != "signature":
         assert f"cannot import module {spec.split(':')[0]!r}" in line, line
     assert not run_dir.exists()  # nothing written: no config.yaml, metrics or TensorBoard file
@@ -194,3 +195,21 @@ def test_reward_timeout_is_a_config_field():
     assert RewardConfig(timeout_s=None).timeout_s is None
     with pytest.raises(ValueError, match="reward.timeout_s"):
         RewardConfig(timeout_s=-1)
+
+
+def test_a_registered_user_estimator_of_the_wrong_signature_is_one_line(tmp_path, monkeypatch, capsys):
+    """Named by its registered name (the module under imports:), not 'module:function': the same check."""
+    from ppojax import cli
+
+    name = f"user_registered_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(
+        "import ppojax\n\n\n@ppojax.register_estimator('wrong_" + name + "')\n"
+        "def wrong_estimator(inputs, baseline):\n    return inputs.mask, None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run_dir = tmp_path / "run"
+    code = cli.main(["--config", str(TINY), "--run-dir", str(run_dir), "--import", name,
+                     "--set", f"ppo.advantage_estimator=wrong_{name}"])
+    line = _one_line(capsys.readouterr().err)
+    assert code == 2 and f"ppo.advantage_estimator='wrong_{name}' fails when the iteration is traced" in line, line
+    assert "wrong_estimator() missing 1 required positional argument: 'baseline'" in line, line
+    assert not run_dir.exists()
