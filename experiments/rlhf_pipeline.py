@@ -384,6 +384,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from ppojax.cli import quiet_third_party
+
+    quiet_third_party()  # one [ppojax] line per warning, as the other command lines print them
     args = parse_args(argv)
     try:
         run(args)

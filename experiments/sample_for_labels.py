@@ -220,6 +220,9 @@ def _sample(args: argparse.Namespace, prompts: list[str], labeler, out: Path) ->
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from ppojax.cli import quiet_third_party
+
+    quiet_third_party()  # one [ppojax] line per warning, as the other command lines print them
     args = parse_args(argv)
     try:
         run(args)

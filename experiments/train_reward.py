@@ -296,7 +296,9 @@ def _train(args: argparse.Namespace, rows, out: Path, t_start: float) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from ppojax.cli import interrupted_exit, interrupts_raise
+    from ppojax.cli import interrupted_exit, interrupts_raise, quiet_third_party
+
+    quiet_third_party()  # one [ppojax] line per warning, as the other command lines print them
 
     progress = {"started": False}
     with interrupts_raise():  # SIGINT/SIGTERM: one line, the lock released, the saved epochs kept

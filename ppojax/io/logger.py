@@ -169,8 +169,9 @@ def _truncate_jsonl(path: Path, last_iteration: int, *, one_per_iteration: bool 
     new_text = "".join(line + "\n" for line, _ in kept)
     if new_text != original:
         start = f"resuming after iteration {last_iteration}" if last_iteration >= 0 else "fresh run"
-        _log.warning("%s: %s: dropped %d earlier line(s) past that point, %d repeated and %d unreadable line(s)",
-                     path, start, n_past, n_repeated, n_bad)
+        # A warning like every other of ppojax's (one "[ppojax] UserWarning: ..." line under the command lines).
+        warnings.warn(f"{path}: {start}: dropped {n_past} earlier line(s) past that point, {n_repeated} repeated "
+                      f"and {n_bad} unreadable line(s)", stacklevel=2)
         from ppojax.io.atomic import atomic_write_text  # here: importing ppojax.io imports jax
 
         atomic_write_text(path, new_text)
