@@ -5,7 +5,6 @@ anything compiles, and no run directory left. And a host reward that raises, han
 outlives a signal is one HostCallError line."""
 
 import signal
-import sys
 import threading
 import time
 import uuid
