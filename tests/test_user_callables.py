@@ -5,7 +5,6 @@ anything compiles, and no run directory left. And a host reward that raises, han
 outlives a signal is one HostCallError line."""
 
 import signal
-import sys
 import threading
 import time
 import uuid
@@ -213,3 +212,48 @@ def test_a_registered_user_estimator_of_the_wrong_signature_is_one_line(tmp_path
     assert code == 2 and f"ppo.advantage_estimator='wrong_{name}' fails when the iteration is traced" in line, line
     assert "wrong_estimator() missing 1 required positional argument: 'baseline'" in line, line
     assert not run_dir.exists()
+
+
+RAISING_REWARDS = '''
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import ppojax
+
+
+@ppojax.register_reward("{name}_host", host=True)
+def host_raises(responses):
+    raise ValueError("the scorer broke\\nsecond line")
+
+
+def _callback(tokens):
+    raise ValueError("the callback broke\\nsecond line")
+
+
+@ppojax.register_reward("{name}_jit")
+def callback_raises(tokens, mask):
+    return jax.pure_callback(_callback, jax.ShapeDtypeStruct((tokens.shape[0],), jnp.float32), tokens)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["host", "jit"])
+def test_a_reward_that_raises_at_run_time_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys, where):
+    """Inside the host reward or a jittable reward's callback: one line naming the reward and the iteration, exit
+    code 1, no checkpoint written past the last good one (none here), the lock released."""
+    from ppojax import cli
+
+    name = f"user_raising_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(RAISING_REWARDS.replace("{name}", name))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run_dir = tmp_path / "run"
+    code = cli.main(["--config", str(TINY), "--run-dir", str(run_dir), "--import", name,
+                     "--set", f"reward.kind={name}_{where}"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error" in line.lower()]
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    what = "the scorer broke" if where == "host" else "the callback broke"
+    assert lines[0] == (f"[ppojax] error: reward.kind='{name}_{where}' failed at iteration 1: ValueError: {what}. "
+                        "No checkpoint was saved yet: a rerun starts over."), lines[0]
+    assert not (run_dir / "ppojax.lock").exists() and not (run_dir / "checkpoints" / "1").exists()

@@ -98,8 +98,8 @@ def config_record(cfg) -> dict:
 
 def config_changes(saved: dict, cfg) -> List[str]:
     """What differs between a checkpoint's config and ``cfg``, as ``field: old -> new`` lines. The run length and
-    the mesh (and ``reward.timeout_s``) may change on resume; a field that ppojax added since the checkpoint was written counts only when it
-    is set away from its default."""
+    the mesh (and ``reward.timeout_s``) may change on resume; a field that ppojax added since the checkpoint was
+    written counts only when it is set away from its default."""
     from ppojax.train.config import ExperimentConfig
 
     defaults = config_record(ExperimentConfig())
