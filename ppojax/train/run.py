@@ -407,6 +407,8 @@ def load_inputs(cfg, config_dir: Path) -> Inputs:
     except (OSError, ValueError) as e:
         raise RunError(f"tokenizer={cfg.tokenizer!r}: {e}") from None
     _, prompt_ids, prompt_mask = load_prompts(cfg, config_dir, tokenizer)
+    if cfg.model.name_or_path != "random":  # the slow part of a start (a GGUF decodes for tens of seconds)
+        _log(f"loading the model {cfg.model.name_or_path}")
     model_config, actor_params = model_config_of(cfg)
     check_model_fits(cfg, model_config, prompt_ids, prompt_mask)
     check_memory(cfg, model_config)
