@@ -13,12 +13,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_directory"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_directory", "write_error_reason"]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -92,3 +93,20 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def write_error_reason(e: BaseException) -> str:
+    """Why a write failed, as the operating system says it (``No space left on device``, ``File too large``), found
+    along the error's causes: an ``OSError``'s errno, TensorStore's ``[os_error_code='28']`` or Rust's
+    ``(os error 28)`` (safetensors) inside a longer message. Else the error's type and first line."""
+    root = e
+    while root is not None:
+        if isinstance(root, OSError) and root.errno:
+            return os.strerror(root.errno)
+        codes = re.findall(r"(?:os_error_code='?|Os \{ code: |\(os error )(\d+)", str(root))
+        if codes:
+            return os.strerror(int(codes[-1]))
+        root = root.__cause__ if root.__cause__ is not None else (
+            root.__context__ if not root.__suppress_context__ else None)
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"

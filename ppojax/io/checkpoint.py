@@ -60,6 +60,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from ppojax.io.atomic import write_error_reason
+
 __all__ = ["Checkpointer", "CheckpointCorruptError", "CheckpointMismatchError", "CheckpointWriteError",
            "check_writable"]
 
@@ -241,7 +243,7 @@ class Checkpointer:
                 self._discard_unfinished(step)
                 raise CheckpointWriteError(
                     f"checkpoint {'' if step is None else f'{step} '}could not be written to {self.directory}: "
-                    f"{_write_reason(e)}") from None
+                    f"{write_error_reason(e)}") from None
 
     def _discard_unfinished(self, step: Optional[int]) -> None:
         """Remove what a failed save of ``step`` left (orbax's temporary directory; process 0 only), so that the
@@ -618,24 +620,6 @@ def _short(e: BaseException) -> str:
     if re.match(r"[A-Z_]{4,}: ", first):  # a TensorStore status ("OUT_OF_RANGE: ...") says what it is
         return first
     return f"{type(root).__name__}: {first}"
-
-
-def _write_reason(e: BaseException) -> str:
-    """Why a save failed, as the operating system says it (``No space left on device``, ``File too large``):
-    TensorStore reports the errno as ``[os_error_code='28']`` inside a long message; Python's writes raise
-    ``OSError``. Anything else: the root error's first line."""
-    root = e
-    while True:
-        if isinstance(root, OSError) and root.errno:
-            return os.strerror(root.errno)
-        codes = re.findall(r"os_error_code='?(\d+)", str(root))
-        if codes:
-            return os.strerror(int(codes[-1]))
-        nxt = root.__cause__ if root.__cause__ is not None else (
-            root.__context__ if not root.__suppress_context__ else None)
-        if nxt is None:
-            return _short(e)
-        root = nxt
 
 
 def _install_log_filters() -> None:
