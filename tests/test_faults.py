@@ -254,7 +254,7 @@ def test_deleted_lock_stops_the_job_without_writing_more(reference, tmp_path):
 
 
 def test_file_size_limit_during_a_sweep_checkpoint(tmp_path):
-    """experiments/sweep.py, two programs (groups): a save that fails is one line and exit code 1, the step is
+    """experiments/sweep.py, 3 seeds x 2 values in two programs (groups): a save that fails is one line and exit code 1, the step is
     dropped from every group (so they resume from one step), and the rerun resumes each run exactly once."""
     sweep = [sys.executable, str(REPO / "experiments" / "sweep.py"), "--config", str(REPO / "configs" / "tiny.yaml"),
              "--seeds", "3", "--grid", "ppo.ppo_epochs=1,2", "--set", "checkpoint.every=1", "--run-dir",
@@ -275,4 +275,44 @@ def test_file_size_limit_during_a_sweep_checkpoint(tmp_path):
                           timeout=600)
     assert rest.returncode == 0 and "resuming" in rest.stderr, rest.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "sweep" / "metrics.jsonl").read_text().splitlines()]
-    assert sorted((r["run"], r["iteration"]) for r in rows) == [(run, it) for run in range(2) for it in (1, 2, 3)]
+    assert sorted((r["run"], r["iteration"]) for r in rows) == [(run, it) for run in range(6) for it in (1, 2, 3)]
+
+
+def test_failed_export_at_the_end_of_training_is_not_a_finished_run(tmp_path, monkeypatch, capsys):
+    """In process: the export after the last iteration fails (ENOSPC while writing the weights): exit code 1, one
+    error line, no export and no staged .partial; the rerun trains nothing and exports."""
+    import errno
+
+    from ppojax.train import build_run
+    from ppojax.train import run as runs
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    real = runs._save_policy
+
+    def full(path, *args):
+        path.mkdir(parents=True)
+        (path / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path / "model.safetensors"))
+
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(runs, "_save_policy", full)
+    with build_run(REPO / "configs" / "tiny.yaml", run_dir, overrides=["iterations=1"]) as run:
+        outcome = run.train()
+    assert outcome.exit_code == 1 and outcome.error == (f"the export to {run_dir / 'export'} could not be written: No "
+                                                        "space left on device")
+    assert [line for line in capsys.readouterr().err.splitlines() if "error" in line] == [
+        f"[ppojax] error: {outcome.error}. The checkpoints in {run_dir / 'checkpoints'} are kept: rerun the same "
+        "command to export again (once there is space)"]
+    assert not (run_dir / "export").exists() and _leftovers(run_dir) == []
+    monkeypatch.setattr(runs, "_save_policy", real)
+    with build_run(REPO / "configs" / "tiny.yaml", run_dir, overrides=["iterations=1"]) as run:
+        outcome = run.train()
+    assert outcome.exit_code == 0 and (run_dir / "export" / "model.safetensors").exists()
+    assert (run_dir / "export" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~_umask()
+    assert _leftovers(run_dir) == []
+
+
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

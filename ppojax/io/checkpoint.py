@@ -146,6 +146,7 @@ class Checkpointer:
         self.keep = keep
         self.read_only = read_only
         self._pending: Optional[int] = None  # the step an asynchronous save is still writing
+        self._failed: set[int] = set()  # steps whose save failed: their leftovers are removed again on close
         _install_log_filters()
         # Orbax logs a notice for each option that read-only mode overrides, and for the mode itself.
         with _dropped_log("absl", ("read_only=True", "Given directory is read only")):
@@ -241,6 +242,8 @@ class Checkpointer:
                 with contextlib.suppress(Exception):
                     self._manager.wait_until_finished()  # let the other writer threads end before cleaning up
                 self._discard_unfinished(step)
+                if step is not None:
+                    self._failed.add(step)
                 raise CheckpointWriteError(
                     f"checkpoint {'' if step is None else f'{step} '}could not be written to {self.directory}: "
                     f"{write_error_reason(e)}") from None
@@ -389,8 +392,12 @@ class Checkpointer:
 
     def close(self) -> None:
         """Wait for a pending save and release orbax's resources."""
-        self._manager.wait_until_finished()
+        with self._writing(self._pending):
+            self._manager.wait_until_finished()
         self._manager.close()
+        for step in sorted(self._failed):  # a writer thread of a failed save may have made its directory again
+            self._discard_unfinished(step)
+        self._failed.clear()
 
     def __enter__(self) -> "Checkpointer":
         return self
