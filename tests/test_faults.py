@@ -254,8 +254,9 @@ def test_deleted_lock_stops_the_job_without_writing_more(reference, tmp_path):
 
 
 def test_file_size_limit_during_a_sweep_checkpoint(tmp_path):
-    """experiments/sweep.py, 3 seeds x 2 values in two programs (groups): a save that fails is one line and exit code 1, the step is
-    dropped from every group (so they resume from one step), and the rerun resumes each run exactly once."""
+    """experiments/sweep.py, 3 seeds x 2 values in two programs (groups): a save that fails is one line and exit
+    code 1, the step is dropped from every group (so they resume from one step), and the rerun resumes each run
+    exactly once."""
     sweep = [sys.executable, str(REPO / "experiments" / "sweep.py"), "--config", str(REPO / "configs" / "tiny.yaml"),
              "--seeds", "3", "--grid", "ppo.ppo_epochs=1,2", "--set", "checkpoint.every=1", "--run-dir",
              str(tmp_path / "sweep")]
