@@ -388,3 +388,95 @@ def test_failed_read_is_one_readable_warning_without_background_tracebacks(tmp_p
     assert "restored 1" in result.stderr
     assert "an unrelated error that must still be shown" in result.stderr  # only the noise is filtered
     assert "ZeroDivisionError" in result.stderr
+
+
+def test_garbage_checkpoints_log_nothing_but_the_error(tmp_path, caplog):
+    """Every file of every step overwritten: orbax's ``ERROR:absl ... Metadata file`` lines (one per step, each time
+    the steps are listed) are dropped; the one error names each step's reason."""
+    with Checkpointer(tmp_path) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, _make_state(step, trained=False))
+    for f in tmp_path.rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    with caplog.at_level("DEBUG"):
+        with Checkpointer(tmp_path, read_only=True) as ckpt:
+            with pytest.raises(CheckpointCorruptError, match="step 2 .* is unusable"):
+                ckpt.metadata(2)
+        with Checkpointer(tmp_path) as ckpt, pytest.raises(CheckpointCorruptError, match="step 2: .*step 1: "):
+            ckpt.restore(_make_state(0, trained=False))
+    assert not [r for r in caplog.records if "Metadata file" in r.getMessage()]
+
+
+_FULL_SAVE = """
+import resource, signal, sys
+import jax, jax.numpy as jnp
+from ppojax.io.checkpoint import Checkpointer, CheckpointWriteError
+state = {"w": jax.random.normal(jax.random.key(0), (256, 256))}  # 256 KiB of incompressible floats
+ckpt = Checkpointer(sys.argv[1], keep=3)
+ckpt.save(1, state, {"iteration": 1})
+if sys.argv[2] == "fsize":  # a file-size limit (ulimit -f): writes beyond it fail with EFBIG
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, resource.RLIM_INFINITY))
+try:
+    ckpt.save(2, state, {"iteration": 2})
+except CheckpointWriteError as e:
+    print(e)
+if sys.argv[2] == "fsize":  # the limit lifted: the next save works
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    ckpt.save(3, state, {"iteration": 3})
+print(ckpt.all_steps())
+ckpt.close()
+"""
+
+
+def _tmpfs(path: Path, size: str) -> Path:
+    """A small tmpfs at ``path`` (skips the test where this container may not mount)."""
+    path.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip() or result.returncode}")
+    return path
+
+
+@pytest.mark.parametrize("limit", ["fsize", "disk-full"])
+def test_save_that_cannot_be_written_is_one_error_and_keeps_the_last_checkpoint(tmp_path, limit):
+    """A file-size limit or a full disk during a save: one ``CheckpointWriteError`` line with the system's reason,
+    none of orbax's threads' tracebacks, the half-written step removed and the earlier checkpoint intact (a save
+    after the limit is lifted works)."""
+    if limit == "disk-full":
+        directory = _tmpfs(tmp_path / "small", "400k") / "checkpoints"  # one checkpoint fits, not two
+    else:
+        directory = tmp_path / "checkpoints"
+    try:
+        result = subprocess.run([sys.executable, "-c", _FULL_SAVE, str(directory), limit], capture_output=True,
+                                text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        reason = "File too large" if limit == "fsize" else "No space left on device"
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.splitlines()[0] == f"checkpoint 2 could not be written to {directory}: {reason}"
+        assert result.stdout.splitlines()[1] == ("[1, 3]" if limit == "fsize" else "[1]")
+        assert "Traceback" not in result.stderr and "ERROR" not in result.stderr, result.stderr[-3000:]
+        assert sorted(p.name for p in directory.iterdir()) == (["1", "3"] if limit == "fsize" else ["1"])
+        with Checkpointer(directory, read_only=True) as ckpt:
+            assert ckpt.metadata(1) == {"iteration": 1}
+    finally:
+        if limit == "disk-full":
+            subprocess.run(["umount", str(tmp_path / "small")], check=False)
+
+
+def test_write_probe_is_removed_on_a_full_disk(tmp_path):
+    """On a full disk the probe file is created and its write fails: the error says so and leaves no probe."""
+    small = _tmpfs(tmp_path / "small", "64k")
+    try:
+        (small / "checkpoints").mkdir()
+        fd = os.open(small / "filler", os.O_WRONLY | os.O_CREAT)
+        with pytest.raises(OSError, match="No space"):
+            while True:
+                os.write(fd, b"x" * 4096)
+        os.close(fd)
+        with pytest.raises(PermissionError, match="not writable .*No space left"):
+            check_writable(small / "checkpoints")
+        assert list((small / "checkpoints").iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=False)

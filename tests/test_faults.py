@@ -379,3 +379,179 @@ def test_reward_timeout_stops_a_run_whose_reward_hangs(hanging_reward, hang_refe
                                 "after 2 s (reward.timeout_s)"), errors[0]
     assert not (run_dir / "ppojax.lock").exists()
     _resumes_to_reference(hanging_reward, run_dir, hang_reference, last_good=2)
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Full disks, file-size limits and a lost lock: one line, exit code 1, the last good checkpoint kept, the lock
+# released, nothing half-written left; once the cause is gone, the same command ends where an uninterrupted run does.
+
+
+def _file_size_limit(max_bytes):
+    """``ulimit -f`` for the child: writes past ``max_bytes`` fail with EFBIG (SIGXFSZ, which would kill it, is
+    ignored, as a shell's ``trap '' XFSZ`` would)."""
+    import resource
+
+    def preexec():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, resource.RLIM_INFINITY))
+
+    return preexec
+
+
+def _run_limited(run_dir, preexec, *extra):
+    proc = subprocess.run([sys.executable, str(SCRIPT), *ARGS, "--run-dir", str(run_dir), *extra],
+                          capture_output=True, text=True, env=ENV, cwd=REPO, timeout=600, preexec_fn=preexec)
+    return proc.returncode, proc.stderr
+
+
+def _leftovers(run_dir):
+    """Temporary or half-written things: staged exports, orbax's unfinished steps, atomic writes' temporaries, write
+    probes, the lock."""
+    return sorted(str(p.relative_to(run_dir)) for p in Path(run_dir).rglob("*")
+                  if p.name.endswith((".partial", ".tmp")) or "orbax-checkpoint-tmp" in p.name
+                  or "write-probe" in p.name or p.name == "ppojax.lock")
+
+
+def test_file_size_limit_during_a_checkpoint_save(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    code, err = _run(run_dir, "--iterations", "3")
+    assert code == 0, err[-3000:]
+    # 1 MB: the logs fit, a checkpoint's array data (several MB) does not.
+    code, err = _run_limited(run_dir, _file_size_limit(1 << 20))
+    assert code == 1, err[-3000:]
+    checkpoints = run_dir / "checkpoints"
+    assert _errors(err) == [f"[ppojax] error: checkpoint 4 could not be written to {checkpoints}: File too large. "
+                            f"The last good checkpoint (iteration 3) is intact in {checkpoints}."], err[-3000:]
+    assert "ERROR" not in err.replace("[ppojax] error", ""), err[-3000:]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["2", "3"] and _leftovers(run_dir) == []
+    code, err = _run(run_dir)  # the limit lifted: resumes from 3
+    assert code == 0 and not _errors(err), err[-3000:]
+    _assert_equals_uninterrupted(run_dir, reference)
+
+
+def test_file_size_limit_during_the_export(uninterrupted, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    shutil.rmtree(run_dir / "export")  # what a kill during the export leaves: the rerun exports
+    # 3 MB: the tokenizer (1.7 MB) fits, the weights (6.5 MB) do not.
+    code, err = _run_limited(run_dir, _file_size_limit(3 << 20))
+    assert code == 1, err[-3000:]
+    assert _errors(err) == [f"[ppojax] error: the export to {run_dir / 'export'} could not be written: File too "
+                            f"large. The checkpoints in {run_dir / 'checkpoints'} are kept: rerun the same command "
+                            "to export again (once there is space)"], err[-3000:]
+    assert not (run_dir / "export").exists() and _leftovers(run_dir) == []
+    code, err = _run(run_dir)  # the limit lifted: exports (and trains nothing)
+    assert code == 0 and not _errors(err) and "exported the policy" in err, err[-3000:]
+    for f in (uninterrupted / "export").iterdir():
+        assert (run_dir / "export" / f.name).read_bytes() == f.read_bytes(), f.name
+    _assert_equals_uninterrupted(run_dir, reference)
+
+
+def test_disk_full_during_a_checkpoint_save(reference, tmp_path):
+    """A 48 MB tmpfs: the first checkpoint (~30 MB) fits, the second does not; after the filesystem is grown the
+    same command resumes from the first."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip() or mounted.returncode}")
+    try:
+        run_dir = mount / "run"
+        code, err = _run(run_dir)
+        assert code == 1, err[-3000:]
+        errors = _errors(err)
+        assert len(errors) == 1 and errors[0].startswith("[ppojax] error: checkpoint ") and (
+            f"could not be written to {run_dir / 'checkpoints'}: No space left on device. The last good checkpoint "
+            f"(iteration ") in errors[0], err[-3000:]
+        assert "ERROR" not in err.replace("[ppojax] error", "") and _leftovers(run_dir) == [], err[-3000:]
+        subprocess.run(["mount", "-o", "remount,size=256m", str(mount)], check=True)
+        code, err = _run(run_dir)
+        assert code == 0 and not _errors(err), err[-3000:]
+        _assert_equals_uninterrupted(run_dir, reference)
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_deleted_lock_stops_the_job_without_writing_more(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _start(run_dir)
+    deadline = time.time() + 300
+    while proc.poll() is None and _lines(run_dir / "metrics.jsonl") < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    (run_dir / "ppojax.lock").unlink()  # someone deletes the lock of a running job
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err[-3000:]
+    errors = _errors(err)
+    assert len(errors) == 1 and f"the lock {run_dir / 'ppojax.lock'} of this job was deleted" in errors[0], err
+    assert _lines(run_dir / "metrics.jsonl") < ITERATIONS and not (run_dir / "curves.png").exists()
+    code, err = _run(run_dir)
+    assert code == 0 and not _errors(err), err[-3000:]
+    _assert_equals_uninterrupted(run_dir, reference)
+
+
+def test_file_size_limit_during_a_sweep_checkpoint(tmp_path):
+    """experiments/sweep.py, 3 seeds x 2 values in two programs (groups): a save that fails is one line and exit
+    code 1, the step is dropped from every group (so they resume from one step), and the rerun resumes each run
+    exactly once."""
+    sweep = [sys.executable, str(REPO / "experiments" / "sweep.py"), "--config", str(REPO / "configs" / "tiny.yaml"),
+             "--seeds", "3", "--grid", "ppo.ppo_epochs=1,2", "--set", "checkpoint.every=1", "--run-dir",
+             str(tmp_path / "sweep")]
+    first = subprocess.run(sweep + ["--iterations", "2"], capture_output=True, text=True, env=ENV, cwd=REPO,
+                           timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    limited = subprocess.run(sweep + ["--iterations", "3"], capture_output=True, text=True, env=ENV, cwd=REPO,
+                             timeout=600, preexec_fn=_file_size_limit(1 << 20))
+    assert limited.returncode == 1, limited.stderr[-3000:]
+    errors = [line for line in limited.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    checkpoints = tmp_path / "sweep" / "checkpoints"
+    assert errors == [f"[sweep] error: checkpoint 3 could not be written to {checkpoints / 'group-0'}: File too "
+                      f"large. The last checkpoint (iteration 2) is kept in {checkpoints}: rerun the same command to "
+                      "resume"], limited.stderr[-3000:]
+    assert [sorted(p.name for p in g.iterdir()) for g in sorted(checkpoints.iterdir())] == [["1", "2"], ["1", "2"]]
+    rest = subprocess.run(sweep + ["--iterations", "3"], capture_output=True, text=True, env=ENV, cwd=REPO,
+                          timeout=600)
+    assert rest.returncode == 0 and "resuming" in rest.stderr, rest.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "sweep" / "metrics.jsonl").read_text().splitlines()]
+    assert sorted((r["run"], r["iteration"]) for r in rows) == [(run, it) for run in range(6) for it in (1, 2, 3)]
+
+
+def test_failed_export_at_the_end_of_training_is_not_a_finished_run(tmp_path, monkeypatch, capsys):
+    """In process: the export after the last iteration fails (ENOSPC while writing the weights): exit code 1, one
+    error line, no export and no staged .partial; the rerun trains nothing and exports."""
+    import errno
+
+    from ppojax.train import build_run
+    from ppojax.train import run as runs
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    real = runs._save_policy
+
+    def full(path, *args):
+        path.mkdir(parents=True)
+        (path / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path / "model.safetensors"))
+
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(runs, "_save_policy", full)
+    with build_run(REPO / "configs" / "tiny.yaml", run_dir, overrides=["iterations=1"]) as run:
+        outcome = run.train()
+    assert outcome.exit_code == 1 and outcome.error == (f"the export to {run_dir / 'export'} could not be written: No "
+                                                        "space left on device")
+    assert [line for line in capsys.readouterr().err.splitlines() if "error" in line] == [
+        f"[ppojax] error: {outcome.error}. The checkpoints in {run_dir / 'checkpoints'} are kept: rerun the same "
+        "command to export again (once there is space)"]
+    assert not (run_dir / "export").exists() and _leftovers(run_dir) == []
+    monkeypatch.setattr(runs, "_save_policy", real)
+    with build_run(REPO / "configs" / "tiny.yaml", run_dir, overrides=["iterations=1"]) as run:
+        outcome = run.train()
+    assert outcome.exit_code == 0 and (run_dir / "export" / "model.safetensors").exists()
+    assert (run_dir / "export" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~_umask()
+    assert _leftovers(run_dir) == []
+
+
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from ppojax.io.atomic import atomic_write_json
-from ppojax.io.lock import DirectoryLock, LockError, LockHolder
+from ppojax.io.lock import DirectoryLock, LockError, LockHolder, LockLostError
 
 
 def _write_record(path, **fields):
@@ -175,3 +175,68 @@ def test_failed_acquire_removes_the_directories_it_created(tmp_path, monkeypatch
     with pytest.raises(OSError, match="No space left"):
         DirectoryLock(tmp_path / "a" / "b").acquire()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["runs", "fails-at-start"])
+def test_three_jobs_racing_for_a_fresh_directory_leave_nothing_behind(tmp_path, fails):
+    """Jobs racing for a run directory that does not exist: one wins; when the winner fails at start-up (and
+    removes what was created for it) no empty directory is left, whichever job created it."""
+    for round_ in range(24):
+        run_dir = tmp_path / f"run-{round_}"
+        start = threading.Barrier(3)
+        won, lost = [], []
+
+        def contend():
+            lock = DirectoryLock(run_dir)
+            start.wait()
+            try:
+                won.append(lock.acquire())
+            except LockError:
+                lost.append(lock)
+                lock.release(remove_created=True)
+
+        threads = [threading.Thread(target=contend) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(won) == 1 and len(lost) == 2
+        if fails:
+            won[0].release(remove_created=True)
+            assert not run_dir.exists(), sorted(tmp_path.rglob("*"))
+        else:
+            assert sorted(p.name for p in run_dir.iterdir()) == ["ppojax.lock"]  # no marker left
+            won[0].release()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary directory
+
+
+def test_verify_notices_a_deleted_or_replaced_lock(tmp_path):
+    lock = DirectoryLock(tmp_path).acquire()
+    lock.verify()  # held: silent
+    lock.path.unlink()
+    with pytest.raises(LockLostError, match="was deleted"):
+        lock.verify()
+    other = DirectoryLock(tmp_path).acquire()  # a second job takes the directory
+    with pytest.raises(LockLostError, match="now names another job"):
+        lock.verify()
+    lock.release()  # does not delete the other job's lock
+    assert json.loads(other.path.read_text())["token"] == other._holder.token
+    other.verify()
+    other.release()
+
+
+def test_atomic_writes_honour_the_umask(tmp_path):
+    """Files and directories written atomically get the permissions an ordinary open/mkdir would give."""
+    from ppojax.io.atomic import atomic_directory, atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "config.yaml", "a: 1\n")
+        with atomic_directory(tmp_path / "export") as out:
+            (out / "config.json").write_text("{}")
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "private.yaml", "a: 1\n")
+    finally:
+        os.umask(old)
+    mode = lambda name: (tmp_path / name).stat().st_mode & 0o777  # noqa: E731
+    assert (mode("config.yaml"), mode("export"), mode("private.yaml")) == (0o644, 0o755, 0o600)

@@ -45,6 +45,7 @@ import logging
 import operator
 import os
 import re
+import shutil
 import sys
 import threading
 import time
@@ -59,7 +60,10 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-__all__ = ["Checkpointer", "CheckpointCorruptError", "CheckpointMismatchError", "check_writable"]
+from ppojax.io.atomic import write_error_reason
+
+__all__ = ["Checkpointer", "CheckpointCorruptError", "CheckpointMismatchError", "CheckpointWriteError",
+           "check_writable"]
 
 _FORMAT = 1  # version of the manifest layout below
 _ITEMS = ("state", "metadata", "manifest")
@@ -75,6 +79,12 @@ class CheckpointMismatchError(ValueError):
     """The restore target does not have the checkpoint's structure; the message names the differing key paths."""
 
 
+class CheckpointWriteError(OSError):
+    """A save could not be written (a full disk, a file-size limit, a directory gone read-only). One line:
+    ``checkpoint 4 could not be written to <directory>: No space left on device``. The half-written step is
+    removed; the checkpoints saved before it are untouched."""
+
+
 def check_writable(directory: str | os.PathLike) -> epath.Path:
     """Create ``directory`` if needed and write and delete a probe file in it; returns it as a path.
 
@@ -85,8 +95,11 @@ def check_writable(directory: str | os.PathLike) -> epath.Path:
     probe = path / f".ppojax-write-probe-{jax.process_index()}-{uuid.uuid4().hex}"
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe.write_text("ok")
-        probe.unlink()
+        try:
+            probe.write_text("ok")
+        finally:  # a full disk creates the file and then fails to write it: remove it either way
+            with contextlib.suppress(OSError):
+                probe.unlink()
     except OSError as e:
         raise PermissionError(
             f"checkpoint directory {path} is not writable ({type(e).__name__}: {e}); fix its permissions or "
@@ -132,6 +145,9 @@ class Checkpointer:
         self.directory = _as_path(directory) if read_only else check_writable(directory)
         self.keep = keep
         self.read_only = read_only
+        self._pending: Optional[int] = None  # the step an asynchronous save is still writing
+        self._failed: set[int] = set()  # steps whose save failed: their leftovers are removed again on close
+        _install_log_filters()
         # Orbax logs a notice for each option that read-only mode overrides, and for the mode itself.
         with _dropped_log("absl", ("read_only=True", "Given directory is read only")):
             options = ocp.CheckpointManagerOptions(
@@ -194,19 +210,52 @@ class Checkpointer:
             )
         for s in clashing:
             self._manager.delete(s)
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(storage),
-                metadata=ocp.args.JsonSave(metadata),
-                manifest=ocp.args.JsonSave(manifest),
-            ),
-            force=True,  # the caller decides when to save: bypass orbax's save-interval policy
-        )
+        with self._writing(step):
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(storage),
+                    metadata=ocp.args.JsonSave(metadata),
+                    manifest=ocp.args.JsonSave(manifest),
+                ),
+                force=True,  # the caller decides when to save: bypass orbax's save-interval policy
+            )
+            self._pending = step
 
     def wait(self) -> None:
-        """Block until an asynchronous save has finished (a no-op for blocking saves)."""
-        self._manager.wait_until_finished()
+        """Block until an asynchronous save has finished (a no-op for blocking saves). ``CheckpointWriteError`` if
+        it could not be written."""
+        with self._writing(self._pending):
+            self._manager.wait_until_finished()
+        self._pending = None
+
+    @contextlib.contextmanager
+    def _writing(self, step: Optional[int]):
+        """Around orbax's save: a failed write (ENOSPC, EFBIG, EROFS...) becomes one ``CheckpointWriteError``, the
+        unfinished step directory is removed, and what orbax's writer threads log and leave behind (an
+        ``ERROR:absl`` record with a traceback per thread, tracebacks of its event loop) is filtered out."""
+        with _contained_background_errors(), _dropped_log("absl", ("raised an exception",)):
+            try:
+                yield
+            except Exception as e:  # noqa: BLE001 -- orbax/TensorStore raise ValueError or plain Exception
+                self._pending = None
+                with contextlib.suppress(Exception):
+                    self._manager.wait_until_finished()  # let the other writer threads end before cleaning up
+                self._discard_unfinished(step)
+                if step is not None:
+                    self._failed.add(step)
+                raise CheckpointWriteError(
+                    f"checkpoint {'' if step is None else f'{step} '}could not be written to {self.directory}: "
+                    f"{write_error_reason(e)}") from None
+
+    def _discard_unfinished(self, step: Optional[int]) -> None:
+        """Remove what a failed save of ``step`` left (orbax's temporary directory; process 0 only), so that the
+        directory holds the checkpoints saved before it and nothing else."""
+        if jax.process_index() == 0 and step is not None:
+            for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(os.fspath(tmp), ignore_errors=True)
+        with contextlib.suppress(Exception):
+            self._manager.reload()
 
     # -- restore -------------------------------------------------------------------------------------------------
 
@@ -343,8 +392,12 @@ class Checkpointer:
 
     def close(self) -> None:
         """Wait for a pending save and release orbax's resources."""
-        self._manager.wait_until_finished()
+        with self._writing(self._pending):
+            self._manager.wait_until_finished()
         self._manager.close()
+        for step in sorted(self._failed):  # a writer thread of a failed save may have made its directory again
+            self._discard_unfinished(step)
+        self._failed.clear()
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -574,6 +627,21 @@ def _short(e: BaseException) -> str:
     if re.match(r"[A-Z_]{4,}: ", first):  # a TensorStore status ("OUT_OF_RANGE: ...") says what it is
         return first
     return f"{type(root).__name__}: {first}"
+
+
+def _install_log_filters() -> None:
+    """Drop orbax's ``Failed to read Metadata file`` and ``Failed to json parse Metadata file`` records (an
+    ``ERROR:absl`` line per step whose ``_CHECKPOINT_METADATA`` is unreadable, logged each time the steps are
+    listed): ``restore`` reports every unusable step itself, in one line.
+    Idempotent; stays for the process, like the background filters."""
+    log = logging.getLogger("absl")
+    if _not_metadata_noise not in log.filters:
+        log.addFilter(_not_metadata_noise)
+
+
+def _not_metadata_noise(record: logging.LogRecord) -> bool:
+    message = str(record.msg)
+    return not (message.startswith("Failed to") and "Metadata file" in message)
 
 
 def _is_closed_loop(exc: Optional[BaseException]) -> bool:

@@ -20,6 +20,17 @@ if it still holds the record judged stale. While the guard exists the lock file 
 a new lock can only be linked where no file is, and the stale holder is dead, so nobody else removes it. (An
 earlier rename-and-put-back scheme let a racing job delete a fresh lock: two winners.) A guard left by a breaker
 killed mid-takeover, which takes milliseconds, is removed once it is older than 30 seconds.
+
+A held lock can still be lost: someone deletes the file of a running job, and a second job takes the directory.
+The holder calls :meth:`DirectoryLock.verify` before it writes (a run does at each iteration), which raises
+``LockLostError`` once the file is gone or names another holder, so the job stops instead of writing over the
+other one's files.
+
+Directories created on the way to the lock are removed again when a job fails at start-up. When several jobs race
+for a directory that does not exist, the one that creates it may lose the lock to one that found it: the creator
+makes it under a temporary name with a ``.ppojax-new`` marker in it and renames it into place, and whoever takes
+the lock first adopts the marked directory as one it created (removing the marker), so the job that ends up
+holding it removes it on a failed start.
 """
 
 from __future__ import annotations
@@ -38,15 +49,20 @@ from typing import Optional
 
 from ppojax.io.atomic import atomic_write_json
 
-__all__ = ["DirectoryLock", "LockError", "LockHolder", "LOCK_NAME", "lock_path_for"]
+__all__ = ["DirectoryLock", "LockError", "LockHolder", "LockLostError", "LOCK_NAME", "lock_path_for"]
 
 LOCK_NAME = "ppojax.lock"
+_NEW_MARK = ".ppojax-new"  # in a directory a job created for its lock, until a job takes the lock in it
 _TRIES = 50  # acquire attempts when a lock vanishes or another job is taking a stale one over
 _BREAK_STALE_S = 30.0  # a takeover guard older than this was left by a breaker that died
 
 
 class LockError(RuntimeError):
     """The lock is held by another live job (or cannot be created); the message names the holder."""
+
+
+class LockLostError(LockError):
+    """A lock this job held is gone (its file deleted) or now names another holder."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,8 +161,14 @@ class DirectoryLock:
     def _acquire(self) -> "DirectoryLock":
         me = LockHolder.of_this_process()
         for _ in range(_TRIES):
-            if _link_record(self.path, me):
+            try:
+                linked = _link_record(self.path, me)
+            except FileNotFoundError:  # a racing job that had created the directory removed it on a failed start
+                self.created += [d for d in _make_dirs(self.path.parent) if d not in self.created]
+                continue
+            if linked:
                 self._holder = me
+                self._adopt_new_directory()
                 return self
             holder = _read_holder(self.path)
             if holder is None:
@@ -159,6 +181,33 @@ class DirectoryLock:
             else:
                 time.sleep(0.01)  # another job is taking it over: its lock (or none) is there in milliseconds
         raise LockError(f"could not take the lock {self.path}: other jobs keep taking it; try again")
+
+    def _adopt_new_directory(self) -> None:
+        """The lock's directory was made for a job's lock and nobody has held it yet: count it as created here."""
+        mark = self.path.parent / _NEW_MARK
+        try:
+            mark.unlink()
+        except FileNotFoundError:
+            return
+        if self.path.parent not in self.created:
+            self.created.append(self.path.parent)
+
+    def verify(self) -> None:
+        """Raise ``LockLostError`` if this job's lock file is gone or names another holder (someone deleted it, and
+        another job may have taken the directory). Call it before writing into the guarded directory."""
+        if self._holder is None:
+            raise LockLostError(f"{self.path} is not held by this job")
+        current = _read_holder(self.path)
+        if isinstance(current, LockHolder) and current.token == self._holder.token:
+            return
+        if current is None:
+            why = "was deleted"
+        elif isinstance(current, LockHolder):
+            why = f"now names another job ({current.describe()})"
+        else:
+            why = f"was replaced by something else ({current})"
+        raise LockLostError(f"the lock {self.path} of this job {why}; another job may be writing "
+                            f"{self.path.parent}, so this one stops without writing more")
 
     def release(self, *, remove_created: bool = False) -> None:
         """Delete the lock file if this object holds it (idempotent). ``remove_created``: also remove the
@@ -173,6 +222,8 @@ class DirectoryLock:
             self._holder = None
         if remove_created:
             for directory in reversed(self.created):
+                if directory == self.path.parent and not self.path.exists():  # nobody took it: our marker goes
+                    (directory / _NEW_MARK).unlink(missing_ok=True)
                 try:
                     directory.rmdir()
                 except OSError:  # not empty (or gone): leave it
@@ -201,6 +252,9 @@ class DirectoryLock:
 def _link_record(path: Path, holder: LockHolder) -> bool:
     """Create ``path`` holding ``holder``'s record, atomically; False if it already exists."""
     unique = path.with_name(f".{path.name}.{holder.token}")
+    # FileNotFoundError if the directory is gone (atomic_write_json would quietly make it again, unrecorded).
+    if not path.parent.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path.parent))
     atomic_write_json(unique, dataclasses.asdict(holder))
     try:
         os.link(unique, path)
@@ -273,7 +327,9 @@ def _take_over(path: Path, stale: LockHolder) -> bool:
 
 
 def _make_dirs(directory: Path) -> list[Path]:
-    """``mkdir -p`` that returns the directories it created, outermost first."""
+    """``mkdir -p`` that returns the directories it created, outermost first. The last one (the lock's own) is
+    made under a temporary name holding the ``.ppojax-new`` marker and renamed into place, so that it never exists
+    unmarked: a job that finds it and wins the lock before its creator adopts it as created."""
     missing = []
     for d in [directory, *directory.parents]:
         if d.exists():
@@ -282,11 +338,32 @@ def _make_dirs(directory: Path) -> list[Path]:
     created = []
     for d in reversed(missing):
         try:
-            d.mkdir()
+            if d == directory:
+                _make_marked(d)
+            else:
+                d.mkdir()
             created.append(d)
         except FileExistsError:
             pass
     return created
+
+
+def _make_marked(directory: Path) -> None:
+    """Create ``directory`` with the marker in it, atomically; ``FileExistsError`` if another job made it first."""
+    tmp = directory.with_name(f".{directory.name}.new-{uuid.uuid4().hex}")
+    tmp.mkdir()
+    try:
+        (tmp / _NEW_MARK).touch()
+        try:
+            os.rename(tmp, directory)  # fails (ENOTEMPTY or EEXIST) onto another job's directory, marked: not empty
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR):
+                raise FileExistsError(errno.EEXIST, "exists", str(directory)) from None
+            raise
+    except BaseException:
+        (tmp / _NEW_MARK).unlink(missing_ok=True)
+        tmp.rmdir()
+        raise
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -582,8 +582,9 @@ class RunLogger:
             return None
         return plot_curves(self.run_dir, self.curves_path if out_png is None else out_png)
 
-    def close(self) -> None:
-        """Close files, TensorBoard, wandb and the progress bar, then write ``curves.png``. Safe to call twice."""
+    def close(self, *, curves: bool = True) -> None:
+        """Close files, TensorBoard, wandb and the progress bar, then write ``curves.png`` (unless ``curves`` is
+        False: a job that lost its run directory to another must not write there). Safe to call twice."""
         if not self._active():
             return
         self._closed = True
@@ -598,7 +599,7 @@ class RunLogger:
             if self._wandb is not None:
                 self._wandb.finish()
         finally:
-            if self._curves:
+            if self._curves and curves:
                 self.plot()
 
     def __enter__(self) -> RunLogger:

@@ -562,6 +562,8 @@ def _export(setup, params, frozen, dirs: list, tokenizer, is_main: bool, cfg) ->
                               base_model_name_or_path=None if cfg.model.name_or_path == "random"
                               else cfg.model.name_or_path)
             save_for_export(tokenizer, staged[1], setup.model.vocab_size)
+        for tmp in staged:  # safetensors creates its file 0600: give every file what open() would
+            _honour_umask(tmp)
     except BaseException:
         for tmp in staged:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -573,6 +575,17 @@ def _export(setup, params, frozen, dirs: list, tokenizer, is_main: bool, cfg) ->
     _log(f"exported the policy to {dirs[0]}")
     if adapters is not None:
         _log(f"exported the policy's LoRA adapter (PEFT format) to {dirs[1]}")
+
+
+def _honour_umask(directory: Path) -> None:
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    if directory.is_dir():
+        directory.chmod(0o777 & ~mask)
+        for f in directory.rglob("*"):
+            f.chmod((0o777 if f.is_dir() else 0o666) & ~mask)
 
 
 def _save_policy(path: Path, model_config, params, tokenizer) -> Path:
@@ -662,8 +675,10 @@ def _with_arrays(state, arrays):
 @dataclasses.dataclass
 class RunOutcome:
     """How :meth:`Run.train` ended: ``exit_code`` 0 (done, or stopped by a signal after saving) or 1 (a non-finite
-    metric, or a reward that raised, hung past ``reward.timeout_s`` or outlived a signal: the last good checkpoint
-    is kept), and the loop's :class:`ppojax.train.loop.LoopResult`."""
+    metric, or a reward that raised, hung past ``reward.timeout_s`` or outlived a signal; a checkpoint, log or
+    export that could not be written, e.g. on a full disk; the run directory's lock lost to another job: the last
+    good checkpoint is kept, and ``error`` says why in one line), and the loop's
+    :class:`ppojax.train.loop.LoopResult`."""
 
     exit_code: int
     done: int
@@ -725,11 +740,35 @@ class Run:
                 self.config)
 
     def save_checkpoint(self, done: int) -> None:
+        """Checkpoint ``done`` (a collective). ``ppojax.io.checkpoint.CheckpointWriteError`` (one line) when it cannot
+        be written: the half-written step is removed, the earlier checkpoints are kept."""
         cfg = self.config
         self.checkpointer.save(done, _arrays(self.state), {
             "iteration": done, "data_position": done * cfg.ppo.prompts_per_iteration, "time": time.time(),
             "config": self.record})
         self.checkpointer.wait()
+
+    def verify_lock(self) -> None:
+        """``LockLostError`` on every process when process 0's lock on the run directory is gone or names another
+        job (``DirectoryLock.verify``): someone deleted it and another job may be writing the directory."""
+        import jax
+
+        from ppojax.io.lock import LockLostError
+
+        error = None
+        if self.lock is not None:
+            try:
+                self.lock.verify()
+            except LockLostError as e:
+                error = str(e)
+        if jax.process_count() > 1:  # the others learn it from process 0, so that all stop at the same iteration
+            import numpy as np
+            from jax.experimental import multihost_utils
+
+            if bool(multihost_utils.broadcast_one_to_all(np.int32(error is not None))) and error is None:
+                error = f"process 0 lost the lock of the run directory {self.run_dir}; see its log"
+        if error is not None:
+            raise LockLostError(error)
 
     def close(self) -> None:
         """Close the checkpointer and release the run directory's lock (removing only what this job created and
@@ -749,16 +788,19 @@ class Run:
 
     def _finish_end_products(self, export: bool) -> list:
         """What a finished run's end left unwritten (killed after its last iteration): ``curves.png`` from
-        ``metrics.jsonl``, and the export. Returns the names written."""
+        ``metrics.jsonl``, and the export. Returns the names written and the export's failure (one line) or None."""
         from ppojax.io.logger import CURVES_FILE, write_curves
 
         written = []
         if self.is_main and not (self.run_dir / CURVES_FILE).exists() and write_curves(self.run_dir) is not None:
             written.append(CURVES_FILE)
         if export and not all(d.is_dir() for d in self.export_dirs()):
-            self.export()  # a collective: every process agrees, as the directories are on process 0's disk
+            # A collective: every process agrees, as the directories are on process 0's disk.
+            error = self._export_files()  # e.g. killed while exporting, or its disk was full
+            if error is not None:
+                return written, error
             written += [d.name for d in self.export_dirs()]
-        return written
+        return written, None
 
     # -- driving it -----------------------------------------------------------------------------------------------
 
@@ -777,11 +819,18 @@ class Run:
         total = cfg.iterations if iterations is None else iterations
         export = cfg.export if export is None else export
         if self.start >= total:
-            written = self._finish_end_products(export) if self.run_dir is not None else []
+            written, error = self._finish_end_products(export) if self.run_dir is not None else ([], None)
+            if error is not None:
+                return RunOutcome(exit_code=1, done=self.start, error=error)
             done = f"{self.run_dir or 'the run'} already has {self.start} of {total} iterations"
             _log(f"{done}; wrote what was missing: {', '.join(written)}" if written else f"{done}; nothing to do")
             return RunOutcome(exit_code=0, done=self.start)
-        own = _RunFiles(self, total) if self.run_dir is not None else None
+        try:
+            own = _RunFiles(self, total) if self.run_dir is not None else None
+        except OSError as e:  # config.yaml or the logs cannot be written (a full disk)
+            error = f"could not write {e.filename or self.run_dir}: {_write_reason(e)}"
+            _log(f"error: {error}")
+            return RunOutcome(exit_code=1, done=self.start, error=error)
         if self.is_main:
             _log(f"training iterations {self.start + 1}-{total}; the first one compiles the iteration (seconds to "
                  "minutes), the others reuse it")
@@ -794,14 +843,29 @@ class Run:
             if own is not None:
                 own.close()
         self.state, self.start = result.state, result.done
-        if result.stop_reason == "host-call":  # a reward raised, hung past reward.timeout_s or outlived a signal
+        failed = own is not None and own.failure is not None
+        if result.stop_reason == "host-call" and not failed:  # a reward raised, hung or outlived a signal
             _log(f"error: {result.error}. " + (own.last_good() if own is not None else "Nothing was saved."))
-        outcome = RunOutcome(exit_code=1 if result.stop_reason in ("non-finite", "host-call") else 0,
+        outcome = RunOutcome(exit_code=1 if result.stop_reason in ("non-finite", "host-call") or failed else 0,
                              done=result.done, stop_reason=result.stop_reason, signal=result.signal,
-                             error=result.error)
-        if own is not None and result.stop_reason is None and export:
-            self.export()
+                             error=own.failure if failed else result.error)
+        if own is not None and result.stop_reason is None and not failed and export:
+            outcome.error = self._export_files()
+            outcome.exit_code = 1 if outcome.error else 0
         return outcome
+
+    def _export_files(self) -> Optional[str]:
+        """``export()``, with a failure said in one line (the reason is returned): the staged ``.partial``
+        directories are gone, so the run does not look finished and a rerun of the same command exports again."""
+        try:
+            self.export()
+            return None
+        except Exception as e:  # noqa: BLE001 -- a full disk raises OSError here, safetensors its own error
+            dirs = self.export_dirs()
+            error = f"the export to {dirs[0]} could not be written: {_write_reason(e)}"
+            _log(f"error: {error}. The checkpoints in {self.run_dir / 'checkpoints'} are kept: rerun the same "
+                 "command to export again (once there is space)")
+            return error
 
 
 class _RunFiles:
@@ -820,13 +884,39 @@ class _RunFiles:
                                 progress_total=total, resume_from_iteration=run.start,
                                 console_every=cfg.logging.console_every)
         self.last_saved = run.start if run.resuming else None
+        self.failure: Optional[str] = None
+        """Why the run's files could not be written (a full disk, a lost lock); the run then ends with exit code 1."""
+        self.lock_lost = False
 
     def __call__(self, it) -> bool:
+        from ppojax.io.lock import LockLostError
+
+        try:
+            self.run.verify_lock()  # before writing anything: another job may own the directory now
+            return self._write(it)
+        except LockLostError as e:
+            self.lock_lost = True
+            return self._fail(str(e))
+        except OSError as e:  # CheckpointWriteError names the checkpoint; a log file names itself
+            from ppojax.io.checkpoint import CheckpointWriteError
+
+            return self._fail(str(e) if isinstance(e, CheckpointWriteError) else
+                              f"could not write {e.filename or self.run.run_dir}: {_write_reason(e)}")
+
+    def _fail(self, error: str) -> bool:
+        self.failure = error
+        self._report(error)
+        return True
+
+    def _report(self, error: str) -> None:
+        _log(f"error: {error.rstrip('.')}. {self.last_good()}")
+
+    def _write(self, it) -> bool:
         run, cfg = self.run, self.run.config
         run.state = it.state
         self.logger.log_metrics(it.done, it.metrics)
         if it.error is not None:
-            _log(f"error: {it.error.rstrip('.')}. {self.last_good()}")
+            self._report(it.error)
             return True
         every = cfg.logging.samples_every
         if every and (it.done % every == 0 or it.done == 1 or it.done == it.total):
@@ -848,7 +938,18 @@ class _RunFiles:
                 f"{self.run.run_dir / 'checkpoints'}.")
 
     def close(self) -> None:
-        self.logger.close()
+        """Close the logs and write ``curves.png`` (not when the lock was lost: the directory is another job's)."""
+        try:
+            self.logger.close(curves=not self.lock_lost)
+        except OSError as e:
+            if self.failure is None:
+                self._fail(f"could not write {e.filename or self.run.run_dir}: {_write_reason(e)}")
+
+
+def _write_reason(e: BaseException) -> str:
+    from ppojax.io.atomic import write_error_reason
+
+    return write_error_reason(e)
 
 
 def build_run(config: Any, run_dir: Optional[str | Path] = None, *, overrides: Sequence[str] = (),

@@ -15,6 +15,7 @@ before anything compiles; another job holding the directory is exit 2 too.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -179,17 +180,37 @@ def _run_locked(path: Path, data: dict, base, runs, seeds, grid: Sequence[str], 
 
     out = metrics_file.open("a")
     progress = _Progress(total, start)
+    saved, failed = [start], []
 
     def record(it) -> bool:
-        for row in it.metrics:
-            out.write(json.dumps(row) + "\n")
-            rows.append(row)
-        out.flush()
-        progress.update(it.done, float(np.mean([row["score_mean"] for row in it.metrics])))
-        if it.done % base.checkpoint.every == 0 or it.last:
-            for group, ckpt in zip(it.state, ckpts):
-                ckpt.save(it.done, _arrays(group), {"iteration": it.done, "spec": spec})
-                ckpt.wait()
+        try:
+            for row in it.metrics:
+                out.write(json.dumps(row) + "\n")
+                rows.append(row)
+            out.flush()
+            progress.update(it.done, float(np.mean([row["score_mean"] for row in it.metrics])))
+            if it.done % base.checkpoint.every == 0 or it.last:
+                written = []
+                try:
+                    for g, (group, ckpt) in enumerate(zip(it.state, ckpts)):
+                        ckpt.save(it.done, _arrays(group), {"iteration": it.done, "spec": spec})
+                        ckpt.wait()
+                        written.append(g)
+                except OSError:  # the groups resume from one step: drop this step of the groups that have it
+                    for g in written:
+                        shutil.rmtree(ckpt_dir / f"group-{g}" / str(it.done), ignore_errors=True)
+                    raise
+                saved.append(it.done)
+        except OSError as e:  # a full disk, a file-size limit: one line (CheckpointWriteError names the checkpoint)
+            from ppojax.io.atomic import write_error_reason
+            from ppojax.io.checkpoint import CheckpointWriteError
+
+            failed.append(str(e) if isinstance(e, CheckpointWriteError) else
+                          f"could not write {e.filename or run_dir}: {write_error_reason(e)}")
+            _say(f"error: {failed[0]}. " + (f"The last checkpoint (iteration {saved[-1]}) is kept in {ckpt_dir}: "
+                                            "rerun the same command to resume" if saved[-1] else
+                                            "No checkpoint was saved yet: a rerun starts over"))
+            return True
         if it.stopping:
             _say(f"received signal {it.signal}: checkpoint saved at iteration {it.done}; rerun the same command to "
                  "resume")
@@ -202,6 +223,8 @@ def _run_locked(path: Path, data: dict, base, runs, seeds, grid: Sequence[str], 
         out.close()
         for c in ckpts:
             c.close()
+    if failed:
+        return 1
     if result.stop_reason == "signal":
         return 0
     if result.stop_reason == "host-call":  # a reward raised, hung past reward.timeout_s or outlived a signal
