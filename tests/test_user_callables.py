@@ -99,7 +99,7 @@ def test_bad_module_under_imports_is_one_line(tmp_path, monkeypatch, capsys, mod
 
 def test_good_callables_of_every_kind_pass_the_check(tmp_path, monkeypatch):
     """The check refuses only what is wrong: right signatures of all four kinds together build a run."""
-    from ppojax.registry import user_callables
+    from ppojax.train.callables import user_callables
     from ppojax.train import build_run
 
     name = f"user_good_{uuid.uuid4().hex[:8]}"

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 import jax
 import numpy as np
 
+from ppojax.registry import error_detail
 from ppojax.rl import iteration
 from ppojax.rl.state import TrainState
 
@@ -64,11 +65,6 @@ _WAIT_SLICE_S = 0.05
 _STOPS: list["StopSignal"] = []  # the loop's installed signal handler, read while a host call runs
 
 
-def _detail(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
-
-
 def call_on_host(fn: Callable, *args, label: str, timeout_s: Optional[float] = None,
                  timeout_key: str = "timeout_s", **kwargs):
     """``fn(*args, **kwargs)`` in a daemon worker thread, waited for in short slices so the main thread stays
@@ -104,7 +100,7 @@ def call_on_host(fn: Callable, *args, label: str, timeout_s: Optional[float] = N
                 raise HostCallError(label, "was abandoned", f"still running {SIGNAL_GRACE_S:g} s after "
                                                             f"{signal.Signals(sig).name}")
     if "error" in box:
-        raise HostCallError(label, "failed", _detail(box["error"])) from None
+        raise HostCallError(label, "failed", error_detail(box["error"])) from None
     return box["value"]
 
 

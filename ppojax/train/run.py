@@ -367,12 +367,13 @@ def _first_line(e: BaseException) -> str:
 
 def check_user_callables(cfg, state=None, prompt_ids=None, host_reward: bool = False) -> None:
     """Every user callable of the config (estimator, policy loss, loss terms, reward function) resolved and, given
-    the train state, the iteration traced once on its shapes (``ppojax.registry.check_callables``: nothing
+    the train state, the iteration traced once on its shapes (``ppojax.train.callables.check_callables``: nothing
     compiles): ``RunError`` naming the config key of the one at fault."""
     import jax
     import jax.numpy as jnp
 
-    from ppojax.registry import RegistryError, check_callables
+    from ppojax.registry import RegistryError
+    from ppojax.train.callables import check_callables
 
     ids = None
     if state is not None:  # the global batch's shapes, laid out on one device: only the shapes matter
