@@ -63,6 +63,13 @@ def _lines(path):
     return path.read_text().count("\n") if path.exists() else 0
 
 
+def _wait_for_iterations(proc, run_dir, n, poll=0.05, timeout=300):
+    """Until the job has logged ``n`` iterations (or ended, or ``timeout`` seconds passed)."""
+    deadline = time.time() + timeout
+    while proc.poll() is None and _lines(run_dir / "metrics.jsonl") < n and time.time() < deadline:
+        time.sleep(poll)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """The run directory of the run done in one go (checkpoints 5 and 6 kept)."""
@@ -84,9 +91,7 @@ def test_kill_9_at_random_moments_then_resume(reference, tmp_path):
         proc = _start(run_dir)
         # A random moment: after a random number of logged iterations (0: during start-up or compilation), plus a
         # random fraction of a second (mid-iteration, mid-save, mid-log line).
-        target, deadline = rng.randint(0, ITERATIONS - 2), time.time() + 300
-        while proc.poll() is None and _lines(run_dir / "metrics.jsonl") < target and time.time() < deadline:
-            time.sleep(0.05)
+        _wait_for_iterations(proc, run_dir, rng.randint(0, ITERATIONS - 2))
         time.sleep(rng.uniform(0.0, 1.5))
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=60)  # reaped: its lock is stale now, not held by a zombie
@@ -193,9 +198,7 @@ def test_signal_during_start_up_of_a_resume_keeps_the_run(uninterrupted, referen
 def test_second_sigint_during_a_save_is_one_line_and_resume_equals_uninterrupted(reference, tmp_path):
     run_dir = tmp_path / "run"
     proc = _start(run_dir)
-    deadline = time.time() + 300
-    while proc.poll() is None and _lines(run_dir / "metrics.jsonl") < 2 and time.time() < deadline:
-        time.sleep(0.02)
+    _wait_for_iterations(proc, run_dir, 2, poll=0.02)
     proc.send_signal(signal.SIGINT)  # the loop finishes the iteration and saves ...
     time.sleep(0.4)
     proc.send_signal(signal.SIGINT)  # ... and the second one cuts the save
@@ -477,9 +480,7 @@ def test_disk_full_during_a_checkpoint_save(reference, tmp_path):
 def test_deleted_lock_stops_the_job_without_writing_more(reference, tmp_path):
     run_dir = tmp_path / "run"
     proc = _start(run_dir)
-    deadline = time.time() + 300
-    while proc.poll() is None and _lines(run_dir / "metrics.jsonl") < 2 and time.time() < deadline:
-        time.sleep(0.05)
+    _wait_for_iterations(proc, run_dir, 2)
     (run_dir / "ppojax.lock").unlink()  # someone deletes the lock of a running job
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, err[-3000:]
