@@ -412,10 +412,10 @@ def load_inputs(cfg, config_dir: Path) -> Inputs:
         _log(f"loading the model {cfg.model.name_or_path}")
     model_config, actor_params = model_config_of(cfg)
     check_model_fits(cfg, model_config, prompt_ids, prompt_mask)
-    check_memory(cfg, model_config)
     check_lora(cfg, model_config, actor_params)
     reward, host_reward = build_reward(cfg, tokenizer, model_config, config_dir)
     check_reward(reward, cfg, model_config, actor_params)
+    check_memory(cfg, model_config)  # last: it traces the state's construction (shapes only)
     if actor_params is None:
         _, actor_params = build_model(cfg)
     return Inputs(tokenizer, prompt_ids, prompt_mask, model_config, actor_params, reward, host_reward)
