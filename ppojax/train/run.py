@@ -502,13 +502,13 @@ def restore_latest(ckpt, state, run_dir: Path):
     from ppojax.io.checkpoint import CheckpointCorruptError, CheckpointMismatchError
 
     try:
-        step, restored, meta = ckpt.restore(_arrays(state))
+        step, restored, meta = ckpt.restore(checkpoint_arrays(state))
     except CheckpointCorruptError as e:
         raise RunError(f"{e}; every checkpoint is unusable: " + _START_OVER.format(dir=run_dir / "checkpoints")
                        ) from None
     except CheckpointMismatchError as e:
         raise RunError(_mismatch_line(e, state)) from None
-    return _with_arrays(state, restored), int(meta.get("iteration", step))
+    return state.replace(**restored), int(meta.get("iteration", step))
 
 
 def _mismatch_line(error, state) -> str:
@@ -625,7 +625,7 @@ def export_checkpoint(step: int, cfg, config_dir: Path, run_dir: Path, mesh, is_
                            f"({'; '.join(changes[:5])}); export with the run's config")
         state = new_state(cfg, inputs, mesh)
         try:
-            _, restored, _ = ckpt.restore(_arrays(state), step=step)
+            _, restored, _ = ckpt.restore(checkpoint_arrays(state), step=step)
         except CheckpointCorruptError as e:
             raise RunError(str(e)) from None
         except CheckpointMismatchError as e:
@@ -657,14 +657,11 @@ def _sample_rows(state, ids, mask, tokenizer, cfg, host_reward, mesh):
     return _decode_samples(tokenizer, b.prompt_ids, b.prompt_mask, b.tokens, b.mask, scores, cfg.logging.num_samples)
 
 
-def _arrays(state):
-    """The checkpointed part of the state: every array (the static setup is rebuilt from the config)."""
+def checkpoint_arrays(state):
+    """The checkpointed part of a train state (a single run's, or a sweep group's stacked one): every array; the
+    static setup is rebuilt from the config."""
     return {"params": state.params, "opt_state": state.opt_state, "frozen": state.frozen, "reward": state.reward,
             "hparams": state.hparams, "kl": state.kl, "key": state.key, "step": state.step}
-
-
-def _with_arrays(state, arrays):
-    return state.replace(**arrays)
 
 
 
@@ -744,7 +741,7 @@ class Run:
         """Checkpoint ``done`` (a collective). ``ppojax.io.checkpoint.CheckpointWriteError`` (one line) when it cannot
         be written: the half-written step is removed, the earlier checkpoints are kept."""
         cfg = self.config
-        self.checkpointer.save(done, _arrays(self.state), {
+        self.checkpointer.save(done, checkpoint_arrays(self.state), {
             "iteration": done, "data_position": done * cfg.ppo.prompts_per_iteration, "time": time.time(),
             "config": self.record})
         self.checkpointer.wait()
@@ -1043,6 +1040,7 @@ def new_state(cfg, inputs: "Inputs", mesh):
     return parallel.shard_state(state, mesh)  # params over `fsdp`, replicated over `data`
 
 
-__all__ = ["Inputs", "Run", "RunError", "RunOutcome", "build_run", "check_resume", "config_changes", "config_record",
+__all__ = ["Inputs", "Run", "RunError", "RunOutcome", "build_run", "check_resume", "checkpoint_arrays",
+           "config_changes", "config_record",
            "export_checkpoint", "load_inputs", "new_state", "resolve_config", "restore_latest", "run_mesh",
            "saved_config"]

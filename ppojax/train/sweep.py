@@ -422,8 +422,6 @@ def build_groups(runs: Sequence[Run], config_dir=None, devices: Optional[Sequenc
                  log: Callable[[str], None] = print, width: Any = "auto") -> list[Group]:
     """Every group's stacked state, placed on the devices, with each run's prompt loader (its own seed).
     ``width``: runs per vmap on a device; ``'auto'`` is :func:`default_vmap_width`."""
-    import jax.random
-
     from ppojax.io.data import PromptLoader
     from ppojax.train.build import create_state
     from ppojax.train.run import resolve_built

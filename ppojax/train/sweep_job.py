@@ -112,6 +112,7 @@ def _run_locked(path: Path, data: dict, base, runs, seeds, grid: Sequence[str], 
     from ppojax.rl.iteration import check_metrics
     from ppojax.train import loop
     from ppojax.train import sweep as sw
+    from ppojax.train.run import checkpoint_arrays
     from ppojax.train.run import RunError
 
     spec = _spec(seeds, grid, {k: v for k, v in data.items() if k != "iterations"})
@@ -149,7 +150,7 @@ def _run_locked(path: Path, data: dict, base, runs, seeds, grid: Sequence[str], 
                                 "start over")
         start = steps[0]
         for group, ckpt in zip(groups, ckpts):
-            _, restored, _ = ckpt.restore(_arrays(group))
+            _, restored, _ = ckpt.restore(checkpoint_arrays(group.state))
             group.state = group.state.replace(**restored)
         _say(f"resuming {run_dir} from iteration {start}")
     metrics_file = run_dir / "metrics.jsonl"
@@ -193,7 +194,7 @@ def _run_locked(path: Path, data: dict, base, runs, seeds, grid: Sequence[str], 
                 written = []
                 try:
                     for g, (group, ckpt) in enumerate(zip(it.state, ckpts)):
-                        ckpt.save(it.done, _arrays(group), {"iteration": it.done, "spec": spec})
+                        ckpt.save(it.done, checkpoint_arrays(group.state), {"iteration": it.done, "spec": spec})
                         ckpt.wait()
                         written.append(g)
                 except OSError:  # the groups resume from one step: drop this step of the groups that have it
@@ -264,12 +265,6 @@ class _Progress:
     def update(self, done: int, score: float) -> None:
         rate = (time.time() - self.t0) / max(done - self.start, 1)
         _say(f"iteration {done}/{self.total}: mean score {score:.3f} ({rate:.1f} s/iteration)")
-
-
-def _arrays(group):
-    s = group.state
-    return {"params": s.params, "opt_state": s.opt_state, "frozen": s.frozen, "reward": s.reward,
-            "hparams": s.hparams, "kl": s.kl, "key": s.key, "step": s.step}
 
 
 def _point_label(grid: dict, values: dict) -> str:
