@@ -202,13 +202,27 @@ class _DecodeState:
     done: jax.Array  # [batch] bool: EOS already emitted
 
 
+def _ends_stop(tokens, step, stop_sequences) -> jax.Array:
+    """``[batch]`` bool: the tokens written so far (``tokens[:, :step + 1]``) end with one of ``stop_sequences``.
+
+    For a sequence ``q`` of length ``L``: ``step + 1 >= L`` and ``tokens[:, step - L + 1 : step + 1] == q``."""
+    hit = jnp.zeros((tokens.shape[0],), bool)
+    for q in stop_sequences:
+        n = len(q)
+        start = jnp.maximum(step - n + 1, 0)
+        window = jax.lax.dynamic_slice_in_dim(tokens, start, n, axis=1)
+        hit = hit | ((step + 1 >= n) & jnp.all(window == jnp.asarray(q, jnp.int32), axis=-1))
+    return hit
+
+
 def sample(config: ModelConfig, params: Params, prompt_ids, prompt_mask, key, *, max_new_tokens: int,
            temperature: float, top_k: int, top_p: float, eos_token_id: Optional[int], pad_token_id: int,
-           example_ids=None) -> SampleOutput:
+           example_ids=None, stop_sequences: tuple = ()) -> SampleOutput:
     """The traceable body of ``generate`` (no validation, no jit): call it inside other jitted code.
 
     ``temperature`` and ``top_p`` may be traced arrays (a Python ``top_p`` of 1 compiles no nucleus filter; an
-    array always filters). ``example_ids [batch]`` seed each row's randomness."""
+    array always filters). ``example_ids [batch]`` seed each row's randomness. ``stop_sequences``: token-id tuples
+    that end a row like EOS does (the row ends after the sequence's last token)."""
     batch, prompt_len = prompt_ids.shape
     n = max_new_tokens
     if example_ids is None:
@@ -221,11 +235,14 @@ def sample(config: ModelConfig, params: Params, prompt_ids, prompt_mask, key, *,
     logits, cache = next_token_logits(config, params, prompt_ids, prompt_mask, cache)
     first, first_logp = step_fn(logits, step=0)
     is_eos = (first == eos_token_id) if eos_token_id is not None else jnp.zeros_like(first, bool)
+    tokens0 = jnp.full((batch, n), pad_token_id, jnp.int32).at[:, 0].set(first)
+    if stop_sequences:
+        is_eos = is_eos | _ends_stop(tokens0, 0, stop_sequences)
     state = _DecodeState(
         step=jnp.ones((), jnp.int32),
         last_tokens=first,
         cache=cache,
-        tokens=jnp.full((batch, n), pad_token_id, jnp.int32).at[:, 0].set(first),
+        tokens=tokens0,
         logprobs=jnp.zeros((batch, n), jnp.float32).at[:, 0].set(first_logp),
         mask=jnp.zeros((batch, n), jnp.int32).at[:, 0].set(1),
         done=is_eos,
@@ -243,11 +260,14 @@ def sample(config: ModelConfig, params: Params, prompt_ids, prompt_mask, key, *,
         logp = jnp.where(s.done, 0.0, logp)
         write = lambda buf, col: jax.lax.dynamic_update_slice(buf, col[:, None].astype(buf.dtype), (0, s.step))
         done = s.done | ((tok == eos_token_id) if eos_token_id is not None else False)
+        tokens = write(s.tokens, tok)
+        if stop_sequences:
+            done = done | (~s.done & _ends_stop(tokens, s.step, stop_sequences))
         return _DecodeState(
             step=s.step + 1,
             last_tokens=tok,
             cache=cache,
-            tokens=write(s.tokens, tok),
+            tokens=tokens,
             logprobs=write(s.logprobs, logp),
             mask=write(s.mask, (~s.done).astype(jnp.int32)),
             done=done,
@@ -260,7 +280,8 @@ def sample(config: ModelConfig, params: Params, prompt_ids, prompt_mask, key, *,
 
 _sample_jit = jax.jit(
     sample,
-    static_argnames=("config", "max_new_tokens", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id"),
+    static_argnames=("config", "max_new_tokens", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id",
+                     "stop_sequences"),
 )
 
 
@@ -290,7 +311,7 @@ def check_sampling_args(config: ModelConfig, prompt_shape, *, max_new_tokens, te
 
 def generate(config: ModelConfig, params: Params, prompt_ids, prompt_mask, key, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id: Optional[int] = None,
-             pad_token_id: Optional[int] = None, example_ids=None) -> SampleOutput:
+             pad_token_id: Optional[int] = None, example_ids=None, stop_sequences=()) -> SampleOutput:
     """Sample ``max_new_tokens`` continuations of left-padded prompts in one jit.
 
     Args:
@@ -302,6 +323,7 @@ def generate(config: ModelConfig, params: Params, prompt_ids, prompt_mask, key, 
       pad_token_id: fills positions after EOS; defaults to ``config.vocab_size`` (the id ppojax's tokenizer gives its
         pad token for GPT-2, distinct from EOS).
       example_ids: ``[batch]`` global example indices that seed each row's randomness (default ``arange(batch)``).
+      stop_sequences: token-id sequences that also end a row (after their last token).
     Returns:
       ``SampleOutput(tokens, mask, logprobs, lengths)``.
     """
@@ -323,4 +345,5 @@ def generate(config: ModelConfig, params: Params, prompt_ids, prompt_mask, key, 
     pad = config.vocab_size if pad_token_id is None else pad_token_id
     return _sample_jit(config, params, jnp.asarray(prompt_ids, jnp.int32), prompt_mask, key,
                        max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
-                       top_p=float(top_p), eos_token_id=eos_token_id, pad_token_id=pad, example_ids=example_ids)
+                       top_p=float(top_p), eos_token_id=eos_token_id, pad_token_id=pad, example_ids=example_ids,
+                       stop_sequences=tuple(tuple(int(t) for t in q) for q in stop_sequences))

@@ -255,6 +255,10 @@ def format_console_line(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+_EVAL_PANEL_KEYS = ("eval/accuracy", "eval/score_mean")
+"""The held-out metric plotted in curves.png's third column: accuracy for a verifiable task, else the mean score."""
+
+
 def _rolling_mean(values: Sequence[float], window: int) -> list[float]:
     """Trailing mean over the last ``window`` finite values' slots (NaNs skipped, so one bad batch leaves no hole)."""
     out, total, count = [], 0.0, 0
@@ -297,11 +301,21 @@ def plot_curves(
     if window is None:
         window = max(1, len(records) // 20)
 
-    fig = Figure(figsize=(11, 7), layout="constrained")
+    evaluated = [key for key in _EVAL_PANEL_KEYS if any(key in r for r in records)]
+    fig = Figure(figsize=(16 if evaluated else 11, 7), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(2, 2, sharex=True).ravel()
-    for ax in axes[2:]:  # the x axis is shared: label the bottom row only
+    grid = fig.subplots(2, 3 if evaluated else 2, sharex=True)
+    axes = list(grid[:, :2].ravel())
+    for ax in grid[-1]:  # the x axis is shared: label the bottom row only
         ax.set_xlabel("iteration")
+    if evaluated:  # held-out evaluation (``eval/...`` rows): its own column, one point per evaluation
+        for ax, key in zip(grid[:, 2], (evaluated[0], "eval/response_length")):
+            points = [(r["iteration"], float(r[key])) for r in records if key in r]
+            ax.set_title(f"held-out {key.removeprefix('eval/').replace('_', ' ')}")
+            ax.grid(True, alpha=0.3)
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", lw=1.5, color="C2")
+            ax.set_ylabel(key)
     for ax, (panel, key) in zip(axes, _PANELS):
         points = [(r["iteration"], float(r[key])) for r in records if key in r]
         ax.set_title(panel)

@@ -106,6 +106,9 @@ class PPOConfig:
     """Stop a response at this token. None: a run on a chat model (its tokenizer has a chat template) stops at the
     tokenizer's EOS, its end of turn (``ppojax.train.run.resolve_built``); otherwise always response_length tokens,
     as lm-human-preferences. -1: never stop early."""
+    stop_token_ids: tuple[tuple[int, ...], ...] = ()
+    """Stop sequences besides ``eos_token_id``: a response ends after its last tokens equal any of these id
+    sequences (the stop tokens stay in the response, as EOS does). ``prompts.stop`` strings add their tokenization."""
     pad_token_id: Optional[int] = None
     """Fills response positions after EOS / truncation; None means the model's vocab_size (ppojax's pad id)."""
     gamma: float = 1.0
@@ -235,6 +238,11 @@ class PPOConfig:
             )
         if self.missing_truncate_penalty is not None and self.truncate_token is None:
             raise ValueError("ppo.missing_truncate_penalty needs ppo.truncate_token")
+        stops = self.stop_token_ids
+        if not isinstance(stops, tuple) or not all(
+                isinstance(q, tuple) and q and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                   for t in q) for q in stops):
+            raise ValueError(f"ppo.stop_token_ids must be a list of non-empty lists of token ids, got {stops!r}")
         if self.missing_eos_penalty is not None and self.eos_token_id is None:
             raise ValueError("ppo.missing_eos_penalty needs ppo.eos_token_id")
         k = self.samples_per_prompt

@@ -159,7 +159,8 @@ def _rollout(state: TrainState, prompt_ids, prompt_mask):
 
     out = sample(setup.model, actor, prompt_ids, prompt_mask, sample_key, max_new_tokens=cfg.response_length,
                  temperature=hp.temperature, top_k=cfg.top_k, top_p=_top_p(setup, hp),
-                 eos_token_id=cfg.eos_token_id, pad_token_id=setup.pad_token_id, example_ids=example_ids)
+                 eos_token_id=cfg.eos_token_id, pad_token_id=setup.pad_token_id, example_ids=example_ids,
+                 stop_sequences=cfg.stop_token_ids)
     tokens, mask = out.tokens, out.mask
     found = jnp.ones((batch,), bool)
     if cfg.truncate_token is not None:

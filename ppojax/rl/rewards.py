@@ -349,15 +349,25 @@ def _decode(tokenizer: Any, ids: np.ndarray, mask: np.ndarray) -> list[str]:
     return tokenizer.batch_decode([row[keep > 0].tolist() for row, keep in zip(ids, mask)], skip_special_tokens=True)
 
 
-def _wants_prompts(fn: Callable) -> bool:
-    """Whether a text scorer takes the prompts: it has a parameter named ``prompts``."""
+def _wants(fn: Callable, name: str) -> bool:
+    """Whether a text scorer has a parameter called ``name`` (``prompts``, ``targets``)."""
     try:
-        return "prompts" in inspect.signature(fn).parameters
+        return name in inspect.signature(fn).parameters
     except (TypeError, ValueError):  # a builtin without a signature
         return False
 
 
-def host_reward_from_text(text_fn: Callable[..., Any], tokenizer: Any, *, name: str | None = None) -> HostRewardFn:
+def _wants_prompts(fn: Callable) -> bool:
+    """Whether a text scorer takes the prompts: it has a parameter named ``prompts``."""
+    return _wants(fn, "prompts")
+
+
+TargetsOf = Callable[[np.ndarray, np.ndarray], list]
+"""``targets_of(prompt_ids [n, P], prompt_mask [n, P]) -> [n]`` targets (a task's answers) of tokenized prompts."""
+
+
+def host_reward_from_text(text_fn: Callable[..., Any], tokenizer: Any, *, name: str | None = None,
+                          targets_of: TargetsOf | None = None) -> HostRewardFn:
     """Adapts a text scorer ``text_fn(texts) -> [n] numbers`` into a host reward on ``(tokens, mask)``.
 
     Each response is decoded from its real tokens only (``mask > 0``) with ``skip_special_tokens=True`` (so EOS
@@ -368,9 +378,18 @@ def host_reward_from_text(text_fn: Callable[..., Any], tokenizer: Any, *, name: 
     the host reward then has ``uses_prompts = True`` and must be called as ``host_reward(tokens, mask,
     prompts=(prompt_ids, prompt_mask))``, with the left-padded prompt ids ``[batch, P]`` of each response (or
     ``[batch / k, P]``, one row per group of ``k`` consecutive responses, as the iteration repeats them).
+
+    A scorer with a parameter named ``targets`` gets each response's target (the answer a task's row holds, looked
+    up from its prompt by ``targets_of``, e.g. a verifier ``fn(responses, targets)``); it is called with the prompts
+    too (``uses_prompts``), and ``targets_of`` must be given.
     """
     name = name or _reward_name(text_fn)
-    uses_prompts = _wants_prompts(text_fn)
+    uses_targets = _wants(text_fn, "targets")
+    if uses_targets and targets_of is None:
+        raise ValueError(f"reward {name!r} scores against targets (a parameter named `targets`), but the run's task "
+                         "has none: use a task whose rows carry answers (task.name: arithmetic, gsm8k, or file with "
+                         "task.kwargs.target_field)")
+    uses_prompts = _wants_prompts(text_fn) or uses_targets
 
     def host_reward(tokens: Any, mask: Any, *, prompts: tuple[Any, Any] | None = None) -> np.ndarray:
         tokens = np.asarray(tokens)
@@ -389,8 +408,12 @@ def host_reward_from_text(text_fn: Callable[..., Any], tokenizer: Any, *, name: 
             raise ValueError(f"host reward {name!r}: prompts must be ids and mask of shape [batch, P] (or one row per "
                              f"group of responses) for {n} responses, got {prompt_ids.shape} and {prompt_mask.shape}")
         k = n // rows  # rows g*k .. g*k+k-1 share prompt g (``samples_per_prompt``)
-        prompt_texts = [text for text in _decode(tokenizer, prompt_ids, prompt_mask) for _ in range(k)]
-        return _validate_host_scores(text_fn(texts, prompts=prompt_texts), n, name)
+        extra = {}
+        if _wants_prompts(text_fn):
+            extra["prompts"] = [text for text in _decode(tokenizer, prompt_ids, prompt_mask) for _ in range(k)]
+        if uses_targets:
+            extra["targets"] = [t for t in targets_of(prompt_ids, prompt_mask) for _ in range(k)]
+        return _validate_host_scores(text_fn(texts, **extra), n, name)
 
     host_reward.__name__ = host_reward.__qualname__ = f"host_reward_from_text({name})"
     host_reward.uses_prompts = uses_prompts
@@ -647,6 +670,9 @@ class RewardContext:
     """The policy's model config (``vocab_size``, ...)."""
     config_dir: os.PathLike | str | None = None
     """Directory of the config file: relative paths in the reward config are looked up there first."""
+    targets_of: TargetsOf | None = None
+    """The run's task's answers by tokenized prompt (None: its rows have no targets); a host text reward with a
+    ``targets`` parameter is handed them."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -779,8 +805,8 @@ def reward_label(reward_cfg: Any) -> str:
     return entry.label(reward_cfg) if entry.label is not None else f"reward.kind={reward_cfg.kind!r}"
 
 
-def build_reward(reward_cfg: Any, *, tokenizer: Any, model_config: Any,
-                 config_dir: os.PathLike | str | None) -> tuple[Any, HostRewardFn | None]:
+def build_reward(reward_cfg: Any, *, tokenizer: Any, model_config: Any, config_dir: os.PathLike | str | None,
+                 targets_of: TargetsOf | None = None) -> tuple[Any, HostRewardFn | None]:
     """``(jittable reward pytree or None, host reward or None)`` for a ``RewardConfig``: exactly one is set.
 
     Looks up ``reward_cfg.kind`` in the registry and calls its builder with a :class:`RewardContext`. Every failure
@@ -791,7 +817,7 @@ def build_reward(reward_cfg: Any, *, tokenizer: Any, model_config: Any,
     """
     entry = _entry(reward_cfg.kind)
     built = entry.builder(reward_cfg, RewardContext(tokenizer=tokenizer, model_config=model_config,
-                                                    config_dir=config_dir))
+                                                    config_dir=config_dir, targets_of=targets_of))
     if not isinstance(built, BuiltReward):
         raise ValueError(f"reward.kind={reward_cfg.kind!r}: its builder returned {type(built).__name__}, "
                          "not a BuiltReward")
@@ -852,8 +878,10 @@ def _check_arity(fn: Callable, *, host: bool, where: str) -> None:
     if host:
         how = "fn(responses)"
         args: tuple = ([""],)
-        if "prompts" in signature.parameters:
-            required["prompts"], how = [""], "fn(responses, prompts=prompts)"
+        for extra in ("prompts", "targets"):
+            if extra in signature.parameters:
+                required[extra] = [""]
+                how = f"{how[:-1]}, {extra}={extra})"
     else:
         how, args = "fn(tokens, mask)", (None, None)
     try:
@@ -890,12 +918,15 @@ def _host_text_reward(fn: Callable, cfg: Any, ctx: RewardContext, *, name: str, 
     if ctx.tokenizer is None:
         raise ValueError(f"{key}: a host text reward needs the run's tokenizer to decode the responses")
     kwargs = _kwargs(cfg)
-    if _wants_prompts(fn):
-        _check_call(fn, ([""],), {"prompts": [""], **kwargs}, key=key,
-                    how=f"fn(responses, prompts=prompts{''.join(f', {k}=...' for k in kwargs)})")
-    else:
-        _check_call(fn, ([""],), kwargs, key=key, how=f"fn(responses{''.join(f', {k}=...' for k in kwargs)})")
-    return BuiltReward(host_reward=host_reward_from_text(_bind(fn, kwargs), ctx.tokenizer, name=name))
+    extra = {p: [""] for p in ("prompts", "targets") if _wants(fn, p)}
+    _check_call(fn, ([""],), {**extra, **kwargs}, key=key,
+                how=f"fn(responses{''.join(f', {k}={k}' for k in extra)}{''.join(f', {k}=...' for k in kwargs)})")
+    if "targets" in extra and ctx.targets_of is None:
+        raise ValueError(f"{key}: the reward scores against targets (a parameter named `targets`), but the run's "
+                         "task has none: use a task whose rows carry answers (task.name: arithmetic, gsm8k, or file "
+                         "with task.kwargs.target_field)")
+    return BuiltReward(host_reward=host_reward_from_text(_bind(fn, kwargs), ctx.tokenizer, name=name,
+                                                         targets_of=ctx.targets_of))
 
 
 def _no_kwargs(cfg: Any) -> None:

@@ -139,20 +139,87 @@ class PromptsConfig:
     """A longer prompt keeps its last tokens ('left') or stops the run with an error naming it ('error')."""
     shuffle: bool = True
     """Reshuffle the prompts every pass (seeded: a resumed run sees the same order)."""
+    chat: bool = False
+    """Render every prompt through the tokenizer's chat template as a user turn, with the assistant's generation
+    prompt added (the ids of transformers' ``apply_chat_template(messages, add_generation_prompt=True)``); a
+    prompt that is already a list of messages is rendered as it is. Needs a tokenizer with a chat template."""
+    system: Optional[str] = None
+    """chat: a system message put before every prompt (None: the template's own default, if it has one)."""
+    stop: tuple[str, ...] = ()
+    """Stop strings: a response ends after any of these (matched on their tokenization, which is added to
+    ``ppo.stop_token_ids``), besides the end-of-turn / EOS token."""
 
     def __post_init__(self):
         if self.max_prompt_tokens < 1:
             raise ValueError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
         if self.path is not None and self.dataset is not None:
             raise ValueError("give either path or dataset, not both")
+        if self.system is not None and not self.chat:
+            raise ValueError("prompts.system is a chat system message: set prompts.chat: true too")
+        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"prompts.stop must be a list of non-empty strings, got {self.stop!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TaskConfig:
+    """What the run trains on and is judged by: a registered task (``ppojax.tasks``; a module under `imports:` may
+    register more with ``ppojax.register_task``)."""
+
+    name: str = "sentiment"
+    """Built in: 'sentiment' (the prompts: file, scored by reward:), 'arithmetic' (seeded integer problems,
+    verified), 'gsm8k' (the GSM8K schema, verified) and 'file' (any prompt file or dataset, with an optional answer
+    field)."""
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Keyword arguments of the task's builder (e.g. {digits: 1, operators: '+-'} for arithmetic)."""
+
+    def __post_init__(self):
+        from ppojax.tasks import check_task_name
+
+        check_task_name(self.name)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Evaluation on the task's held-out prompts during training (jitted generation, scored by the run's reward),
+    logged as `eval/...` rows of metrics.jsonl, TensorBoard and curves.png."""
+
+    every: int = 0
+    """Evaluate every this many iterations, before the first one and after the last (0: never)."""
+    num_prompts: int = 64
+    """Held-out prompts evaluated (the task holds exactly these out of its training prompts)."""
+    greedy: bool = True
+    """Greedy decoding; False: sample at `temperature`."""
+    samples_per_prompt: int = 1
+    """Responses per prompt, k: pass@k and mean@k are reported for k > 1 (sampled, not greedy)."""
+    temperature: Optional[float] = None
+    """Sampling temperature when not greedy; None: ppo.temperature."""
+    batch_size: Optional[int] = None
+    """Prompts per generation call (None: ppo.batch_size / ppo.samples_per_prompt)."""
+    seed: int = 0
+    """Seed of sampled evaluation (the same at every evaluation and on resume)."""
+
+    def __post_init__(self):
+        for name in ("every", "num_prompts", "samples_per_prompt"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "every" else 1):
+                raise ValueError(f"{name} must be an int >= {0 if name == 'every' else 1}, got {value!r}")
+        if self.greedy and self.samples_per_prompt > 1:
+            raise ValueError("eval.samples_per_prompt > 1 samples: set eval.greedy: false (greedy responses to one "
+                             "prompt are all the same)")
+        if self.temperature is not None and not (isinstance(self.temperature, (int, float)) and
+                                                 self.temperature > 0):
+            raise ValueError(f"temperature must be > 0 (greedy: eval.greedy: true), got {self.temperature!r}")
+        if self.batch_size is not None and (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int)
+                                            or self.batch_size < 1):
+            raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RewardConfig:
     """What scores a finished response: a reward registered by name (``ppojax.rl.rewards``)."""
 
-    kind: str = "lexicon"
-    """A registered reward. Built in: 'lexicon' (jittable per-token VADER valence, mean over the response), 'vader'
+    kind: Optional[str] = None
+    """A registered reward; None: the task's (a verifiable task's `exact_answer`), else 'lexicon'. Built in: 'lexicon' (jittable per-token VADER valence, mean over the response), 'vader'
     (VADER on decoded text, on the host between rollout and update), 'reward_model' (a reward model checkpoint),
     'function' (`function`, jittable) and 'host_function' (`function`, on decoded text). A module listed under
     `imports:` may register more (`ppojax.register_reward`)."""
@@ -180,7 +247,8 @@ class RewardConfig:
                               or t == float("inf")):
             raise ValueError(f"reward.timeout_s must be a number of seconds >= 0 (0 or null: no limit), got {t!r}")
 
-        check_reward_config(self)  # a registered kind, and what its builder needs is set
+        if self.kind is not None:
+            check_reward_config(self)  # a registered kind, and what its builder needs is set
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -227,8 +295,10 @@ class ExperimentConfig:
     """LoRA adapters over the frozen model instead of fine-tuning every weight (rank 0: off)."""
     tokenizer: str = "gpt2"
     """Tokenizer hub id or local directory ('gpt2' works offline)."""
+    task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
+    """The task: training prompts, held-out prompts and the reward it verifies with."""
     prompts: PromptsConfig = dataclasses.field(default_factory=PromptsConfig)
-    """Prompt data."""
+    """Prompt data and rendering (plain text or the chat template)."""
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     """The reward."""
     ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
@@ -237,6 +307,8 @@ class ExperimentConfig:
     """Optimizer."""
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     """Checkpointing."""
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    """Held-out evaluation during training."""
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     """Logging."""
     export: bool = True
@@ -290,6 +362,7 @@ def load_config(source: str | os.PathLike | Mapping[str, Any], overrides: Sequen
 
 __all__ = [
     "CheckpointConfig",
+    "EvalConfig",
     "ExperimentConfig",
     "KLControlConfig",
     "LoggingConfig",
@@ -299,5 +372,6 @@ __all__ = [
     "PPOConfig",
     "PromptsConfig",
     "RewardConfig",
+    "TaskConfig",
     "load_config",
 ]

@@ -163,24 +163,39 @@ def lock_run_dir(run_dir: Path, is_main: bool):
 # Building the pieces (host side, before compiling)
 
 
-def load_prompts(cfg, config_dir: Path, tokenizer):
+def load_task(cfg, config_dir: Path, tokenizer):
+    """The run's task (``ppojax.train.prompting.RunTask``): built, rendered (plain or chat) and tokenized."""
     from ppojax.io import data
+    from ppojax.train import prompting
 
-    p = cfg.prompts
     try:
-        if p.dataset:
-            texts = data.load_dataset_prompts(p.dataset, p.split, p.field)
-            source = p.dataset
-        else:
-            if not p.path:
-                raise RunError("prompts.path is not set: give a .txt or .jsonl prompt file (or prompts.dataset)")
-            path = data.resolve_path(p.path, config_dir)
-            texts = data.read_prompts(path, p.field)
-            source = str(path)
-        ids, mask = data.tokenize_prompts(tokenizer, texts, p.max_prompt_tokens, p.truncate, source)
-    except data.PromptError as e:
+        return prompting.tokenize_task(cfg, tokenizer, prompting.build_task(cfg, config_dir))
+    except (prompting.TaskInputError, data.PromptError) as e:
         raise RunError(str(e)) from None
-    return texts, ids, mask
+
+
+def load_prompts(cfg, config_dir: Path, tokenizer):
+    """``(texts, ids, mask)`` of the run's training prompts (its task's training rows, rendered and tokenized)."""
+    task = load_task(cfg, config_dir, tokenizer)
+    return [row.key() for row in task.task.train], task.train_ids, task.train_mask
+
+
+def task_config(cfg, run_task, tokenizer):
+    """The config with what the task decides filled in: ``reward.kind: null`` becomes the task's reward (with its
+    kwargs under the config's), and ``prompts.stop`` strings join ``ppo.stop_token_ids`` as token sequences."""
+    from ppojax.train import prompting
+
+    try:
+        reward = prompting.reward_config(cfg, run_task.task)
+        stops = prompting.stop_token_ids(cfg, tokenizer)
+    except prompting.TaskInputError as e:
+        raise RunError(str(e)) from None
+    changes = {}
+    if reward != cfg.reward:
+        changes["reward"] = reward
+    if stops != cfg.ppo.stop_token_ids:
+        changes["ppo"] = dataclasses.replace(cfg.ppo, stop_token_ids=stops)
+    return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 def build_model(cfg):
@@ -200,14 +215,21 @@ def build_model(cfg):
         raise RunError(f"model.name_or_path={m.name_or_path!r}: {e}") from None
 
 
-def build_reward(cfg, tokenizer, model_config, config_dir: Path):
+def build_reward(cfg, tokenizer, model_config, config_dir: Path, run_task=None):
     """``(jittable reward pytree or None, host reward or None)`` of ``cfg.reward``, built by the reward registry
-    (``ppojax.rl.rewards.build_reward``: whatever ``reward.kind`` names, built-in or registered by a user module)."""
+    (``ppojax.rl.rewards.build_reward``: whatever ``reward.kind`` names, built-in or registered by a user module).
+    A reward with a ``targets`` parameter (a verifier) gets the task's targets by prompt; ``reward.kind: null`` is
+    the task's reward. ``run_task`` (the tokenized task) is loaded when not given and needed."""
     from ppojax.rl import rewards
 
+    if run_task is None and (cfg.reward.kind is None or cfg.task.name != "sentiment"):
+        run_task = load_task(cfg, config_dir, tokenizer)
+    if cfg.reward.kind is None:
+        cfg = task_config(cfg, run_task, tokenizer)
+    targets_of = run_task.targets_of if run_task is not None and run_task.targets is not None else None
     try:
         return rewards.build_reward(cfg.reward, tokenizer=tokenizer, model_config=model_config,
-                                    config_dir=config_dir)
+                                    config_dir=config_dir, targets_of=targets_of)
     except ValueError as e:
         raise RunError(_first_line(e)) from None
 
@@ -396,10 +418,15 @@ class Inputs:
     actor_params: Any
     reward: Any
     host_reward: Any
+    task: Any = None
+    """The tokenized task (``ppojax.train.prompting.RunTask``): training and held-out prompts, targets."""
+    config: Any = None
+    """The config with the task's decisions filled in (``task_config``)."""
 
 
 def load_inputs(cfg, config_dir: Path) -> Inputs:
-    """Tokenizer, prompts, model shape and reward, each checked; the policy is initialised last, once all passed."""
+    """Tokenizer, task (prompts, held-out prompts, targets), model shape and reward, each checked; the policy is
+    initialised last, once all passed."""
     import ppojax
 
     check_user_callables(cfg)
@@ -407,18 +434,21 @@ def load_inputs(cfg, config_dir: Path) -> Inputs:
         tokenizer = ppojax.load_tokenizer(cfg.tokenizer)
     except (OSError, ValueError) as e:
         raise RunError(f"tokenizer={cfg.tokenizer!r}: {e}") from None
-    _, prompt_ids, prompt_mask = load_prompts(cfg, config_dir, tokenizer)
+    run_task = load_task(cfg, config_dir, tokenizer)
+    cfg = task_config(cfg, run_task, tokenizer)
+    prompt_ids, prompt_mask = run_task.train_ids, run_task.train_mask
     if cfg.model.name_or_path != "random":  # the slow part of a start (a GGUF decodes for tens of seconds)
         _log(f"loading the model {cfg.model.name_or_path}")
     model_config, actor_params = model_config_of(cfg)
     check_model_fits(cfg, model_config, prompt_ids, prompt_mask)
     check_lora(cfg, model_config, actor_params)
-    reward, host_reward = build_reward(cfg, tokenizer, model_config, config_dir)
+    reward, host_reward = build_reward(cfg, tokenizer, model_config, config_dir, run_task)
     check_reward(reward, cfg, model_config, actor_params)
     check_memory(cfg, model_config)  # last: it traces the state's construction (shapes only)
     if actor_params is None:
         _, actor_params = build_model(cfg)
-    return Inputs(tokenizer, prompt_ids, prompt_mask, model_config, actor_params, reward, host_reward)
+    return Inputs(tokenizer, prompt_ids, prompt_mask, model_config, actor_params, reward, host_reward, run_task,
+                  cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -615,7 +645,7 @@ def export_checkpoint(step: int, cfg, config_dir: Path, run_dir: Path, mesh, is_
             raise RunError(f"{checkpoints} has no checkpoint {step}; available: {ckpt.all_steps()}")
         saved = saved_config(checkpoints)
         inputs = load_inputs(cfg, config_dir)
-        cfg = resolve_built(cfg, inputs.tokenizer, inputs.model_config)
+        cfg = resolve_built(inputs.config, inputs.tokenizer, inputs.model_config)
         changes = config_changes(saved, cfg)
         why = lora_change(saved, cfg, inputs.model_config)
         if why is not None:
@@ -705,6 +735,9 @@ class Run:
     """The jittable reward pytree (inside the state too), or None for a host reward."""
     host_reward: Any
     """The host reward ``(tokens, mask) -> scores``, or None."""
+    task: Any
+    """The tokenized task (``ppojax.train.prompting.RunTask``): its held-out prompts are what :meth:`evaluate`
+    scores."""
     state: Any
     start: int = 0
     """Iterations done before this process (a resumed run's checkpoint)."""
@@ -725,6 +758,21 @@ class Run:
         cfg = self.config
         return PromptLoader(self.prompt_ids, self.prompt_mask, cfg.ppo.prompts_per_iteration, cfg.seed,
                             cfg.prompts.shuffle, jax.process_index(), jax.process_count())
+
+    def evaluate(self, settings=None):
+        """The current policy on the task's held-out prompts: ``ppojax.train.evaluation.EvalResult`` (its
+        ``metrics`` are the ``eval/...`` row), with the ``eval:`` section's settings unless ``settings`` (an
+        ``EvalSettings``) is given. A collective in a multi-process run."""
+        from ppojax.train import evaluation
+
+        t = self.task
+        if t is None or not len(t.eval_ids):
+            raise RunError(f"the task {self.config.task.name!r} has no held-out prompts to evaluate on "
+                           "(eval.num_prompts, or the task's own held-out set)")
+        verifiable = t.task.verifiable
+        return evaluation.evaluate(self.state, t.eval_ids, t.eval_mask, settings or evaluation.settings_of(
+            self.config), tokenizer=self.tokenizer, targets=t.eval_targets if verifiable else None,
+            correct=t.task.correct if verifiable else None, host_reward=self.host_reward, mesh=self.mesh)
 
     def export_dirs(self, suffix: str = "") -> list:
         return _export_dirs(self.run_dir, self.state, suffix)
@@ -829,6 +877,14 @@ class Run:
             error = f"could not write {e.filename or self.run_dir}: {_write_reason(e)}"
             _log(f"error: {error}")
             return RunOutcome(exit_code=1, done=self.start, error=error)
+        if own is not None and cfg.eval.every > 0:
+            try:
+                own.evaluate_start()
+            except OSError as e:
+                own.close()
+                error = f"could not write {e.filename or self.run_dir}: {_write_reason(e)}"
+                _log(f"error: {error}")
+                return RunOutcome(exit_code=1, done=self.start, error=error)
         if self.is_main:
             _log(f"training iterations {self.start + 1}-{total}; the first one compiles the iteration (seconds to "
                  "minutes), the others reuse it")
@@ -909,10 +965,19 @@ class _RunFiles:
     def _report(self, error: str) -> None:
         _log(f"error: {error.rstrip('.')}. {self.last_good()}")
 
+    def evaluate_start(self) -> None:
+        """A fresh run with ``eval.every`` logs the base policy's evaluation as iteration 0."""
+        if self.run.config.eval.every > 0 and not self.run.resuming and self.run.start == 0:
+            self.logger.log_metrics(0, self.run.evaluate().metrics)
+
     def _write(self, it) -> bool:
         run, cfg = self.run, self.run.config
         run.state = it.state
-        self.logger.log_metrics(it.done, it.metrics)
+        metrics = it.metrics
+        every = cfg.eval.every
+        if every and it.error is None and (it.done % every == 0 or it.done == it.total):
+            metrics = {**metrics, **run.evaluate().metrics}
+        self.logger.log_metrics(it.done, metrics)
         if it.error is not None:
             self._report(it.error)
             return True
@@ -980,7 +1045,7 @@ def build_run(config: Any, run_dir: Optional[str | Path] = None, *, overrides: S
     run = None
     try:
         inputs = load_inputs(cfg, config_dir)
-        cfg = resolve_built(cfg, inputs.tokenizer, inputs.model_config, log=_log)
+        cfg = resolve_built(inputs.config, inputs.tokenizer, inputs.model_config, log=_log)
         resuming = check_resume(run_dir, cfg, inputs.model_config) if run_dir is not None else False
         if resuming and not resume:
             raise RunError(f"run directory {run_dir} holds checkpoints; pass resume=True or a new run directory")
@@ -988,7 +1053,8 @@ def build_run(config: Any, run_dir: Optional[str | Path] = None, *, overrides: S
         check_user_callables(cfg, state, inputs.prompt_ids, host_reward=inputs.host_reward is not None)
         run = Run(config=cfg, config_dir=config_dir, run_dir=run_dir, mesh=mesh, tokenizer=inputs.tokenizer,
                   prompt_ids=inputs.prompt_ids, prompt_mask=inputs.prompt_mask, model_config=inputs.model_config,
-                  reward=inputs.reward, host_reward=inputs.host_reward, state=state, resuming=resuming,
+                  reward=inputs.reward, host_reward=inputs.host_reward, task=inputs.task, state=state,
+                  resuming=resuming,
                   is_main=is_main, lock=lock, record=config_record(cfg))
         if run_dir is not None:
             from ppojax.io.checkpoint import Checkpointer
