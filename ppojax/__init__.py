@@ -79,6 +79,7 @@ _PUBLIC = {
     "register_policy_loss": "ppojax.rl.losses",
     "register_reward": "ppojax.rl.rewards",
     "register_reward_builder": "ppojax.rl.rewards",
+    "register_task": "ppojax.tasks",
     "rollout": "ppojax.rl.iteration",
     "save_pretrained": "ppojax.io.hub",
     "score_rollout": "ppojax.rl.iteration",
@@ -101,10 +102,11 @@ _PUBLIC_MODULES = {
     "preferences": "ppojax.rl.preferences",
     "reward_training": "ppojax.rl.reward_training",
     "rewards": "ppojax.rl.rewards",
+    "tasks": "ppojax.tasks",
     "train": "ppojax.train",
 }
 # Subpackages reachable as attributes too (``ppojax.rl.losses`` after ``import ppojax``).
-_SUBPACKAGES = ("cli", "generate", "io", "models", "parallel", "registry", "rl", "train")
+_SUBPACKAGES = ("cli", "generate", "io", "models", "parallel", "registry", "rl", "tasks", "train")
 # A public function named like a subpackage: importing ``ppojax.generate.sampling`` must not replace the function
 # ``ppojax.generate`` (``ppojax.train``, by contrast, is the subpackage: ``ppojax.train.build_run``).
 _FUNCTIONS_OVER_PACKAGES = frozenset(n for n in ("generate",) if n in _PUBLIC)

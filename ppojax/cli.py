@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import signal
 import sys
@@ -255,6 +256,191 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except KeyboardInterrupt as e:  # a signal outside the loop, or the loop's second SIGINT
             signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
             return interrupted_exit("ppo_gpt2.py", signum, progress["started"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# experiments/evaluate.py
+
+
+def parse_evaluate_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="evaluate.py", description="Evaluate a model on a task's held-out prompts: accuracy (verifiable "
+        "tasks) and mean score, with every prompt, response and target in the JSON.")
+    p.add_argument("--model", required=True, help="an export directory, a hub id or a .gguf file")
+    p.add_argument("--task", required=True, help="a registered task (arithmetic, gsm8k, sentiment, file, or one "
+                   "from --import)")
+    p.add_argument("--num", type=int, default=None, help="held-out prompts (default: the config's eval.num_prompts)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed when --samples > 1 (eval.seed)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="responses per prompt, k (k > 1 samples at --temperature and reports pass@k; default 1: "
+                        "greedy)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature for --samples > 1")
+    p.add_argument("--out", type=str, default=None, help="write the results as JSON here")
+    p.add_argument("--config", type=str, default=None,
+                   help="take the prompt rendering, task kwargs and generation settings from this config (e.g. a "
+                        "run's config.yaml), so that the numbers match the run's own eval/ rows")
+    p.add_argument("--chat", choices=("auto", "yes", "no"), default="auto",
+                   help="render prompts through the chat template (auto: when the config does not say, if the "
+                        "tokenizer has one)")
+    p.add_argument("--show", type=int, default=8, help="rows of the printed table")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="a.b=value",
+                   help="override a config field (repeatable)")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import a module that registers a task or reward (repeatable)")
+    return p.parse_args(argv)
+
+
+def _evaluate_config(args: argparse.Namespace):
+    """The experiment config an evaluation runs under: the --config's (or the defaults), with the model, task and
+    evaluation settings of the flags; LoRA off (an export is merged) and nothing trained or written."""
+    from ppojax.io import configlib
+    from ppojax.train.run import RunError, resolve_config
+
+    data: dict = {}
+    config_dir = None
+    if args.config:
+        path = Path(args.config)
+        if not path.exists():
+            raise RunError(f"config file {path} does not exist")
+        try:
+            data = configlib.load_yaml(path)
+        except configlib.ConfigError as e:
+            raise RunError(f"config {path}: {e}") from None
+        config_dir = path.resolve().parent
+    for name in ("num", "samples"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise RunError(f"--{name} must be >= 1, got {value}")
+    model = args.model
+    if Path(model).expanduser().exists():
+        model = str(Path(model).expanduser().resolve())
+    overrides = [f"model.name_or_path={model}", f"tokenizer={model}", "lora.rank=0", f"task.name={args.task}",
+                 "eval.every=1", "export=false"]
+    if args.task != data.get("task", {}).get("name", args.task):
+        overrides.append("task.kwargs={}")  # the config's kwargs are another task's
+    if args.num is not None:
+        overrides.append(f"eval.num_prompts={args.num}")
+    if args.samples is not None:
+        overrides += [f"eval.samples_per_prompt={args.samples}", f"eval.greedy={str(args.samples == 1).lower()}"]
+    if args.seed is not None:
+        overrides.append(f"eval.seed={args.seed}")
+    if args.temperature is not None:
+        overrides.append(f"eval.temperature={args.temperature}")
+    if args.chat != "auto":
+        overrides.append(f"prompts.chat={str(args.chat == 'yes').lower()}")
+    cfg, config_dir = resolve_config(data, overrides=overrides + list(args.overrides), imports=args.imports,
+                                     config_dir=config_dir)
+    if args.chat == "auto" and not (data.get("prompts") or {}).get("chat"):
+        import dataclasses
+
+        import ppojax
+
+        try:
+            tokenizer = ppojax.load_tokenizer(cfg.tokenizer)
+        except (OSError, ValueError) as e:
+            raise RunError(f"--model {args.model}: {e}") from None
+        if getattr(tokenizer, "chat_template", None) and "prompts" not in data:
+            cfg = dataclasses.replace(cfg, prompts=dataclasses.replace(cfg.prompts, chat=True))
+    return cfg, config_dir
+
+
+def evaluate_run(args: argparse.Namespace) -> dict:
+    """Build the model and task, evaluate, print a table; returns the JSON record."""
+    from ppojax.io import configlib
+    from ppojax.train import evaluation
+    from ppojax.train.run import build_run
+
+    cfg, config_dir = _evaluate_config(args)
+    with build_run(cfg, None, config_dir=config_dir) as run_:
+        cfg = run_.config
+        settings = evaluation.settings_of(cfg)
+        result = run_.evaluate(settings)
+        t = run_.task
+    k = settings.samples
+    items = []
+    for i, prompt in enumerate(t.eval_prompts):
+        rows = range(i * k, (i + 1) * k)
+        item = {"prompt": prompt, "response": result.responses[i * k], "target": t.eval_targets[i]}
+        if result.correct is not None:
+            item["correct"] = bool(result.correct[i * k])
+        item["score"] = float(result.scores[i * k])
+        if k > 1:
+            item["responses"] = [result.responses[r] for r in rows]
+            item["scores"] = [float(result.scores[r]) for r in rows]
+            if result.correct is not None:
+                item["corrects"] = [bool(result.correct[r]) for r in rows]
+        items.append(item)
+    m = result.metrics
+    record = {
+        "model": args.model, "task": cfg.task.name, "num": len(items), "samples": k, "greedy": settings.greedy,
+        "seed": settings.seed,
+        "settings": {"task": configlib.to_dict(cfg.task), "prompts": configlib.to_dict(cfg.prompts),
+                     "max_new_tokens": settings.max_new_tokens, "temperature": None if settings.greedy else
+                     settings.temperature, "eos_token_id": cfg.ppo.eos_token_id,
+                     "stop_token_ids": [list(q) for q in cfg.ppo.stop_token_ids],
+                     "reward": configlib.to_dict(cfg.reward)},
+        "score_mean": m["eval/score_mean"], "response_length": m["eval/response_length"], "ended": m["eval/ended"],
+    }
+    if "eval/accuracy" in m:
+        record["accuracy"] = m["eval/accuracy"]
+    for key, value in m.items():
+        if key.startswith(("eval/pass@", "eval/mean@")):
+            record[key.removeprefix("eval/")] = value
+    record["items"] = items
+    _print_table(record, args.show)
+    return record
+
+
+def _print_table(record: dict, show: int) -> None:
+    def cut(text, n):
+        text = " ".join(str(text).split())
+        return text if len(text) <= n else text[:n - 1] + "…"
+
+    head = f"{record['task']} on {record['model']}: {record['num']} held-out prompts, " + (
+        "greedy" if record["greedy"] else f"{record['samples']} samples each")
+    print(head)
+    for item in record["items"][:show]:
+        mark = ("ok " if item["correct"] else "no ") if "correct" in item else f"{item['score']:+.2f} "
+        prompt = item["prompt"].rsplit("user\n", 1)[-1] if "<|im_start|>" in item["prompt"] else item["prompt"]
+        print(f"  {mark}{cut(prompt.replace('<|im_end|>', '').replace('<|im_start|>assistant', ''), 40):40s} -> "
+              f"{cut(item['response'], 50):50s}" + (f" (target {item['target']})" if item["target"] is not None
+                                                     else ""))
+    parts = [f"score_mean {record['score_mean']:.3f}"]
+    if "accuracy" in record:
+        parts.insert(0, f"accuracy {record['accuracy']:.3f}")
+    parts += [f"{k} {v:.3f}" for k, v in record.items() if k.startswith(("pass@", "mean@"))]
+    parts.append(f"mean length {record['response_length']:.1f} tokens, {record['ended'] * 100:.0f}% ended")
+    print("  " + " | ".join(parts))
+
+
+def evaluate_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``experiments/evaluate.py``."""
+    with interrupts_raise():
+        try:
+            quiet_third_party()
+            args = parse_evaluate_args(argv)
+            from ppojax.train.run import RunError
+
+            try:
+                record = evaluate_run(args)
+            except RunError as e:
+                print(f"evaluate.py: error: {e}", file=sys.stderr)
+                return 2
+            if args.out:
+                from ppojax.io.atomic import atomic_write_text
+
+                out = Path(args.out)
+                try:
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    atomic_write_text(out, json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+                except OSError as e:
+                    print(f"evaluate.py: error: could not write {out}: {e.strerror or e}", file=sys.stderr)
+                    return 1
+                print(f"wrote {out}")
+            return 0
+        except KeyboardInterrupt as e:
+            signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+            return interrupted_exit("evaluate.py", signum, False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
