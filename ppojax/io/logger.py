@@ -66,6 +66,8 @@ CONSOLE_KEYS: tuple[tuple[str, str], ...] = (
     ("kl", "kl"),
     ("kl_coef", "kl_coef"),
     ("entropy", "entropy"),
+    ("eval acc", "eval/accuracy"),
+    ("eval score", "eval/score_mean"),
 )
 
 # (panel title, metric key) for ``plot_curves``; the score panel also gets a rolling mean.
@@ -550,6 +552,11 @@ class RunLogger:
                 return
             now = time.perf_counter()
             sec_per_it = (now - self._tick_time) / max(iteration - self._tick_iteration, 1)
+            if "time_s" not in values and iteration == 0:  # the base policy's evaluation, before iteration 1
+                print(format_console_line(0, self.progress_total, values, None).replace("it 0/", "eval before it 1/"),
+                      file=self._stream, flush=True)
+                self._tick_time = now
+                return
             if "time_s" in values and iteration - self._tick_iteration <= 1:
                 # The iteration's own time, as metrics.jsonl records it (the wall time between two lines also
                 # counts sample tables and checkpoints).

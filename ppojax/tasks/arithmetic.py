@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from typing import Optional
 
-from ppojax.tasks import Row, Task, TaskContext, register_task
+from ppojax.tasks.base import Row, Task, TaskContext, register_task
 from ppojax.tasks.verify import is_correct
 
 DEFAULT_TEMPLATE = "What is {expression}?"
@@ -23,9 +23,9 @@ _TRAIN_STREAM, _EVAL_STREAM = 0, 1
 
 
 def problem(rng: random.Random, *, digits: int, operators: str, operands: int,
-            allow_negative: bool) -> tuple[str, int]:
+            allow_negative: bool, min_operand: Optional[int] = None) -> tuple[str, int]:
     """One problem ``(expression, value)`` drawn from ``rng``."""
-    low = 0 if digits == 1 else 10 ** (digits - 1)
+    low = (0 if digits == 1 else 10 ** (digits - 1)) if min_operand is None else min_operand
     high = 10 ** digits - 1
     while True:
         numbers = [rng.randint(low, high) for _ in range(operands)]
@@ -60,7 +60,8 @@ def problems(seed: int, stream: int, n: Optional[int], exclude=frozenset(), **se
 @register_task("arithmetic")
 def arithmetic(ctx: TaskContext, *, digits: int = 1, operators: str = "+-", operands: int = 2,
                allow_negative: bool = True, num_train: Optional[int] = None, num_eval: Optional[int] = None,
-               template: str = DEFAULT_TEMPLATE, format_reward: float = 0.0, seed: int = 0) -> Task:
+               template: str = DEFAULT_TEMPLATE, format_reward: float = 0.0, seed: int = 0,
+               min_operand: Optional[int] = None) -> Task:
     """Integer arithmetic (the module docstring).
 
     Args:
@@ -73,6 +74,9 @@ def arithmetic(ctx: TaskContext, *, digits: int = 1, operators: str = "+-", oper
       num_eval: held-out problems (default: the run's ``eval.num_prompts``, at least 1).
       template: the prompt, with ``{expression}`` where the problem goes.
       format_reward: added to the reward of a response that contains a number at all.
+      min_operand: the smallest operand (default 0 for one digit, else the smallest number of ``digits`` digits).
+        1 closes a loophole of the last-number verifier: a response that only restates ``0 + 5`` ends with the
+        right number.
       seed: the problems' seed, independent of the run's seed: runs of different seeds train and are judged on the
         same problems.
     """
@@ -89,7 +93,11 @@ def arithmetic(ctx: TaskContext, *, digits: int = 1, operators: str = "+-", oper
     n_eval = num_eval if num_eval is not None else max(ctx.num_eval, 1)
     if not isinstance(n_eval, int) or n_eval < 1:
         raise ValueError(f"task.kwargs.num_eval must be an int >= 1, got {num_eval!r}")
-    settings = dict(digits=digits, operators=operators, operands=operands, allow_negative=allow_negative)
+    if min_operand is not None and (isinstance(min_operand, bool) or not isinstance(min_operand, int) or
+                                    not 0 <= min_operand < 10 ** digits - 1):
+        raise ValueError(f"task.kwargs.min_operand must be an int from 0 to {10 ** digits - 2}, got {min_operand!r}")
+    settings = dict(digits=digits, operators=operators, operands=operands, allow_negative=allow_negative,
+                    min_operand=min_operand)
     try:  # held-out problems first, from their own stream; training problems exclude them
         held_out = problems(seed, _EVAL_STREAM, n_eval, **settings)
         train = problems(seed, _TRAIN_STREAM, num_train, exclude={e for e, _ in held_out}, **settings)

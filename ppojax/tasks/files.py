@@ -15,7 +15,7 @@ import random
 from pathlib import Path
 from typing import Optional
 
-from ppojax.tasks import Row, Task, TaskContext, register_task
+from ppojax.tasks.base import Row, Task, TaskContext, register_task
 from ppojax.tasks.verify import is_correct
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ppojax.tasks import Row, Task, TaskContext, register_task
+from ppojax.tasks.base import Row, Task, TaskContext, register_task
 from ppojax.tasks.files import read_rows, split_rows
 from ppojax.tasks.verify import is_correct
 

@@ -665,11 +665,14 @@ def export_checkpoint(step: int, cfg, config_dir: Path, run_dir: Path, mesh, is_
     return 0
 
 
-def _decode_samples(tokenizer, prompt_ids, prompt_mask, tokens, mask, scores, n):
+def _decode_samples(tokenizer, prompt_ids, prompt_mask, tokens, mask, scores, n, k: int = 1):
+    """``n`` rows of a sample table; with ``k`` responses per prompt, one response of each of the first prompts
+    first (rows ``0, k, 2k, ...``), then the others."""
     import numpy as np
 
+    order = [i for j in range(k) for i in range(j, tokens.shape[0], k)]
     rows = []
-    for i in range(min(n, tokens.shape[0])):
+    for i in order[:n]:
         rows.append({
             "prompt": tokenizer.decode(prompt_ids[i][prompt_mask[i] > 0], skip_special_tokens=True),
             "response": tokenizer.decode(tokens[i][mask[i] > 0], skip_special_tokens=True),
@@ -684,7 +687,8 @@ def _sample_rows(state, ids, mask, tokenizer, cfg, host_reward, mesh):
     from ppojax.train.loop import sample_table
 
     b, scores = sample_table(state, ids, mask, mesh=mesh, host_reward=host_reward)
-    return _decode_samples(tokenizer, b.prompt_ids, b.prompt_mask, b.tokens, b.mask, scores, cfg.logging.num_samples)
+    return _decode_samples(tokenizer, b.prompt_ids, b.prompt_mask, b.tokens, b.mask, scores, cfg.logging.num_samples,
+                           cfg.ppo.samples_per_prompt)
 
 
 def checkpoint_arrays(state):
