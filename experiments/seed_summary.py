@@ -57,24 +57,39 @@ def stat(values: Sequence[float]) -> dict:
 def summarize(run_dirs: Sequence[Path], final_window: int = 5) -> dict:
     runs = []
     samples = {d.name: _samples(d) for d in run_dirs}
-    for name, seed, rows in (run for d in run_dirs for run in _runs_of(d)):
+    for name, seed, all_rows in (run for d in run_dirs for run in _runs_of(d)):
+        rows = [r for r in all_rows if "score_mean" in r]  # training iterations (an eval-only row has none)
         if not rows:
             raise SystemExit(f"seed_summary.py: error: {name}/metrics.jsonl has no rows")
         score = [r["score_mean"] for r in rows]
         kl = [r["kl"] for r in rows]
         window = score[-final_window:]
-        runs.append({"run": name, "seed": seed, "iterations": len(rows), "score": score, "kl": kl,
-                     "time_s": [r.get("time_s") for r in rows], "first_score": score[0],
-                     "final_score": sum(window) / len(window), "max_kl": max(kl), "final_kl": kl[-1],
-                     "samples": samples.get(name, [])})
+        run = {"run": name, "seed": seed, "iterations": len(rows), "score": score, "kl": kl,
+               "time_s": [r.get("time_s") for r in rows], "first_score": score[0],
+               "final_score": sum(window) / len(window), "max_kl": max(kl), "final_kl": kl[-1],
+               "samples": samples.get(name, [])}
+        evals = [r for r in all_rows if "eval/score_mean" in r]
+        if evals:  # held-out evaluation rows (``eval:``): iteration 0 is the base policy
+            run["eval"] = {"iteration": [r["iteration"] for r in evals],
+                           **{key: [r.get(f"eval/{key}") for r in evals]
+                              for key in ("accuracy", "score_mean", "response_length", "ended")
+                              if any(f"eval/{key}" in r for r in evals)}}
+            main = "accuracy" if "accuracy" in run["eval"] else "score_mean"
+            run["eval_metric"] = main
+            run["base_eval"], run["final_eval"] = run["eval"][main][0], run["eval"][main][-1]
+            run["eval_gain"] = run["final_eval"] - run["base_eval"]
+        runs.append(run)
     lengths = {r["iterations"] for r in runs}
     if len(lengths) != 1:
         raise SystemExit(f"seed_summary.py: error: the runs have different lengths {sorted(lengths)}")
+    keys = ["first_score", "final_score", "max_kl", "final_kl"]
+    if all("eval" in r for r in runs):
+        keys += ["base_eval", "final_eval", "eval_gain"]
     return {
         "final_window": final_window,
         "iterations": lengths.pop(),
         "seeds": [r["seed"] for r in runs],
-        "summary": {k: stat([r[k] for r in runs]) for k in ("first_score", "final_score", "max_kl", "final_kl")},
+        "summary": {k: stat([r[k] for r in runs]) for k in keys},
         "runs": runs,
     }
 
@@ -90,8 +105,18 @@ def plot(result: dict, out: Path, title: str) -> None:
 
     from ppojax.io.atomic import atomic_write_bytes
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    evaluated = all("eval" in r for r in result["runs"])
+    fig, axes = plt.subplots(1, 3 if evaluated else 2, figsize=(15 if evaluated else 10, 3.6))
     its = np.arange(1, result["iterations"] + 1)
+    if evaluated:
+        main = result["runs"][0]["eval_metric"]
+        at = np.asarray(result["runs"][0]["eval"]["iteration"])
+        values = np.asarray([r["eval"][main] for r in result["runs"]], np.float64)
+        axes[2].fill_between(at, values.min(0), values.max(0), alpha=0.25, color="C2")
+        axes[2].plot(at, values.mean(0), marker="o", color="C2", label="mean over seeds")
+        axes[2].set_xlabel("iteration")
+        axes[2].set_ylabel(f"held-out {main} (greedy)" if main == "accuracy" else f"held-out {main}")
+        axes[2].grid(alpha=0.3)
     for ax, key, label in ((axes[0], "score", "score (mean over the batch)"), (axes[1], "kl", "KL (nats / response)")):
         values = np.asarray([r[key] for r in result["runs"]], np.float64)
         ax.fill_between(its, values.min(0), values.max(0), alpha=0.25, label=f"min-max over {len(values)} seeds")
@@ -133,7 +158,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"[seed_summary] {len(result['runs'])} seeds: first score {s['first_score']['mean']:.2f} "
           f"({s['first_score']['min']:.2f}-{s['first_score']['max']:.2f}), final score {s['final_score']['mean']:.2f} "
           f"({s['final_score']['min']:.2f}-{s['final_score']['max']:.2f}), largest KL {s['max_kl']['mean']:.1f} "
-          f"({s['max_kl']['min']:.1f}-{s['max_kl']['max']:.1f}); wrote {args.out}", file=sys.stderr)
+          f"({s['max_kl']['min']:.1f}-{s['max_kl']['max']:.1f})" + (
+              f", held-out {result['runs'][0]['eval_metric']} {s['base_eval']['mean']:.3f} -> "
+              f"{s['final_eval']['mean']:.3f} ({s['final_eval']['min']:.3f}-{s['final_eval']['max']:.3f})"
+              if "base_eval" in s else "") + f"; wrote {args.out}", file=sys.stderr)
     return 0
 
 
