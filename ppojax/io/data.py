@@ -31,21 +31,28 @@ def read_text_file(path: Path, what: str, expected: str, error: type = ValueErro
         raise error(f"{what} {path} is not UTF-8 text ({e.reason})") from None
 
 
+def jsonl_rows(path: Path, text: str, field: str):
+    """``(line number, object)`` of each non-blank line of a JSONL file's ``text``; PromptError naming the file and
+    line for a line that is not a JSON object holding ``field`` (``prompts.field``)."""
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PromptError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or field not in obj:
+            raise PromptError(f"{path}:{n}: expected an object with a {field!r} field (prompts.field)")
+        yield n, obj
+
+
 def read_prompts(path: str | Path, field: str = "prompt") -> List[str]:
     """Prompts from a text file (one per line, blank lines skipped) or a JSONL file (``field`` of each object)."""
     path = Path(path)
     text = read_text_file(path, "prompt file", "a .txt or .jsonl file", PromptError)
     prompts: List[str] = []
     if path.suffix == ".jsonl":
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PromptError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or field not in obj:
-                raise PromptError(f"{path}:{n}: expected an object with a {field!r} field (prompts.field)")
+        for n, obj in jsonl_rows(path, text, field):
             if not isinstance(obj[field], str) or not obj[field].strip():
                 raise PromptError(f"{path}:{n}: field {field!r} must be a non-empty string")
             prompts.append(obj[field])
@@ -77,19 +84,25 @@ def tokenize_prompts(tokenizer, prompts: Sequence[str], max_tokens: int, truncat
                      source: str = "prompts") -> Tuple[np.ndarray, np.ndarray]:
     """Left-padded ``(ids, mask)`` int32 arrays ``[n, max_tokens]``; too-long prompts keep their last tokens (with
     one warning giving their count) or raise (``truncate='error'``), naming the prompt."""
-    pad = tokenizer.pad_token_id
-    ids = np.full((len(prompts), max_tokens), pad, np.int32)
-    mask = np.zeros((len(prompts), max_tokens), np.int32)
+    rows = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in prompts]
+    return left_pad(rows, tokenizer.pad_token_id, max_tokens, truncate, source, prompts)
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, max_tokens: int, truncate: str, source: str,
+             texts: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
+    """Token-id rows as left-padded ``(ids, mask)`` int32 ``[n, max_tokens]``: a longer row keeps its last tokens
+    (one warning for all of them) or raises PromptError (``truncate='error'``) naming the prompt ``texts[i]``."""
+    ids = np.full((len(rows), max_tokens), pad_id, np.int32)
+    mask = np.zeros((len(rows), max_tokens), np.int32)
     cut = 0
-    for i, text in enumerate(prompts):
-        toks = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for i, toks in enumerate(rows):
         if not toks:
-            raise PromptError(f"{source}: prompt {i + 1} tokenizes to nothing: {text!r}")
+            raise PromptError(f"{source}: prompt {i + 1} tokenizes to nothing: {texts[i]!r}")
         if len(toks) > max_tokens:
             if truncate == "error":
                 raise PromptError(
                     f"{source}: prompt {i + 1} has {len(toks)} tokens, more than prompts.max_prompt_tokens="
-                    f"{max_tokens}: {text[:60]!r}...; shorten it, raise max_prompt_tokens, or set "
+                    f"{max_tokens}: {str(texts[i])[:60]!r}...; shorten it, raise max_prompt_tokens, or set "
                     "prompts.truncate=left"
                 )
             toks = toks[-max_tokens:]
@@ -97,9 +110,9 @@ def tokenize_prompts(tokenizer, prompts: Sequence[str], max_tokens: int, truncat
         ids[i, max_tokens - len(toks):] = toks
         mask[i, max_tokens - len(toks):] = 1
     if cut:
-        warnings.warn(f"{source}: {cut} of {len(prompts)} prompts are longer than {max_tokens} tokens; each keeps "
+        warnings.warn(f"{source}: {cut} of {len(rows)} prompts are longer than {max_tokens} tokens; each keeps "
                       f"its last {max_tokens} (raise the limit, or refuse them with prompts.truncate=error)",
-                      stacklevel=2)
+                      stacklevel=3)
     return ids, mask
 
 

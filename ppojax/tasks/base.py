@@ -132,8 +132,9 @@ def build_task(name: str, ctx: TaskContext, kwargs: Optional[Mapping[str, Any]] 
     except TaskError:
         raise
     except (ValueError, TypeError, OSError, KeyError) as e:
-        raise TaskError(f"{key}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else e}"
-                        ) from None
+        lines = str(e).strip().splitlines()
+        what = "" if isinstance(e, ValueError) else f"{type(e).__name__}: "  # a ValueError's message says it all
+        raise TaskError(f"{key}: {what}{lines[0] if lines else type(e).__name__}") from None
     return check_task(task, key)
 
 

@@ -10,7 +10,6 @@ training rows). Without evaluation, every row trains, exactly as before tasks ex
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Optional
@@ -24,7 +23,7 @@ def read_rows(path: Path, field: str, target_field: Optional[str] = None,
     """Rows of a ``.txt`` (one prompt per line; no targets) or ``.jsonl`` file. ``field`` holds the prompt (a
     string, or a list of chat messages); ``target_field`` the answer (its number after ``####`` when
     ``target_extract='after_hash'``). One ValueError naming the file and line for a malformed row."""
-    from ppojax.io.data import read_text_file
+    from ppojax.io.data import jsonl_rows, read_text_file
 
     text = read_text_file(path, "prompt file", "a .txt or .jsonl file")
     if path.suffix != ".jsonl":
@@ -34,15 +33,7 @@ def read_rows(path: Path, field: str, target_field: Optional[str] = None,
         rows = [Row(line) for line in text.splitlines() if line.strip()]
     else:
         rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or field not in obj:
-                raise ValueError(f"{path}:{n}: expected an object with a {field!r} field (prompts.field)")
+        for n, obj in jsonl_rows(path, text, field):
             prompt = obj[field]
             if not (isinstance(prompt, str) and prompt.strip()) and not _messages(prompt):
                 raise ValueError(f"{path}:{n}: field {field!r} must be a non-empty string or a list of "

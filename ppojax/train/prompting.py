@@ -11,11 +11,12 @@ extra BOS, nothing re-tokenized from text.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
+
+from ppojax.io.data import PromptError, left_pad
 
 
 class TaskInputError(ValueError):
@@ -131,37 +132,15 @@ def check_chat(cfg, tokenizer) -> None:
                              "base model's): set prompts.chat: false, or use an instruct model's tokenizer")
 
 
-def pad_left(rows: Sequence[list], pad_id: int, max_tokens: int, truncate: str, what: str, texts: Sequence[str]):
-    """Left-padded ``(ids, mask)`` int32 ``[n, max_tokens]``; longer prompts keep their last tokens (one warning)
-    or raise (``truncate='error'``)."""
-    ids = np.full((len(rows), max_tokens), pad_id, np.int32)
-    mask = np.zeros((len(rows), max_tokens), np.int32)
-    cut = 0
-    for i, toks in enumerate(rows):
-        if not toks:
-            raise TaskInputError(f"{what}: prompt {i + 1} tokenizes to nothing: {texts[i]!r}")
-        if len(toks) > max_tokens:
-            if truncate == "error":
-                raise TaskInputError(f"{what}: prompt {i + 1} has {len(toks)} tokens, more than "
-                                     f"prompts.max_prompt_tokens={max_tokens}: {str(texts[i])[:60]!r}...; shorten "
-                                     "it, raise max_prompt_tokens, or set prompts.truncate=left")
-            toks = toks[-max_tokens:]
-            cut += 1
-        ids[i, max_tokens - len(toks):] = toks
-        mask[i, max_tokens - len(toks):] = 1
-    if cut:
-        warnings.warn(f"{what}: {cut} of {len(rows)} prompts are longer than prompts.max_prompt_tokens={max_tokens} "
-                      f"tokens; each keeps its last {max_tokens} (raise the limit, or refuse them with "
-                      "prompts.truncate=error)", stacklevel=2)
-    return ids, mask
-
-
 def tokenize_rows(cfg, tokenizer, rows, what: str):
     p = cfg.prompts
     encoded = [encode(tokenizer, row.prompt, chat=p.chat, system=p.system, where=f"{what}: prompt {i + 1}")
                for i, row in enumerate(rows)]
     texts = [row.key() for row in rows]
-    return pad_left(encoded, tokenizer.pad_token_id, p.max_prompt_tokens, p.truncate, what, texts)
+    try:
+        return left_pad(encoded, tokenizer.pad_token_id, p.max_prompt_tokens, p.truncate, what, texts)
+    except PromptError as e:
+        raise TaskInputError(str(e)) from None
 
 
 def tokenize_task(cfg, tokenizer, task) -> RunTask:
