@@ -63,21 +63,27 @@ def read_prompts(path: str | Path, field: str = "prompt") -> List[str]:
     return prompts
 
 
-def load_dataset_prompts(dataset: str, split: str, field: str) -> List[str]:
-    """Prompts from a Hugging Face dataset (optional dependency ``datasets``)."""
+def load_dataset_columns(dataset: str, split: str, columns: Sequence[str]) -> List[list]:
+    """The named columns of a Hugging Face dataset split (optional dependency ``datasets``; needs the hub or its
+    cache); PromptError for a missing package, an unloadable dataset or a missing column."""
     try:
-        import datasets  # noqa: F401
+        from datasets import load_dataset
     except ImportError:
         raise PromptError("prompts.dataset needs the `datasets` package: pip install datasets") from None
-    from datasets import load_dataset
-
     try:
         ds = load_dataset(dataset, split=split)
     except Exception as e:
         raise PromptError(f"could not load dataset {dataset!r} split {split!r}: {type(e).__name__}: {e}") from e
-    if field not in ds.column_names:
-        raise PromptError(f"dataset {dataset!r} has no column {field!r}; columns: {ds.column_names}")
-    return [str(x) for x in ds[field] if str(x).strip()]
+    for name in columns:
+        if name not in ds.column_names:
+            raise PromptError(f"dataset {dataset!r} has no column {name!r}; columns: {ds.column_names}")
+    return [list(ds[name]) for name in columns]
+
+
+def load_dataset_prompts(dataset: str, split: str, field: str) -> List[str]:
+    """Prompts from a Hugging Face dataset (optional dependency ``datasets``)."""
+    (column,) = load_dataset_columns(dataset, split, [field])
+    return [str(x) for x in column if str(x).strip()]
 
 
 def tokenize_prompts(tokenizer, prompts: Sequence[str], max_tokens: int, truncate: str = "left",

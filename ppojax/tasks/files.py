@@ -72,23 +72,13 @@ def _target(value, extract: Optional[str], where: str) -> str:
 def dataset_rows(dataset: str, split: str, field: str, target_field: Optional[str] = None,
                  target_extract: Optional[str] = None) -> list[Row]:
     """Rows of a Hugging Face dataset (needs ``datasets`` and the hub)."""
-    from ppojax.io.data import PromptError, load_dataset_prompts
+    from ppojax.io.data import load_dataset_columns, load_dataset_prompts
 
     if not target_field:
         return [Row(p) for p in load_dataset_prompts(dataset, split, field)]
-    try:
-        from datasets import load_dataset
-    except ImportError:
-        raise PromptError("prompts.dataset needs the `datasets` package: pip install datasets") from None
-    try:
-        ds = load_dataset(dataset, split=split)
-    except Exception as e:
-        raise PromptError(f"could not load dataset {dataset!r} split {split!r}: {type(e).__name__}: {e}") from e
-    for name in (field, target_field):
-        if name not in ds.column_names:
-            raise PromptError(f"dataset {dataset!r} has no column {name!r}; columns: {ds.column_names}")
+    prompts, targets = load_dataset_columns(dataset, split, [field, target_field])
     return [Row(str(p), _target(t, target_extract, f"{dataset} row {i}"))
-            for i, (p, t) in enumerate(zip(ds[field], ds[target_field])) if str(p).strip()]
+            for i, (p, t) in enumerate(zip(prompts, targets)) if str(p).strip()]
 
 
 def source_rows(ctx: TaskContext, target_field: Optional[str] = None,
