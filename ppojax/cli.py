@@ -239,6 +239,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             quiet_third_party()
             args = parse_args(argv)
+            from ppojax.parallel import supervisor
+
+            if supervisor.wanted(args.coordinator, args.num_processes):  # a parent that outlives JAX's aborts
+                return supervisor.run(list(sys.argv[1:] if argv is None else argv))
             if args.help_config:
                 from ppojax.io import configlib
                 from ppojax.train.config import ExperimentConfig

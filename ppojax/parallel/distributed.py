@@ -296,6 +296,10 @@ def initialize(config: DistributedConfig) -> bool:
         else:
             lifelines = {0: check_in(config.coordinator, config.num_processes, config.process_id, config.timeout_s,
                                      keep=True)}
+    if lifelines:
+        # Its poll of the coordination service logs warnings when the service's process dies; a stop is ours
+        # (SIGTERM -> checkpoint), and orbax treats a disabled service as "no preemption".
+        jax.config.update("jax_enable_preemption_service", False)
     try:
         jax.distributed.initialize(coordinator_address=config.coordinator, num_processes=config.num_processes,
                                    process_id=config.process_id, initialization_timeout=config.timeout_s)
@@ -430,6 +434,9 @@ class _Lifelines:
         if self.left.is_set() or self.lost.is_set():
             return
         self.lost.set()
+        from ppojax.parallel import supervisor
+
+        supervisor.report("lost", f"{pid} {how}")  # the parent says it if JAX aborts this process first
         if self.process_id == 0:  # the others name the same process (they only see process 0's lifeline)
             self.send(f"lost {pid} {how.replace(' ', '_')}\n", pids=[p for p in self.conns if p != pid])
         for cleanup in self.cleanups:
@@ -470,10 +477,14 @@ def set_progress(*, iteration: Optional[int] = None, last_good: Optional[str] = 
     """What a survivor's line says if a peer is lost: the iteration in progress and where the last good state is
     (a sentence). A no-op without lifelines."""
     if _lifelines is not None:
-        if iteration is not None:
+        from ppojax.parallel import supervisor
+
+        if iteration is not None and iteration != _lifelines.iteration:
             _lifelines.iteration = iteration
-        if last_good is not None:
+            supervisor.report("iteration", str(iteration))
+        if last_good is not None and last_good != _lifelines.last_good:
             _lifelines.last_good = last_good
+            supervisor.report("last_good", last_good)
 
 
 def on_peer_lost(cleanup: Callable[[], None]) -> None:
