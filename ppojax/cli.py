@@ -240,6 +240,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             quiet_third_party()
             args = parse_args(argv)
+            from ppojax.parallel import supervisor
+
+            if supervisor.wanted(args.coordinator, args.num_processes):  # a parent that outlives JAX's aborts
+                return supervisor.run(list(sys.argv[1:] if argv is None else argv))
             if args.help_config:
                 from ppojax.io import configlib
                 from ppojax.train.config import ExperimentConfig
@@ -248,11 +252,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 return 0
             from ppojax.train.run import RunError
 
+            from ppojax.parallel import distributed
+
+            code = 2
             try:
-                return run(args, progress)
+                code = run(args, progress)
+                return code
             except RunError as e:
+                distributed.before_error()  # a peer that died is said by the lifelines, in one line
                 print(f"ppo_gpt2.py: error: {e}", file=sys.stderr)
                 return 2
+            finally:
+                distributed.leave(code)  # the other processes of a multi-process run: this one is done
         except KeyboardInterrupt as e:  # a signal outside the loop, or the loop's second SIGINT
             signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
             return interrupted_exit("ppo_gpt2.py", signum, progress["started"])

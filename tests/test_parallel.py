@@ -318,3 +318,33 @@ def test_only_process_0_takes_the_run_lock_and_every_process_learns_the_outcome(
     assert "REFUSED" in outs[0][0] and "is in use by another job" in outs[0][0]
     assert "REFUSED process 0 could not lock the run directory" in outs[1][0]
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []
+
+
+_LIFELINE = r"""
+import socket, sys, time
+from ppojax.parallel import distributed
+
+ours, theirs = socket.socketpair()
+distributed._watch_peers({1: ours}, 0, 2)
+distributed.set_progress(iteration=3, last_good="The last good checkpoint (iteration 2) is intact.")
+distributed.on_peer_lost(lambda: print("CLEANED", flush=True))
+if sys.argv[1] == "goodbye":
+    theirs.sendall(b"exit 0\n")
+theirs.close()
+time.sleep(2.0)
+print("STILL HERE", flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["killed", "goodbye"])
+def test_lifelines_end_a_survivor_with_one_line_unless_the_peer_said_goodbye(how):
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", _LIFELINE, how], capture_output=True, text=True, cwd=REPO,
+                          timeout=60)
+    if how == "goodbye":  # a peer that finished: nothing to say
+        assert proc.returncode == 0 and "STILL HERE" in proc.stdout and proc.stderr == "", proc.stderr
+        return
+    assert proc.returncode == distributed.LOST_EXIT_CODE and "CLEANED" in proc.stdout, proc
+    assert "STILL HERE" not in proc.stdout and time.monotonic() - t0 < 30
+    assert proc.stderr.splitlines() == ["[ppojax] error: process 1 of 2 stopped responding during iteration 3. The "
+                                        "last good checkpoint (iteration 2) is intact."]

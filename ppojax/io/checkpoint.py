@@ -121,6 +121,8 @@ class Checkpointer:
         step being written. The default writes before returning.
       read_only: list, read and restore only: nothing is created, cleaned up or moved aside, and ``save`` raises.
         For inspecting a directory before a job commits to it, or while another job writes it.
+      this_process_only: with ``read_only``, for one process of a multi-process run to look alone (no barrier,
+        no agreement with the others): e.g. process 0 reading a run directory's config before telling the others.
 
     Usage::
 
@@ -139,7 +141,7 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, *, keep: Optional[int] = 3, async_save: bool = False,
-                 read_only: bool = False):
+                 read_only: bool = False, this_process_only: bool = False):
         if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
             raise ValueError(f"keep must be an int >= 1 or None, got {keep!r}")
         self.directory = _as_path(directory) if read_only else check_writable(directory)
@@ -147,6 +149,9 @@ class Checkpointer:
         self.read_only = read_only
         self._pending: Optional[int] = None  # the step an asynchronous save is still writing
         self._failed: set[int] = set()  # steps whose save failed: their leftovers are removed again on close
+        if this_process_only and not read_only:
+            raise ValueError("this_process_only needs read_only=True: a save is every process's work")
+        self._alone = this_process_only or jax.process_count() == 1
         _install_log_filters()
         # Orbax logs a notice for each option that read-only mode overrides, and for the mode itself.
         with _dropped_log("absl", ("read_only=True", "Given directory is read only")):
@@ -156,6 +161,9 @@ class Checkpointer:
                 read_only=read_only,
                 # Unfinished saves from a killed run: dead weight, never a step.
                 cleanup_tmp_directories=not read_only,
+                **({"multiprocessing_options": ocp.options.MultiprocessingOptions(
+                    primary_host=jax.process_index(), active_processes={jax.process_index()})}
+                   if this_process_only and jax.process_count() > 1 else {}),
             )
             self._manager = ocp.CheckpointManager(self.directory, item_names=_ITEMS, options=options)
 
@@ -292,6 +300,10 @@ class Checkpointer:
         self._manager.reload()  # see the directory as it is now, not as this object last left it
         plan = _restore_plan(target)
         steps = self.all_steps()
+        if not self._alone:  # every process walks the same steps, in the same collectives, whatever it lists itself
+            from ppojax.parallel.distributed import from_process_0
+
+            steps = from_process_0(steps)
         if step is not None:
             step = operator.index(step)
             if step not in steps:
@@ -336,7 +348,7 @@ class Checkpointer:
                 error = None
             except Exception as e:  # noqa: BLE001 -- TensorStore raises plain Exception for unreadable chunks
                 error = f"cannot read its arrays: {_short(e)}"
-        _agree_or_raise(error)
+        _agree_or_raise(error, self._alone)
 
         # Checksums are global reductions: every process computes the same values, so no agreement step is needed.
         bad = [
@@ -364,7 +376,7 @@ class Checkpointer:
                 error = None
             except Exception as e:  # noqa: BLE001 -- any failure to read a file means this step is unusable
                 error = f"cannot read its metadata or manifest: {_short(e)}"
-        _agree_or_raise(error)
+        _agree_or_raise(error, self._alone)
         return metadata, saved
 
     def _move_aside(self, steps: list[int]) -> list[Optional[str]]:
@@ -743,10 +755,11 @@ def _contained_background_errors():
             gc.collect()
 
 
-def _agree_or_raise(error: Optional[str]) -> None:
-    """Raise ``_Unusable`` on every process if the step failed on any (so all fall back to the same step)."""
+def _agree_or_raise(error: Optional[str], alone: bool = False) -> None:
+    """Raise ``_Unusable`` on every process if the step failed on any (so all fall back to the same step); with
+    ``alone``, on this process if it failed here."""
     failed = error is not None
-    if jax.process_count() > 1:
+    if jax.process_count() > 1 and not alone:
         failed = bool(np.any(multihost_utils.process_allgather(np.array(failed))))
         error = error or "unreadable on another process"
     if failed:

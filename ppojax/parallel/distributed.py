@@ -22,15 +22,35 @@ ids), a port process 0 cannot listen on, an address that is unreachable or answe
 started with different ``num_processes`` or the same ``process_id``. ``jax.distributed.initialize`` then gets the
 same bound as ``initialization_timeout``. ``coordinator='auto'`` leaves the start-up to JAX (the cluster's
 scheduler starts every process). Must run before anything touches a JAX device.
+
+A process that dies later (``kill -9``, its host gone) is noticed in seconds, not by JAX: JAX's coordination
+service notices it only after ``heartbeat_timeout_seconds`` (100 s) and then aborts every survivor with SIGABRT and
+a C++ stack trace, and gloo's collectives fail on the survivors with errors that name a socket, not a process. So
+in explicit mode the rendezvous connections stay open as lifelines for the life of the run: each side sends a
+beat every ``BEAT_S`` seconds, and a background thread (``_Lifelines``) on each process watches them. A peer
+whose connection closes without a goodbye (killed: at once) or that is silent for ``SILENCE_S`` seconds (its host
+or the network is gone) stopped responding; one that said goodbye with a non-zero exit code and whose peers have
+not ended too within ``GRACE_S`` seconds ended early. The survivor then runs the cleanups the run registered (the
+run directory's lock), prints one line (``[ppojax] error: process 1 of 2 stopped responding during iteration 3;
+...``, with the progress the run reported through ``set_progress``) and exits with code 1 (``os._exit``: the
+thread that is stuck in a collective cannot be unwound). Process 0 tells the others which process was lost, so
+every survivor names the same one. The bound: at most ``SILENCE_S`` + ``BEAT_S`` seconds after the loss (about
+a second for a killed process), well before JAX's heartbeat abort. ``leave`` (called by the command line with
+its exit code, and at interpreter exit) says goodbye.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import json
 import os
+import select
 import socket
+import sys
+import threading
 import time
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import jax
 
@@ -161,10 +181,12 @@ def _listen(address: str, port: int) -> socket.socket:
                                "or service is using it: pick a free port") from None
 
 
-def gather_processes(address: str, num_processes: int, timeout_s: float) -> None:
+def gather_processes(address: str, num_processes: int, timeout_s: float, *, keep: bool = False
+                     ) -> dict[int, socket.socket]:
     """Process 0: wait on ``address``'s port until processes ``1 .. num_processes - 1`` have all checked in, then
     release them together. ``DistributedError`` if they do not all come within ``timeout_s``, or one was started
-    with other settings (which it is told too)."""
+    with other settings (which it is told too). ``keep``: return the open connection to each process (by id), the
+    run's lifelines; else they are closed."""
     port = int(address.rpartition(":")[2])
     deadline = time.monotonic() + timeout_s
     joined: dict[int, socket.socket] = {}
@@ -206,28 +228,40 @@ def gather_processes(address: str, num_processes: int, timeout_s: float) -> None
             joined[pid] = conn
         for conn in joined.values():
             conn.sendall(b"go\n")
+        if keep:  # the listening socket closes below: JAX's service can take the port (SO_REUSEADDR on both)
+            kept, joined = joined, {}
+            return kept
         for conn in joined.values():  # let each peer hang up first: the port is then free for JAX at once
             _read_line(conn, time.monotonic() + 2.0)
+        return {}
     finally:
         for conn in joined.values():
             conn.close()
         server.close()
 
 
-def check_in(address: str, num_processes: int, process_id: int, timeout_s: float) -> None:
+def check_in(address: str, num_processes: int, process_id: int, timeout_s: float, *, keep: bool = False
+             ) -> Optional[socket.socket]:
     """A process other than 0: connect to process 0 at ``address``, check in, and wait for its ``go``.
     ``DistributedError`` if it cannot be reached, answers as something else, refuses this process, or does not
-    answer within ``timeout_s``."""
+    answer within ``timeout_s``. ``keep``: return the open connection (the lifeline to process 0)."""
     deadline = time.monotonic() + timeout_s
-    with _connect(address, timeout_s) as conn:
+    conn = _connect(address, timeout_s)
+    try:
         try:
             conn.sendall(f"{_HELLO} {num_processes} {process_id}\n".encode())
         except OSError as e:
             raise DistributedError(f"coordinator {address} closed the connection ({e}); it is not ppojax process 0: "
                                    "check --coordinator's host and port") from None
         reply = _read_line(conn, deadline)
+        if reply == "go" and keep:
+            kept, conn = conn, None
+            return kept
+    finally:
+        if conn is not None:
+            conn.close()
     if reply == "go":
-        return
+        return None
     if reply is None:
         raise DistributedError(
             f"coordinator {address} accepted the connection but gave no go within {timeout_s:g} s: either not all "
@@ -255,21 +289,229 @@ def initialize(config: DistributedConfig) -> bool:
                                    "pod / SLURM / MPI job give --coordinator host:port, --num-processes and "
                                    "--process-id") from e
         return True
+    lifelines: dict[int, socket.socket] = {}
     if config.num_processes > 1:  # JAX aborts the process on start-up failures: meet first, in Python
         if config.process_id == 0:
-            gather_processes(config.coordinator, config.num_processes, config.timeout_s)
+            lifelines = gather_processes(config.coordinator, config.num_processes, config.timeout_s, keep=True)
         else:
-            check_in(config.coordinator, config.num_processes, config.process_id, config.timeout_s)
+            lifelines = {0: check_in(config.coordinator, config.num_processes, config.process_id, config.timeout_s,
+                                     keep=True)}
+    if lifelines:
+        # Its poll of the coordination service logs warnings when the service's process dies; a stop is ours
+        # (SIGTERM -> checkpoint), and orbax treats a disabled service as "no preemption".
+        jax.config.update("jax_enable_preemption_service", False)
     try:
         jax.distributed.initialize(coordinator_address=config.coordinator, num_processes=config.num_processes,
                                    process_id=config.process_id, initialization_timeout=config.timeout_s)
     except Exception as e:  # noqa: BLE001
+        for conn in lifelines.values():
+            conn.close()
         raise DistributedError(
             f"jax.distributed.initialize(coordinator={config.coordinator}, num_processes={config.num_processes}, "
             f"process_id={config.process_id}) failed within {config.timeout_s} s: {type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    if lifelines:
+        _watch_peers(lifelines, config.process_id, config.num_processes)
     return True
 
 
-__all__ = ["DistributedConfig", "DistributedError", "check_in", "gather_processes", "initialize",
-           "wait_for_coordinator"]
+# ----------------------------------------------------------------------------------------------------------------
+# Agreement: facts that process 0 decides and every process uses
+
+
+def from_process_0(value: Any) -> Any:
+    """Process 0's ``value`` (anything JSON can carry) on every process; ``value`` itself in a one-process run.
+    A collective: every process calls it at the same point (the others' ``value`` is ignored). For decisions that
+    depend on the file system (does the run directory hold checkpoints? which steps?): each process looking for
+    itself sees it at a different moment, takes another branch, and the collectives after it no longer pair up."""
+    if jax.process_count() == 1:
+        return value
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(value).encode(), dtype=np.uint8) if jax.process_index() == 0 else None
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(0 if data is None else data.size)))
+    data = multihost_utils.broadcast_one_to_all(data if data is not None else np.zeros(size, np.uint8))
+    return json.loads(np.asarray(data, dtype=np.uint8).tobytes().decode())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Lifelines: a process that stops is noticed in seconds, and the survivors end with one line
+
+
+BEAT_S = 2.0
+"""Seconds between beats on each lifeline."""
+SILENCE_S = 20.0
+"""A peer silent this long (its host or the network is gone) has stopped responding."""
+GRACE_S = 10.0
+"""A peer that ended with a non-zero exit code: how long the others get to end by themselves (an error that every
+process meets, e.g. a refused lock, ends them all within this) before it counts as lost."""
+LOST_EXIT_CODE = 1
+
+
+class _Lifelines:
+    """The watching thread of one process (see the module docstring)."""
+
+    def __init__(self, conns: dict[int, socket.socket], process_id: int, num_processes: int):
+        self.conns, self.process_id, self.num_processes = dict(conns), process_id, num_processes
+        self.left = threading.Event()
+        self.lost = threading.Event()
+        self.iteration: Optional[int] = None
+        self.last_good: Optional[str] = None
+        self.cleanups: list[Callable[[], None]] = []
+        self._send_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._watch, name="ppojax-lifelines", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def send(self, line: str, pids=None) -> None:
+        with self._send_lock:
+            for pid, conn in list(self.conns.items()):
+                if pids is None or pid in pids:
+                    try:
+                        conn.sendall(line.encode())
+                    except OSError:
+                        pass  # a closed lifeline shows as EOF on the reading side
+
+    def leave(self, code: Optional[int]) -> None:
+        if self.left.is_set():
+            return
+        self.left.set()
+        self.send(f"exit {-1 if code is None else int(code)}\n")
+
+    def _watch(self) -> None:
+        now = time.monotonic()
+        seen = {pid: now for pid in self.conns}
+        ended: dict[int, tuple[int, float]] = {}  # pid -> (exit code, when it said so)
+        buffers = {pid: b"" for pid in self.conns}
+        next_beat = 0.0
+        while not self.left.is_set():
+            now = time.monotonic()
+            if now >= next_beat:
+                self.send(".\n")
+                next_beat = now + BEAT_S
+            watching = {conn: pid for pid, conn in self.conns.items()}
+            if not watching:
+                return
+            try:
+                readable, _, _ = select.select(list(watching), [], [], 0.25)
+            except (OSError, ValueError):
+                readable = list(watching)
+            now = time.monotonic()
+            for conn in readable:
+                pid = watching[conn]
+                try:
+                    data = conn.recv(4096)
+                except OSError:
+                    data = b""
+                if not data:  # closed: a goodbye came first, or the process died
+                    self.conns.pop(pid).close()
+                    if pid not in ended:
+                        self._lost(pid, "stopped responding")
+                    continue
+                seen[pid] = now
+                buffers[pid] += data
+                *lines, buffers[pid] = buffers[pid].split(b"\n")
+                for line in lines:
+                    words = line.decode("ascii", "replace").split()
+                    if words[:1] == ["exit"] and len(words) == 2:
+                        ended[pid] = (int(words[1]), now)
+                    elif words[:1] == ["lost"] and len(words) == 3 and words[1].isdigit():
+                        self._lost(int(words[1]), " ".join(words[2:]).replace("_", " "))
+            for pid, (code, when) in list(ended.items()):
+                if code == 0:  # finished: nothing more to watch
+                    conn = self.conns.pop(pid, None)
+                    if conn is not None:
+                        conn.close()
+                elif now - when > GRACE_S:
+                    self._lost(pid, f"ended early (exit code {code}; see its log)")
+            for pid in list(self.conns):
+                if pid not in ended and now - seen[pid] > SILENCE_S:
+                    self._lost(pid, f"stopped responding (silent for {SILENCE_S:g} s)")
+
+    def _lost(self, pid: int, how: str) -> None:
+        if self.left.is_set() or self.lost.is_set():
+            return
+        self.lost.set()
+        from ppojax.parallel import supervisor
+
+        supervisor.report("lost", f"{pid} {how}")  # the parent says it if JAX aborts this process first
+        if self.process_id == 0:  # the others name the same process (they only see process 0's lifeline)
+            self.send(f"lost {pid} {how.replace(' ', '_')}\n", pids=[p for p in self.conns if p != pid])
+        for cleanup in self.cleanups:
+            try:
+                cleanup()
+            except Exception:  # noqa: BLE001 -- the line below matters more
+                pass
+        when = (f"during iteration {self.iteration}" if self.iteration is not None
+                else "during start-up")
+        after = f". {self.last_good}" if self.last_good else ""
+        try:
+            sys.stderr.write(f"[ppojax] error: process {pid} of {self.num_processes} {how} {when}{after}\n")
+            sys.stderr.flush()
+        finally:
+            os._exit(LOST_EXIT_CODE)
+
+
+_lifelines: Optional[_Lifelines] = None
+
+
+def _watch_peers(conns: dict[int, socket.socket], process_id: int, num_processes: int) -> None:
+    global _lifelines
+    _lifelines = _Lifelines(conns, process_id, num_processes)
+    _lifelines.start()
+    # At interpreter exit (library use, without the command line's exit code): an uncaught error leaves
+    # sys.last_value behind; otherwise the job ended normally.
+    atexit.register(lambda: leave(1 if getattr(sys, "last_value", None) is not None else 0))
+    hook = sys.excepthook
+
+    def excepthook(kind, value, tb):  # an uncaught error caused by a lost peer: the lifelines say it in one line
+        before_error()
+        hook(kind, value, tb)
+
+    sys.excepthook = excepthook
+
+
+def set_progress(*, iteration: Optional[int] = None, last_good: Optional[str] = None) -> None:
+    """What a survivor's line says if a peer is lost: the iteration in progress and where the last good state is
+    (a sentence). A no-op without lifelines."""
+    if _lifelines is not None:
+        from ppojax.parallel import supervisor
+
+        if iteration is not None and iteration != _lifelines.iteration:
+            _lifelines.iteration = iteration
+            supervisor.report("iteration", str(iteration))
+        if last_good is not None and last_good != _lifelines.last_good:
+            _lifelines.last_good = last_good
+            supervisor.report("last_good", last_good)
+
+
+def on_peer_lost(cleanup: Callable[[], None]) -> None:
+    """Run ``cleanup`` (e.g. release the run directory's lock) before a survivor exits. A no-op without lifelines."""
+    if _lifelines is not None:
+        _lifelines.cleanups.append(cleanup)
+
+
+def before_error(wait_s: float = 2.0) -> None:
+    """Call before reporting an error in a multi-process run: a collective that failed because a peer died (gloo's
+    "Connection reset by peer") is the peer's loss, said by the lifelines in one line; this gives them ``wait_s``
+    to notice it, and never returns if they do (the process is exiting). Returns at once without lifelines."""
+    watch = _lifelines
+    if watch is None or watch.left.is_set():
+        return
+    if watch.lost.wait(wait_s):
+        while True:
+            time.sleep(60)
+
+
+def leave(code: Optional[int] = None) -> None:
+    """Say goodbye to the other processes (``code``: this process's exit code; None: unknown): exit code 0 ends
+    their watch of this process, another code gives them ``GRACE_S`` to end too. Idempotent; a no-op without
+    lifelines."""
+    if _lifelines is not None:
+        _lifelines.leave(code)
+
+
+__all__ = ["DistributedConfig", "DistributedError", "before_error", "check_in", "from_process_0", "gather_processes",
+           "initialize", "leave", "on_peer_lost", "set_progress", "wait_for_coordinator"]

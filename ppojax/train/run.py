@@ -45,6 +45,10 @@ class RunError(Exception):
 
 
 def _log(message: str) -> None:
+    if message.startswith("error"):  # a collective that failed because a peer died is said by the lifelines
+        from ppojax.parallel import distributed
+
+        distributed.before_error()
     print(f"[ppojax] {message}", file=sys.stderr, flush=True)
 
 
@@ -458,14 +462,15 @@ def load_inputs(cfg, config_dir: Path) -> Inputs:
 _START_OVER = "move {dir} aside (e.g. mv {dir} {dir}.bad) to start over, or pass a new --run-dir"
 
 
-def saved_config(checkpoints: Path) -> Optional[dict]:
+def saved_config(checkpoints: Path, *, this_process_only: bool = False) -> Optional[dict]:
     """The config of the newest checkpoint whose metadata can be read; None if there is no checkpoint.
-    ``RunError`` if checkpoints exist but none can be read, or they carry no config."""
+    ``RunError`` if checkpoints exist but none can be read, or they carry no config. ``this_process_only``: read
+    without the other processes of a multi-process run (no collective)."""
     from ppojax.io.checkpoint import CheckpointCorruptError, Checkpointer
 
     if not checkpoints.is_dir():
         return None
-    with Checkpointer(checkpoints, read_only=True) as ckpt:
+    with Checkpointer(checkpoints, read_only=True, this_process_only=this_process_only) as ckpt:
         steps = ckpt.all_steps()
         if not steps:
             return None
@@ -510,8 +515,32 @@ def check_resume(run_dir: Path, cfg, model_config=None) -> bool:
     """True when the run directory holds checkpoints of this config (resume from them), False when it has none
     (a fresh run). ``RunError``, changing nothing, when they were written with another config; when the difference
     is LoRA's (a LoRA run resumed without LoRA, the reverse, another rank or other targets) the error says so first
-    (``model_config`` resolves an empty ``lora.targets`` to the family's)."""
-    saved = saved_config(run_dir / "checkpoints")
+    (``model_config`` resolves an empty ``lora.targets`` to the family's).
+
+    In a multi-process run process 0 decides, alone, and every process gets its answer (or its error line): each
+    process looking for itself would see the directory at another moment (a fresh run's other processes create
+    ``checkpoints/`` as soon as they are past this point), take another branch, and their collectives would no
+    longer pair up."""
+    import jax
+
+    if jax.process_count() > 1:
+        from ppojax.parallel.distributed import from_process_0
+
+        verdict = None
+        if jax.process_index() == 0:
+            try:
+                verdict = {"resume": _check_resume(run_dir, cfg, model_config, this_process_only=True)}
+            except RunError as e:
+                verdict = {"error": str(e)}
+        verdict = from_process_0(verdict)
+        if "error" in verdict:
+            raise RunError(verdict["error"])
+        return bool(verdict["resume"])
+    return _check_resume(run_dir, cfg, model_config)
+
+
+def _check_resume(run_dir: Path, cfg, model_config=None, *, this_process_only: bool = False) -> bool:
+    saved = saved_config(run_dir / "checkpoints", this_process_only=this_process_only)
     if saved is None:
         return False
     changes = config_changes(saved, cfg)
@@ -844,8 +873,10 @@ class Run:
         written = []
         if self.is_main and not (self.run_dir / CURVES_FILE).exists() and write_curves(self.run_dir) is not None:
             written.append(CURVES_FILE)
-        if export and not all(d.is_dir() for d in self.export_dirs()):
-            # A collective: every process agrees, as the directories are on process 0's disk.
+        from ppojax.parallel.distributed import from_process_0
+
+        if export and not from_process_0(all(d.is_dir() for d in self.export_dirs())):
+            # A collective: every process takes process 0's answer, as the directories are process 0's to write.
             error = self._export_files()  # e.g. killed while exporting, or its disk was full
             if error is not None:
                 return written, error
@@ -945,9 +976,21 @@ class _RunFiles:
         self.failure: Optional[str] = None
         """Why the run's files could not be written (a full disk, a lost lock); the run then ends with exit code 1."""
         self.lock_lost = False
+        # What a survivor says if another process of a multi-process run stops (ppojax.parallel.distributed).
+        from ppojax.parallel import distributed
+
+        distributed.set_progress(iteration=run.start + 1, last_good=self.last_good())
+        distributed.on_peer_lost(self._release_lock)
+
+    def _release_lock(self) -> None:
+        lock = self.run.lock
+        if lock is not None:
+            self.run.lock = None
+            lock.release(remove_created=True)
 
     def __call__(self, it) -> bool:
         from ppojax.io.lock import LockLostError
+        from ppojax.parallel import distributed
 
         try:
             self.run.verify_lock()  # before writing anything: another job may own the directory now
@@ -960,6 +1003,8 @@ class _RunFiles:
 
             return self._fail(str(e) if isinstance(e, CheckpointWriteError) else
                               f"could not write {e.filename or self.run.run_dir}: {_write_reason(e)}")
+        finally:
+            distributed.set_progress(iteration=it.done + 1, last_good=self.last_good())
 
     def _fail(self, error: str) -> bool:
         self.failure = error
