@@ -49,6 +49,19 @@ def _samples(run_dir: Path) -> list[dict]:
     return [r for r in rows if r["iteration"] in ends]
 
 
+def _evaluation(record: dict) -> dict:
+    """What a README quotes of an ``experiments/evaluate.py`` record: its numbers, settings and items, each item's
+    prompt also as the user's question alone (``prompt_text``: the chat template's wrapping removed)."""
+    keep = {k: v for k, v in record.items() if k != "items"}
+    items = []
+    for item in record["items"]:
+        text = item["prompt"]
+        if "<|im_start|>user\n" in text:  # ChatML: the last user turn
+            text = text.rsplit("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
+        items.append({**item, "prompt_text": text.strip()})
+    return {**keep, "items": items}
+
+
 def stat(values: Sequence[float]) -> dict:
     """Mean and range (min, max) over seeds."""
     return {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "n": len(values)}
@@ -141,6 +154,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--title", default="", help="the plot's title")
     p.add_argument("--final-window", type=int, default=5, help="iterations averaged into a run's final score")
     p.add_argument("--command", default="", help="the command that produced the runs, recorded in the JSON")
+    p.add_argument("--evaluate", action="append", default=[], metavar="NAME=FILE.json",
+                   help="an experiments/evaluate.py output to record under `evaluate.NAME` (its accuracy, score "
+                        "and items), e.g. base=runs/eval/base.json (repeatable)")
     args = p.parse_args(argv)
     for d in args.run_dirs:
         if not (d / "metrics.jsonl").is_file():
@@ -148,6 +164,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
     result = summarize(args.run_dirs, args.final_window)
     result["command"] = args.command
+    if args.evaluate:
+        result["evaluate"] = {}
+        for spec in args.evaluate:
+            name, _, path = spec.partition("=")
+            if not name or not path or not Path(path).is_file():
+                print(f"seed_summary.py: error: --evaluate {spec!r}: expected NAME=FILE.json of an existing file",
+                      file=sys.stderr)
+                return 2
+            result["evaluate"][name] = _evaluation(json.loads(Path(path).read_text()))
     from ppojax.io.atomic import atomic_write_json
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

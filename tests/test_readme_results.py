@@ -78,3 +78,40 @@ def test_the_offline_tasks_numbers_are_the_committed_results():
     assert f"climbs from {_range(s['first_score'], '.2f')} at the first iteration" in flat
     assert f"to {_range(s['final_score'], '.2f')} over the last {result['final_window']} iterations" in flat
     assert f"reaches {_range(s['max_kl'], '.1f')} nats" in flat
+
+
+def test_the_arithmetic_runs_numbers_and_samples_are_the_committed_results():
+    """The held-out accuracy before and after (mean and range over seeds) is the committed summary's, the
+    summary is what the runs' eval rows say, and evaluate.py on the base and on each export (committed beside it)
+    gave the same numbers as the runs' first and last eval rows."""
+    result = json.loads((REPO / "docs" / "results" / "smollm2_arithmetic.json").read_text())
+    assert len(result["runs"]) >= 3
+    section = _flat(_section(README.read_text(), "## Verifiable rewards"))
+    s = result["summary"]
+    assert f"{len(result['runs'])} seeds" in section
+    assert f"from {s['base_eval']['mean']:.2f} before training to {_range(s['final_eval'], '.2f')} after " \
+           f"{result['iterations']} iterations" in section
+    assert f"largest KL to the base {_range(s['max_kl'], '.1f')} nats" in section
+    for run in result["runs"]:
+        accuracy = run["eval"]["accuracy"]
+        assert run["base_eval"] == accuracy[0] and run["final_eval"] == accuracy[-1]
+        assert run["eval"]["iteration"][0] == 0 and run["eval"]["iteration"][-1] == result["iterations"]
+    assert s["final_eval"]["mean"] == pytest.approx(sum(r["final_eval"] for r in result["runs"]) / len(result["runs"]))
+    evaluated = result["evaluate"]
+    assert evaluated["base"]["accuracy"] == pytest.approx(s["base_eval"]["mean"])
+    for run in result["runs"]:
+        assert evaluated[f"seed{run['seed']}"]["accuracy"] == pytest.approx(run["final_eval"], abs=0.02)
+    # The README's samples are greedy answers evaluate.py wrote, with their verdicts: | question | base | seed 0 |.
+    base = {x["prompt_text"]: x for x in evaluated["base"]["items"]}
+    trained = {x["prompt_text"]: x for x in evaluated["seed0"]["items"]}
+    rows = []
+    for line in _section(README.read_text(), "## Verifiable rewards").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) == 3 and cells[0].startswith("What is"):
+            rows.append(cells)
+    assert len(rows) >= 4
+    for question, before, after in rows:
+        for cell, items in ((before, base), (after, trained)):
+            item = items[question]
+            mark = "✓" if item["correct"] else "✗"
+            assert cell == f"{' '.join(item['response'].split())} {mark}", (question, cell)
