@@ -152,10 +152,16 @@ def evaluate(state, prompt_ids: np.ndarray, prompt_mask: np.ndarray, settings: E
     ids_rep, mask_rep = np.repeat(prompt_ids, k, axis=0), np.repeat(prompt_mask, k, axis=0)
     if host_reward is not None:
         scores = np.asarray(score_on_host(host_reward, tokens, mask, ids_rep, mask_rep), np.float32)
-    elif state.reward is not None:
-        scores = np.asarray(jax.device_get(_scores_jit(state,
-                                                       jnp.asarray(ids_rep), jnp.asarray(mask_rep),
-                                                       jnp.asarray(tokens), jnp.asarray(mask))), np.float32)
+    elif state.reward is not None:  # the state's jittable reward (a reward model, the lexicon, a function)
+        arrays = (ids_rep, mask_rep, tokens, mask)
+        if mesh is not None:  # global (replicated) inputs beside the laid-out state: multi-process safe
+            from ppojax import parallel
+
+            with jax.set_mesh(mesh):
+                out = _scores_jit(state, *(parallel.replicate(mesh, x) for x in arrays))
+            scores = np.asarray(parallel.to_host(out), np.float32)
+        else:
+            scores = np.asarray(jax.device_get(_scores_jit(state, *(jnp.asarray(x) for x in arrays))), np.float32)
     else:
         scores = np.full(tokens.shape[0], np.nan, np.float32)
     responses = tokenizer.batch_decode([t[m > 0].tolist() for t, m in zip(tokens, mask)], skip_special_tokens=True)
