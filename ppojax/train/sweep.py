@@ -410,12 +410,13 @@ class _Builder:
         from ppojax.train import run as runs
 
         tok = self._once(("tokenizer", cfg.tokenizer), lambda: load_tokenizer(cfg.tokenizer))
-        prompts = self._once(("prompts", repr(cfg.prompts), cfg.tokenizer),
-                             lambda: runs.load_prompts(cfg, self.config_dir, tok))
+        task_key = ("task", repr(cfg.task), repr(cfg.prompts), cfg.tokenizer, cfg.eval.every, cfg.eval.num_prompts)
+        task = self._once(task_key, lambda: runs.load_task(cfg, self.config_dir, tok))
+        prompts = ([row.key() for row in task.task.train], task.train_ids, task.train_mask)
         model = self._once(("model", repr(cfg.model)), lambda: runs.build_model(cfg))
-        reward = self._once(("reward", repr(cfg.reward), cfg.tokenizer, repr(cfg.model)),
-                            lambda: runs.build_reward(cfg, tok, model[0], self.config_dir))
-        return tok, prompts, model, reward
+        reward = self._once(("reward", repr(cfg.reward), task_key, repr(cfg.model)),
+                            lambda: runs.build_reward(cfg, tok, model[0], self.config_dir, task))
+        return tok, prompts, model, reward, task
 
 
 def build_groups(runs: Sequence[Run], config_dir=None, devices: Optional[Sequence[Any]] = None,
@@ -424,16 +425,20 @@ def build_groups(runs: Sequence[Run], config_dir=None, devices: Optional[Sequenc
     ``width``: runs per vmap on a device; ``'auto'`` is :func:`default_vmap_width`."""
     from ppojax.io.data import PromptLoader
     from ppojax.train.build import create_state
-    from ppojax.train.run import resolve_built
+    from ppojax.train.run import resolve_built, task_config
 
     builder = _Builder(config_dir)
     groups = []
+    if any(run.config.eval.every for run in runs):
+        log("[sweep] eval: is not run inside a sweep (its runs share one program): evaluate each run's policy with "
+            "experiments/evaluate.py, or run it alone with experiments/ppo_gpt2.py")
     for members in group_runs(runs):
         states, loaders, host_reward = [], [], None
         for run in members:
             cfg = run.config
-            tok, (_, ids, mask), (model_config, params), (reward, host_reward) = builder.run_inputs(cfg)
-            cfg = resolve_built(cfg, tok, model_config)  # as the single run resolves it (a chat model's EOS...)
+            tok, (_, ids, mask), (model_config, params), (reward, host_reward), task = builder.run_inputs(cfg)
+            # As the single run resolves it: the task's reward and stop sequences, a chat model's EOS...
+            cfg = resolve_built(task_config(cfg, task, tok), tok, model_config)
             state = create_state(cfg, model_config, params, reward)
             if states and _same_arrays([states[0].frozen, state.frozen]):
                 state = state.replace(frozen=states[0].frozen)  # hold one copy while building, too
