@@ -2,16 +2,19 @@
 (``ppo.length_buckets: N``, each minibatch at the narrowest of N widths that holds its longest response).
 
 One process, one batch: a hand-built rollout (``ppojax.rl.iteration.Rollout``) of random tokens where half of the
-rows end in the first quarter of the response budget (uniformly in [1, response / 4]) and the others use all of it,
-with random log-probs, values and scores. The same model params and optimizer state go into both sides' jitted
-``ppojax.update`` (a separate critic, GAE, the whole PPO update: ``epochs x minibatches`` optimizer steps), and the
-state is not advanced, so every call does the same work. Each side is compiled and run once first (the compile is
-reported on its own), then ``--repeats`` rounds time ``--calls`` calls of each side, the side that goes first
-rotating (``_interleave.run_interleaved``), with the load of other processes probed before each round and measured
-during each run. Reported: seconds per update (median, spread) per side and the ratio padded / bucketed, paired by
-round.
+rows (``--short-share``) end in the first quarter of the response budget (uniformly in [1, response / 4]) and the
+others use all of it, with random log-probs, values and scores. The same model params and optimizer state go into
+both sides' jitted ``ppojax.update`` (a separate critic, GAE, the whole PPO update: ``epochs x minibatches``
+optimizer steps), and the state is not advanced, so every call does the same work. Each side is compiled and run
+once first (the compile is reported on its own), then ``--repeats`` rounds time ``--calls`` calls of each side, the
+side that goes first rotating (``_interleave.run_interleaved``), with the load of other processes probed before each
+round and measured during each run. Reported: seconds per update (median, spread) per side and the ratio padded /
+bucketed, paired by round; and the work each side does (``work_padded_over_bucketed``: sequence positions, prompt
+included, and response positions, which alone meet the vocabulary), the bound on the speed-up that per-step costs
+(the optimizer step over every parameter) lower further.
 
     python benchmarks/bucketed_update.py --force   # writes benchmarks/results/bucketed_update_cpu.json (~5 min)
+    python benchmarks/bucketed_update.py --force --short-share 0.75 --out benchmarks/results/bucketed_update_3q_cpu.json
     python benchmarks/bucketed_update.py --tiny --repeats 2 --out /tmp/b.json   # smoke run, seconds
 """
 
@@ -42,9 +45,11 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--response-len", type=int, default=64)
-    p.add_argument("--buckets", type=int, default=4, help="ppo.length_buckets of the bucketed side")
-    p.add_argument("--repeats", type=int, default=6)
-    p.add_argument("--calls", type=int, default=1, help="timed updates per side per round")
+    p.add_argument("--short-share", type=float, default=0.5,
+                   help="share of the rows that end in the first quarter of the budget (the others use all of it)")
+    p.add_argument("--buckets", type=int, default=8, help="ppo.length_buckets of the bucketed side")
+    p.add_argument("--repeats", type=int, default=8)
+    p.add_argument("--calls", type=int, default=2, help="timed updates per side per round")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="a tiny model, for a smoke run")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -68,7 +73,7 @@ def spread_batch(args):
     rng = np.random.RandomState(args.seed)
     B, P, R = args.batch, args.prompt_len, args.response_len
     lengths = np.full(B, R)
-    short = rng.permutation(B)[: B // 2]
+    short = rng.permutation(B)[: int(round(B * args.short_share))]
     lengths[short] = rng.randint(1, R // 4 + 1, len(short))
     mask = (np.arange(R)[None, :] < lengths[:, None]).astype(np.int32)
     model = ppojax.GPT2Config(vocab_size=args.vocab, n_positions=P + R, n_embd=args.width, n_layer=args.layers,
@@ -139,6 +144,15 @@ def main(argv=None):
     per_side = {s: _interleave.values_of(measured["runs"], s, "s_per_update") for s in SIDES}
     ratio = _interleave.paired_ratio(per_side["padded"], per_side["bucketed"])
     cfg = make_state(args, model, params, args.buckets).setup.ppo
+    # The work each side does, in sequence positions per epoch: the minibatches are runs of the sorted lengths, each
+    # at the narrowest bucket width that holds its longest response (the prompt is computed whole either way).
+    n_mb = args.batch // args.minibatch
+    longest = np.sort(lengths).reshape(n_mb, args.minibatch).max(-1)
+    widths = np.asarray(cfg.bucket_widths)[np.searchsorted(cfg.bucket_widths, longest)]
+    work = {"response_positions_ratio": float(n_mb * args.response_len / widths.sum()),
+            "positions_ratio": float(n_mb * (args.prompt_len + args.response_len)
+                                     / (n_mb * args.prompt_len + widths.sum())),
+            "minibatch_widths": sorted(widths.tolist())}
     result = {
         "benchmark": "bucketed_update",
         "date": _env.now_utc(),
@@ -150,11 +164,15 @@ def main(argv=None):
             "prompt_len": args.prompt_len, "response_len": args.response_len,
             "estimator": "gae", "critic": "separate",
             "length_buckets": args.buckets, "bucket_widths": list(cfg.bucket_widths),
-            "lengths": "half of the rows end uniformly in [1, response_len / 4], the others use all of it",
+            "lengths": f"{args.short_share:.0%} of the rows end uniformly in [1, response_len / 4], the others use "
+                       "all of it",
+            "short_share": args.short_share,
             "response_lengths": lengths.tolist(),
             "response_padding_share": float(padding_share),
+            "padding_share": float(padding_share * args.response_len / (args.prompt_len + args.response_len)),
             "calls_per_round": args.calls,
         },
+        "work_padded_over_bucketed": work,
         "first_call_s": first_call_s,
         "sides": {s: {"s_per_update": _interleave.spread(per_side[s])} for s in SIDES},
         "speedup_padded_over_bucketed": ratio,

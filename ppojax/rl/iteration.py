@@ -8,6 +8,7 @@
       -> penalties, per-token KL-shaped rewards, the advantage estimator (GAE, GRPO, RLOO, ... or a user's own),
          whitening
       -> ppo_epochs x minibatches of updates: nested ``lax.scan``, a fresh permutation each epoch
+         (``ppo.length_buckets``: minibatches of similar lengths, each at the narrowest width that holds them)
       -> KL controller update
 
 ``ppo_iteration(state, prompt_ids, prompt_mask)`` runs all of it in one jit. ``rollout`` and ``update`` are the two
