@@ -20,6 +20,12 @@ from ppojax.rl.kl import KLControlConfig
 from ppojax.rl.losses import LOSS_AGGREGATIONS, get_policy_loss, policy_loss_hparams
 
 
+def bucket_widths(length: int, n: int) -> tuple[int, ...]:
+    """``n`` widths spread evenly up to ``length``, ``ceil(length * i / n)`` for i = 1..n, narrowest first and
+    without repeats (``ppo.length_buckets``); empty for ``n = 0``."""
+    return tuple(sorted({-(-length * i // n) for i in range(1, n + 1)}))
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimizerConfig:
     """Adam/AdamW with global grad-norm clipping and an optional linear decay of the learning rate to 0."""
@@ -150,6 +156,22 @@ class PPOConfig:
     recompute_logits: bool = False
     """Update only: recompute each vocabulary chunk's logits in the backward pass (one more vocabulary matmul) instead
     of keeping them from the forward pass (``[minibatch x response, vocab]`` f32). Set it when memory is short."""
+    length_buckets: int = 0
+    """Update only: run each minibatch at the narrowest of this many response widths that holds its longest
+    response, so that the epochs of minibatches do not compute on padding. 0 (the default): off, every minibatch
+    runs at the full ``response_length``, as before. With N > 0 the widths are ``ceil(response_length * i / N)``
+    for i = 1..N, one ``lax.switch`` branch each (one compilation, N copies of the update's forward and backward
+    in it), and each epoch's minibatches group responses of similar length: the epoch's random permutation of the
+    prompt groups (the same one as with 0) is stably sorted by the group's longest response, cut into minibatches,
+    and the order of the minibatches shuffled (with a key folded from the epoch's key: the state's RNG key is used
+    exactly as with 0, so resume stays exact either way). The minibatches therefore differ from the padded
+    update's; at equal minibatches the loss, gradients, updated params and metrics equal the full-width update's up
+    to float rounding (tests/test_bucketed_update.py: N = 1 is that full-width update of the length-grouped
+    minibatches). Set it when responses end at very different lengths (EOS, stop sequences, truncation);
+    benchmarks/bucketed_update.py measures the gain. A user loss term or policy loss that reads the width of its
+    arrays (``inputs.mask.shape[-1]``) sees the trimmed width; the built-ins do not depend on it
+    (``seq-mean-token-sum-norm`` divides by the full ``response_length``). Under a vmapped sweep the switch runs
+    every branch (vmap turns it into a select): leave it off there."""
     advantage_estimator: str = "gae"
     """'gae' (PPO with a critic), 'grpo', 'dr_grpo', 'rloo', 'reinforce_pp' (critic-free), or
     'package.module:function' for a user's own (``ppojax.advantages.register_estimator``)."""
@@ -227,6 +249,10 @@ class PPOConfig:
             raise ValueError(f"ppo.top_k must be an int >= 0, got {self.top_k!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"ppo.top_p must be in (0, 1], got {self.top_p!r}")
+        buckets = self.length_buckets
+        if not isinstance(buckets, int) or isinstance(buckets, bool) or not 0 <= buckets <= self.response_length:
+            raise ValueError(f"ppo.length_buckets must be an int in [0, response_length={self.response_length}] "
+                             f"(0: off), got {buckets!r}")
         if not isinstance(self.vocab_chunk_size, int) or isinstance(self.vocab_chunk_size, bool) \
                 or self.vocab_chunk_size < 1:
             raise ValueError(f"ppo.vocab_chunk_size must be a positive int, got {self.vocab_chunk_size!r}")
@@ -306,6 +332,12 @@ class PPOConfig:
     @property
     def num_minibatches(self) -> int:
         return self.batch_size // self.minibatch_size
+
+    @property
+    def bucket_widths(self) -> tuple[int, ...]:
+        """The response widths the update may run a minibatch at (``length_buckets``), narrowest first; empty when
+        off. The last is always ``response_length``."""
+        return bucket_widths(self.response_length, self.length_buckets)
 
     @property
     def updates_per_iteration(self) -> int:

@@ -8,6 +8,7 @@
       -> penalties, per-token KL-shaped rewards, the advantage estimator (GAE, GRPO, RLOO, ... or a user's own),
          whitening
       -> ppo_epochs x minibatches of updates: nested ``lax.scan``, a fresh permutation each epoch
+         (``ppo.length_buckets``: minibatches of similar lengths, each at the narrowest width that holds them)
       -> KL controller update
 
 ``ppo_iteration(state, prompt_ids, prompt_mask)`` runs all of it in one jit. ``rollout`` and ``update`` are the two
@@ -35,6 +36,7 @@ from ppojax.models import forward_hidden, lm_head, scalar_head, value_forward
 from ppojax.parallel.sharding import constrain_rows
 from ppojax.rl import rewards as rewards_lib
 from ppojax.rl.advantages import AdvantageInputs, masked_mean, run_estimator, whiten
+from ppojax.rl.config import bucket_widths
 from ppojax.rl.kl import update_kl_state
 from ppojax.rl.losses import LossInputs, explained_variance
 from ppojax.rl.hparams import InState
@@ -218,8 +220,9 @@ def compute_scores(state: TrainState, rollout: Rollout) -> jax.Array:
 # Phase 2: update
 
 
-def _loss(params, state: TrainState, mb: Rollout, advantages, returns, n_tokens, n_seqs):
-    """The combined loss on one (micro)batch: forward actor and critic (one trunk when shared), then the terms."""
+def _loss(params, state: TrainState, mb: Rollout, advantages, returns, n_tokens, n_seqs, response_length: int):
+    """The combined loss on one (micro)batch: forward actor and critic (one trunk when shared), then the terms.
+    ``response_length``: the rollout's full width (``mb`` may be trimmed to fewer response positions)."""
     setup = state.setup
     ids, mask = _concat(mb.prompt_ids, mb.prompt_mask, mb.tokens, mb.mask)
     P = mb.prompt_ids.shape[1]
@@ -230,13 +233,16 @@ def _loss(params, state: TrainState, mb: Rollout, advantages, returns, n_tokens,
     inputs = LossInputs.create(
         mask=mb.mask, n_tokens=n_tokens, n_seqs=n_seqs, logprobs=logp, old_logprobs=mb.logprobs,
         ref_logprobs=mb.ref_logprobs, entropy=entropy, values=values, old_values=mb.values, advantages=advantages,
-        returns=returns, tokens=mb.tokens, aggregation=setup.ppo.loss_aggregation)
+        returns=returns, tokens=mb.tokens, aggregation=setup.ppo.loss_aggregation, response_length=response_length)
     return setup.loss_fn(inputs, state.hparams)
 
 
-def _minibatch_update(state: TrainState, mb: Rollout, advantages, returns):
-    """One optimizer update on a minibatch (optionally in micro-batches whose gradients are summed)."""
+def _minibatch_update(state: TrainState, mb: Rollout, advantages, returns, response_length: Optional[int] = None):
+    """One optimizer update on a minibatch (optionally in micro-batches whose gradients are summed).
+    ``response_length``: the rollout's full width when ``mb`` is trimmed (None: ``mb``'s own)."""
     setup = state.setup
+    if response_length is None:
+        response_length = mb.tokens.shape[1]
     coll = setup.collectives
     # Masked means divide by the minibatch's global token (sequence) count: exact across micro-batches and devices.
     n_tokens = jnp.maximum(coll.sum(jnp.sum(mb.mask).astype(jnp.float32)), 1.0)
@@ -245,7 +251,7 @@ def _minibatch_update(state: TrainState, mb: Rollout, advantages, returns):
     params = coll.local_gradients(state.params)
     accum = setup.optimizer.grad_accum_steps
     if accum == 1:
-        (_, metrics), grads = grad_fn(params, state, mb, advantages, returns, n_tokens, n_seqs)
+        (_, metrics), grads = grad_fn(params, state, mb, advantages, returns, n_tokens, n_seqs, response_length)
     else:
         rows = mb.tokens.shape[0]
         if rows % accum:
@@ -255,7 +261,7 @@ def _minibatch_update(state: TrainState, mb: Rollout, advantages, returns):
         micro = _constrain(setup, micro, leading=1)  # each micro-batch split over the devices, not one per device
 
         def body(acc, xs):
-            (_, m), g = grad_fn(params, state, *xs, n_tokens, n_seqs)
+            (_, m), g = grad_fn(params, state, *xs, n_tokens, n_seqs, response_length)
             if acc is None:
                 return (g, m), None
             acc_g, acc_m = acc
@@ -284,6 +290,42 @@ def _penalized(setup: PPOSetup, hp, scores, rollout: Rollout):
         scores = rewards_lib.missing_eos_penalty(scores, rollout.tokens, rollout.mask, cfg.eos_token_id,
                                                  hp.missing_eos_penalty)
     return scores
+
+
+def response_widths(mask: jax.Array) -> jax.Array:
+    """``[batch]`` int32: each response's width, its last real position + 1 (0 for an empty response)."""
+    chex.assert_rank(mask, 2)
+    return jnp.max(jnp.where(mask > 0, jnp.arange(1, mask.shape[1] + 1), 0), axis=1).astype(jnp.int32)
+
+
+def minibatch_rows(epoch_key, n_groups: int, k: int, n_minibatches: int, row_widths=None) -> jax.Array:
+    """The rows of each minibatch of one epoch, ``[n_minibatches, n_groups * k / n_minibatches]``: a random
+    permutation of the ``n_groups`` prompt groups (``k`` rows each, kept together) cut into equal minibatches.
+
+    ``row_widths`` (``ppo.length_buckets``; ``[n_groups * k]``, from :func:`response_widths`): the permuted groups
+    are stably sorted by their longest row before the cut, so that each minibatch holds responses of similar length
+    (ties keep the random order), and the minibatches are then taken in a random order drawn from
+    ``fold_in(epoch_key, 1)``: the same ``epoch_key`` as without, so the caller's RNG key use does not change.
+    """
+    groups = jax.random.permutation(epoch_key, n_groups)
+    if row_widths is not None:
+        longest = row_widths.reshape(n_groups, k).max(-1)
+        groups = groups[jnp.argsort(longest[groups], stable=True)]
+    rows = (groups[:, None] * k + jnp.arange(k)).reshape(n_minibatches, -1)
+    if row_widths is not None:
+        rows = rows[jax.random.permutation(jax.random.fold_in(epoch_key, 1), n_minibatches)]
+    return rows
+
+
+def _trim(mb: Rollout, advantages, returns, *, width: int):
+    """The minibatch's first ``width`` response positions (the prompt whole). The model is causal, so the kept
+    positions' log-probs and values do not change, and every dropped one is padding (masked out of every loss)."""
+    cut = lambda x: None if x is None else x[:, :width]
+    if width == mb.tokens.shape[1]:
+        return mb, advantages, returns
+    mb = mb.replace(tokens=cut(mb.tokens), mask=cut(mb.mask), logprobs=cut(mb.logprobs),
+                    ref_logprobs=cut(mb.ref_logprobs), values=cut(mb.values), entropy=cut(mb.entropy))
+    return mb, cut(advantages), cut(returns)
 
 
 def _update(state: TrainState, rollout: Rollout, scores: jax.Array):
@@ -322,21 +364,38 @@ def _update(state: TrainState, rollout: Rollout, scores: jax.Array):
     # global minibatch.
     data = coll.gather_rows((rollout, advantages, returns))
 
+    # ppo.length_buckets: the static widths a minibatch may run at, and each row's width (of the global batch, so
+    # every device picks the same branch of the switch below).
+    full_width = rollout.tokens.shape[1]
+    widths = bucket_widths(full_width, cfg.length_buckets)
+    row_widths = response_widths(data[0].mask) if widths else None  # [global batch]
+
     # The scans carry only what the updates change (params, optimizer state): the frozen params, the reward model
     # and the hyperparameters are read-only inputs, not loop state that XLA would have to copy through every step.
     def epoch(carry, epoch_key):
-        groups = jax.random.permutation(epoch_key, batch * n_dev // k)
-        perm = (groups[:, None] * k + jnp.arange(k)).reshape(n_mb, mb_size)
+        perm = minibatch_rows(epoch_key, batch * n_dev // k, k, n_mb, row_widths)  # [n_mb, mb_size], global rows
+        # the narrowest width that holds each minibatch's longest response (0 when off: one branch, full width)
+        branch = (jnp.zeros((n_mb,), jnp.int32) if not widths else
+                  jnp.searchsorted(jnp.asarray(widths), row_widths[perm].max(-1)).astype(jnp.int32))
         if axis is not None:  # this device's slice of each global minibatch
             local = mb_size // n_dev
             perm = jax.lax.dynamic_slice_in_dim(perm, coll.device_index() * local, local, axis=1)
 
-        def minibatch(c, idx):
-            mb = _constrain(setup, jax.tree.map(lambda x: jnp.take(x, idx, axis=0), data))
-            s, metrics = _minibatch_update(state.replace(params=c[0], opt_state=c[1]), *mb)
-            return (s.params, s.opt_state), metrics
+        def at_width(width):
+            def run(c, mb):
+                s, metrics = _minibatch_update(state.replace(params=c[0], opt_state=c[1]),
+                                               *_trim(*mb, width=width), response_length=full_width)
+                return (s.params, s.opt_state), metrics
+            return run
 
-        return jax.lax.scan(minibatch, carry, perm)
+        def minibatch(c, xs):
+            idx, b = xs
+            mb = _constrain(setup, jax.tree.map(lambda x: jnp.take(x, idx, axis=0), data))
+            if not widths:
+                return at_width(full_width)(c, mb)
+            return jax.lax.switch(b, [at_width(w) for w in widths], c, mb)
+
+        return jax.lax.scan(minibatch, carry, (perm, branch))
 
     state = state.replace(key=key)
     epoch_keys = jax.random.split(shuffle_key, cfg.ppo_epochs)

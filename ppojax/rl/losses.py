@@ -89,6 +89,9 @@ class LossInputs:
     trainer passes the global minibatch's, like ``n_tokens``)."""
     aggregation: str = dataclasses.field(default="token-mean", metadata={"pytree_node": False})
     """How the policy loss reduces its per-token values (:data:`LOSS_AGGREGATIONS`); metrics are token means."""
+    response_length: int | None = dataclasses.field(default=None, metadata={"pytree_node": False})
+    """The T that ``seq-mean-token-sum-norm`` divides by: the full response budget. None: ``mask.shape[-1]``. The
+    trainer passes it when it runs a minibatch at a trimmed width (``ppo.length_buckets``)."""
     logprobs: jax.Array | None = None
     """Log-probabilities of the taken tokens under the current policy."""
     old_logprobs: jax.Array | None = None
@@ -146,7 +149,7 @@ def _mean(x: jax.Array, inputs: LossInputs) -> jax.Array:
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
-def _aggregate(x: jax.Array, mask: jax.Array, mode: str, n_tokens, n_seqs) -> jax.Array:
+def _aggregate(x: jax.Array, mask: jax.Array, mode: str, n_tokens, n_seqs, length: int | None = None) -> jax.Array:
     """A sum over this shard's rows divided by a global count, so shards and micro-batches add up exactly."""
     real = mask > 0
     x = jnp.where(real, x * mask, 0.0)
@@ -158,7 +161,7 @@ def _aggregate(x: jax.Array, mask: jax.Array, mode: str, n_tokens, n_seqs) -> ja
     if mode == "seq-mean-token-sum":
         return jnp.sum(x) / n_seqs
     if mode == "seq-mean-token-sum-norm":
-        return jnp.sum(x) / (n_seqs * x.shape[-1])
+        return jnp.sum(x) / (n_seqs * (x.shape[-1] if length is None else length))
     raise ValueError(f"loss aggregation must be one of {LOSS_AGGREGATIONS}, got {mode!r}")
 
 
@@ -182,7 +185,7 @@ def aggregate(per_token: jax.Array, mask: jax.Array, mode: str = "token-mean") -
 
 def _agg(x: jax.Array, inputs: LossInputs) -> jax.Array:
     """``inputs.aggregation`` of ``x`` with the inputs' (global) token and sequence counts."""
-    return _aggregate(x, inputs.mask, inputs.aggregation, inputs.n_tokens, inputs.n_seqs)
+    return _aggregate(x, inputs.mask, inputs.aggregation, inputs.n_tokens, inputs.n_seqs, inputs.response_length)
 
 
 def _is_number(x) -> bool:
