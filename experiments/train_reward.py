@@ -186,9 +186,6 @@ def run(args: argparse.Namespace, progress: Optional[dict] = None) -> dict:
                                                                      require_choice=True)
     except preferences.PreferenceError as e:
         raise UsageError(str(e)) from None
-    how = "detected" if args.format == "auto" else "--format"
-    print(f"[train_reward] {len(rows)} comparisons from {args.data}, format {args.data_format} ({how})",
-          file=sys.stderr, flush=True)
     out = Path(args.out).expanduser()
     lock = DirectoryLock(out)
     try:
@@ -279,8 +276,10 @@ def _train(args: argparse.Namespace, rows, out: Path, t_start: float) -> dict:
     history = _read_history(metrics_path, start_epoch)  # drop epochs not checkpointed
     atomic_write_text(metrics_path, "".join(json.dumps(row) + "\n" for row in history))
     chance = 1.0 / data.k
+    how = "detected" if args.format == "auto" else "--format"
     print(f"[train_reward] {train.n} training / {0 if val is None else val.n} held-out comparisons of k={data.k} "
-          f"(chance {chance:.2f}); {config.n_layer} layers, width {config.width}", file=sys.stderr, flush=True)
+          f"(chance {chance:.2f}), format {args.data_format} ({how}); {config.n_layer} layers, width {config.width}",
+          file=sys.stderr, flush=True)
 
     def on_epoch(epoch, st, row):
         row = {**row, "time_s": round(time.time() - t_start, 2)}

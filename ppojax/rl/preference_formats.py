@@ -202,10 +202,17 @@ def parse_rows(rows: Iterable[tuple[str, str, Any]], fmt: str, *, require_choice
     if fmt not in FORMATS:
         raise PreferenceError(f"unknown preference format {fmt!r}; use one of {', '.join(FORMATS)}")
     out: list[Comparison] = []
-    k_expected, first = None, None
+    k_expected, first, explicit = None, None, None
     for where, label, obj in rows:
         if fmt == "auto":
             fmt = detect_format(obj, where)
+        if fmt == "trl" and isinstance(obj, dict):
+            # Whether rows carry a 'prompt' is a property of the file (a column), fixed by its first row: a row
+            # without one in a file with prompts is a mistake (another format mixed in), not an implicit prompt.
+            explicit = ("prompt" in obj) if explicit is None else explicit
+            if explicit and "prompt" not in obj:
+                raise PreferenceError(f"{where}: missing field 'prompt' ({first or 'the first row'} has one; trl "
+                                      "format)")
         row = PARSERS[fmt](obj, where)
         if row.choice is None and require_choice:
             check_row(row.to_json(), where, None, None, True)  # ppojax's message for an unlabeled row
