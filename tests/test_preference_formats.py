@@ -256,6 +256,23 @@ def test_chat_prompts_are_rendered_by_the_template_or_as_role_lines(tok):
     np.testing.assert_array_equal(chat.tokens, plain.tokens)
 
 
+@pytest.mark.slow  # loading SmolLM2's tokenizer from its GGUF file takes ~10 s
+def test_chat_prompts_through_a_real_instruct_template():
+    import ppojax
+
+    try:
+        smol = ppojax.load_tokenizer("HuggingFaceTB/SmolLM2-135M-Instruct")
+    except (OSError, ValueError) as e:
+        pytest.skip(f"SmolLM2's tokenizer is not available here: {e}")
+    batch = preferences.tokenize_preferences(smol, [TRL_CHAT_EXPECTED[0]], query_length=64, response_length=8)
+    # SmolLM2's ChatML template, written out by hand: its own system message replaced by the row's.
+    text = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nCapital of France?<|im_end|>\n"
+            "<|im_start|>assistant\n")
+    expected = smol(text, add_special_tokens=False)["input_ids"]
+    assert batch.query_ids[0][batch.query_mask[0] > 0].tolist() == expected
+    assert expected.count(smol.convert_tokens_to_ids("<|im_start|>")) == 3  # special tokens, not their letters
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # train_reward.py on each format
 

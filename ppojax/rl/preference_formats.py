@@ -1,8 +1,9 @@
-"""Preference data in the ecosystem's formats, read into ppojax's :class:`~ppojax.rl.preferences.Comparison` rows.
+"""Preference data as text: the :class:`Comparison` row, and the formats it is read from (ppojax's own and the
+ecosystem's). ``ppojax.rl.preferences`` re-exports the row and the error, and tokenizes and labels the rows.
 
 Each format is a plain function ``parse(obj, where) -> Comparison`` in :data:`PARSERS`, keyed by its name; every new
 format gives pairs (k = 2) with ``choice`` the index of the chosen response. ``where`` (``file:line``) starts every
-:class:`~ppojax.rl.preferences.PreferenceError` message.
+:class:`PreferenceError` message.
 
 - ``ppojax``: ppojax's own JSONL (``query``, ``responses``, ``choice``; ``ppojax.rl.preferences``).
 - ``trl``: TRL's preference schema (https://huggingface.co/docs/trl/dataset_formats#preference).
@@ -36,18 +37,86 @@ dataset through the optional ``datasets`` package when the hub is reachable (err
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
-from ppojax.rl.preferences import Comparison, PreferenceError, _check_row as check_row
 
-__all__ = ["FORMATS", "PARSERS", "detect_format", "load_preferences", "parse_rows"]
+__all__ = ["Comparison", "FORMATS", "PARSERS", "PreferenceError", "detect_format", "load_preferences", "parse_rows"]
 
+_FIELDS = ("query", "responses", "choice")
 HH_ASSISTANT = "\n\nAssistant:"
 TLDR_PROMPT = "SUBREDDIT: r/{subreddit}\nTITLE: {title}\nPOST: {post}\nTL;DR:"
 """lm-human-preferences' TL;DR query format (``tldr`` dataset in its ``datasets.py``)."""
+
+
+class PreferenceError(ValueError):
+    """A preference file or row that cannot be used; the message names ``file:line`` and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """One row of a preference file, as text."""
+
+    query: str | tuple[Mapping[str, str], ...]
+    """The prompt: text, or chat messages ``{"role", "content"}`` (rendered by the tokenizer's chat template)."""
+    responses: tuple[str, ...]
+    choice: Optional[int] = None
+    """Index of the preferred response, or None while unlabeled."""
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """Other keys of the row (kept when written back)."""
+
+    @property
+    def k(self) -> int:
+        return len(self.responses)
+
+    def to_json(self) -> dict:
+        query = self.query if isinstance(self.query, str) else [dict(m) for m in self.query]
+        return {"query": query, "responses": list(self.responses), "choice": self.choice, **self.extra}
+
+
+def _check_row(obj: Any, where: str, require_choice: bool) -> Comparison:
+    """A ppojax-format row as a :class:`Comparison` (k consistency across a file: :func:`parse_rows`)."""
+    if not isinstance(obj, dict):
+        raise PreferenceError(f"{where}: expected a JSON object with {list(_FIELDS)}, got {type(obj).__name__}")
+    missing = [f for f in _FIELDS if f not in obj]
+    if missing:
+        hint = " (use null for a row not labeled yet)" if missing == ["choice"] else ""
+        raise PreferenceError(f"{where}: missing field{'s' if len(missing) > 1 else ''} "
+                              f"{', '.join(map(repr, missing))}{hint}")
+    query, responses, choice = obj["query"], obj["responses"], obj["choice"]
+    if isinstance(query, (list, tuple)):
+        if not query or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                and isinstance(m.get("content"), str) for m in query):
+            raise PreferenceError(f"{where}: 'query' given as chat messages must be a non-empty list of objects "
+                                  "with string 'role' and 'content'")
+        query = tuple({"role": m["role"], "content": m["content"]} for m in query)
+    elif not isinstance(query, str):
+        raise PreferenceError(f"{where}: 'query' must be a string or a list of chat messages, got "
+                              f"{type(query).__name__}")
+    if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+        raise PreferenceError(f"{where}: 'responses' must be a list of strings")
+    if len(responses) < 2:
+        raise PreferenceError(f"{where}: 'responses' has {len(responses)} response(s); a comparison needs k >= 2")
+    empty = [i for i, r in enumerate(responses) if not r.strip()]
+    if empty:
+        raise PreferenceError(f"{where}: response {empty[0]} is empty; every response needs text to be compared")
+    if choice is None:
+        if require_choice:
+            raise PreferenceError(
+                f"{where}: 'choice' is null (unlabeled); label every row before training (by hand, or with "
+                "sample_for_labels.py --label-with vader)"
+            )
+    elif isinstance(choice, bool) or not isinstance(choice, int):
+        raise PreferenceError(f"{where}: 'choice' must be an integer index or null, got {json.dumps(choice)}")
+    elif not 0 <= choice < len(responses):
+        raise PreferenceError(
+            f"{where}: choice {choice} is out of range for {len(responses)} responses (0..{len(responses) - 1})"
+        )
+    extra = {key: value for key, value in obj.items() if key not in _FIELDS}
+    return Comparison(query=query, responses=tuple(responses), choice=choice, extra=extra)
 
 
 def _require(obj: Any, keys: tuple[str, ...], where: str, fmt: str) -> None:
@@ -82,7 +151,7 @@ def _response_text(messages: tuple[dict, ...], name: str, where: str) -> str:
 
 def _pair(query, chosen: str, rejected: str, where: str) -> Comparison:
     """The pair as a ppojax comparison (chosen first), through ppojax's own row checks (empty responses...)."""
-    return check_row({"query": query, "responses": [chosen, rejected], "choice": 0}, where, None, None, True)
+    return _check_row({"query": query, "responses": [chosen, rejected], "choice": 0}, where, True)
 
 
 def _shared_prefix(a, b) -> int:
@@ -95,7 +164,7 @@ def _shared_prefix(a, b) -> int:
 
 
 def parse_ppojax(obj: Any, where: str) -> Comparison:
-    return check_row(obj, where, None, None, False)
+    return _check_row(obj, where, False)
 
 
 def parse_trl(obj: Any, where: str) -> Comparison:
@@ -168,7 +237,7 @@ def parse_tldr(obj: Any, where: str) -> Comparison:
             raise PreferenceError(f"{where}: summary {i} must be an object with a string 'text' (tldr format)")
         texts.append(" " + s["text"].lstrip(" "))
     query = TLDR_PROMPT.format(subreddit=info["subreddit"], title=info["title"], post=info["post"])
-    return check_row({"query": query, "responses": texts, "choice": choice}, where, None, None, False)
+    return _check_row({"query": query, "responses": texts, "choice": choice}, where, False)
 
 
 PARSERS: dict[str, Callable[[Any, str], Comparison]] = {
@@ -215,7 +284,7 @@ def parse_rows(rows: Iterable[tuple[str, str, Any]], fmt: str, *, require_choice
                                       "format)")
         row = PARSERS[fmt](obj, where)
         if row.choice is None and require_choice:
-            check_row(row.to_json(), where, None, None, True)  # ppojax's message for an unlabeled row
+            _check_row(row.to_json(), where, True)  # ppojax's message for an unlabeled row
         if k_expected is None:
             k_expected, first = row.k, label
         elif row.k != k_expected:

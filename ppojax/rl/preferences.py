@@ -45,7 +45,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import flax.struct
 import jax
@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppojax.io.atomic import atomic_write_text
+from ppojax.rl.preference_formats import Comparison, PreferenceError, load_preferences, messages_text
 
 __all__ = [
     "Comparison",
@@ -69,84 +70,11 @@ __all__ = [
     "write_preferences",
 ]
 
-_FIELDS = ("query", "responses", "choice")
 LABELERS = ("vader", "lexicon")
-
-
-class PreferenceError(ValueError):
-    """A preference file or row that cannot be used; the message names ``file:line`` and the fix."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Comparison:
-    """One row of a preference file, as text."""
-
-    query: str | tuple[Mapping[str, str], ...]
-    """The prompt: text, or chat messages ``{"role", "content"}`` (rendered by the tokenizer's chat template)."""
-    responses: tuple[str, ...]
-    choice: Optional[int] = None
-    """Index of the preferred response, or None while unlabeled."""
-    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    """Other keys of the row (kept when written back)."""
-
-    @property
-    def k(self) -> int:
-        return len(self.responses)
-
-    def to_json(self) -> dict:
-        query = self.query if isinstance(self.query, str) else [dict(m) for m in self.query]
-        return {"query": query, "responses": list(self.responses), "choice": self.choice, **self.extra}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Reading and writing text
-
-
-def _check_row(obj: Any, where: str, k_expected: Optional[int], first_line: Optional[int],
-               require_choice: bool) -> Comparison:
-    if not isinstance(obj, dict):
-        raise PreferenceError(f"{where}: expected a JSON object with {list(_FIELDS)}, got {type(obj).__name__}")
-    missing = [f for f in _FIELDS if f not in obj]
-    if missing:
-        hint = " (use null for a row not labeled yet)" if missing == ["choice"] else ""
-        raise PreferenceError(f"{where}: missing field{'s' if len(missing) > 1 else ''} "
-                              f"{', '.join(map(repr, missing))}{hint}")
-    query, responses, choice = obj["query"], obj["responses"], obj["choice"]
-    if isinstance(query, (list, tuple)):
-        if not query or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                and isinstance(m.get("content"), str) for m in query):
-            raise PreferenceError(f"{where}: 'query' given as chat messages must be a non-empty list of objects "
-                                  "with string 'role' and 'content'")
-        query = tuple({"role": m["role"], "content": m["content"]} for m in query)
-    elif not isinstance(query, str):
-        raise PreferenceError(f"{where}: 'query' must be a string or a list of chat messages, got "
-                              f"{type(query).__name__}")
-    if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
-        raise PreferenceError(f"{where}: 'responses' must be a list of strings")
-    if len(responses) < 2:
-        raise PreferenceError(f"{where}: 'responses' has {len(responses)} response(s); a comparison needs k >= 2")
-    empty = [i for i, r in enumerate(responses) if not r.strip()]
-    if empty:
-        raise PreferenceError(f"{where}: response {empty[0]} is empty; every response needs text to be compared")
-    if k_expected is not None and len(responses) != k_expected:
-        raise PreferenceError(
-            f"{where}: {len(responses)} responses, but line {first_line} has {k_expected}; every comparison in a "
-            "file must have the same k"
-        )
-    if choice is None:
-        if require_choice:
-            raise PreferenceError(
-                f"{where}: 'choice' is null (unlabeled); label every row before training (by hand, or with "
-                "sample_for_labels.py --label-with vader)"
-            )
-    elif isinstance(choice, bool) or not isinstance(choice, int):
-        raise PreferenceError(f"{where}: 'choice' must be an integer index or null, got {json.dumps(choice)}")
-    elif not 0 <= choice < len(responses):
-        raise PreferenceError(
-            f"{where}: choice {choice} is out of range for {len(responses)} responses (0..{len(responses) - 1})"
-        )
-    extra = {key: value for key, value in obj.items() if key not in _FIELDS}
-    return Comparison(query=query, responses=tuple(responses), choice=choice, extra=extra)
 
 
 def read_preferences(path: str | os.PathLike, *, require_choice: bool = True,
@@ -159,8 +87,6 @@ def read_preferences(path: str | os.PathLike, *, require_choice: bool = True,
       format: ``ppojax`` (this module's format), ``trl``, ``hh``, ``tldr`` or ``auto`` (detected from the first row;
         ``preference_formats.load_preferences`` also returns the detected name).
     """
-    from ppojax.rl.preference_formats import load_preferences
-
     rows, _ = load_preferences(path, format=format, require_choice=require_choice)
     return rows
 
@@ -258,8 +184,6 @@ def tokenize_preferences(tokenizer: Any, rows: Sequence[Comparison], *, query_le
 
 
 def _encode_queries(tokenizer: Any, rows: Sequence[Comparison], source: str) -> list[list[int]]:
-    from ppojax.rl.preference_formats import messages_text
-
     chat = [i for i, row in enumerate(rows) if not isinstance(row.query, str)]
     template = bool(getattr(tokenizer, "chat_template", None))
     texts = [row.query if isinstance(row.query, str) else messages_text(row.query) for row in rows]
