@@ -43,7 +43,6 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
-
 __all__ = ["Comparison", "FORMATS", "PARSERS", "PreferenceError", "detect_format", "load_preferences", "parse_rows"]
 
 _FIELDS = ("query", "responses", "choice")
@@ -77,6 +76,17 @@ class Comparison:
         return {"query": query, "responses": list(self.responses), "choice": self.choice, **self.extra}
 
 
+def _messages(value: Any, name: str, where: str) -> tuple[dict, ...]:
+    """A chat message list as a tuple of plain ``{"role", "content"}`` dicts, or PreferenceError."""
+    out = []
+    for i, m in enumerate(value):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise PreferenceError(f"{where}: {name!r} message {i} must be an object with string 'role' and "
+                                  "'content'")
+        out.append({"role": m["role"], "content": m["content"]})
+    return tuple(out)
+
+
 def _check_row(obj: Any, where: str, require_choice: bool) -> Comparison:
     """A ppojax-format row as a :class:`Comparison` (k consistency across a file: :func:`parse_rows`)."""
     if not isinstance(obj, dict):
@@ -88,11 +98,9 @@ def _check_row(obj: Any, where: str, require_choice: bool) -> Comparison:
                               f"{', '.join(map(repr, missing))}{hint}")
     query, responses, choice = obj["query"], obj["responses"], obj["choice"]
     if isinstance(query, (list, tuple)):
-        if not query or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                and isinstance(m.get("content"), str) for m in query):
-            raise PreferenceError(f"{where}: 'query' given as chat messages must be a non-empty list of objects "
-                                  "with string 'role' and 'content'")
-        query = tuple({"role": m["role"], "content": m["content"]} for m in query)
+        query = _messages(query, "query", where)
+        if not query:
+            raise PreferenceError(f"{where}: 'query' has no messages")
     elif not isinstance(query, str):
         raise PreferenceError(f"{where}: 'query' must be a string or a list of chat messages, got "
                               f"{type(query).__name__}")
@@ -126,17 +134,6 @@ def _require(obj: Any, keys: tuple[str, ...], where: str, fmt: str) -> None:
     if missing:
         raise PreferenceError(f"{where}: missing field{'s' if len(missing) > 1 else ''} "
                               f"{', '.join(map(repr, missing))} ({fmt} format)")
-
-
-def _messages(value: Any, name: str, where: str) -> tuple[dict, ...]:
-    """A chat message list as a tuple of plain ``{"role", "content"}`` dicts, or PreferenceError."""
-    out = []
-    for i, m in enumerate(value):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise PreferenceError(f"{where}: {name!r} message {i} must be an object with string 'role' and "
-                                  "'content'")
-        out.append({"role": m["role"], "content": m["content"]})
-    return tuple(out)
 
 
 def _response_text(messages: tuple[dict, ...], name: str, where: str) -> str:
@@ -292,7 +289,7 @@ def parse_rows(rows: Iterable[tuple[str, str, Any]], fmt: str, *, require_choice
                                   "a file must have the same k")
         out.append(row)
     if not out:
-        raise PreferenceError(f"{source} holds no comparisons (empty, or only blank lines)")
+        raise PreferenceError(f"preference data {source} holds no comparisons (empty, or only blank lines)")
     return out, fmt
 
 
