@@ -2,6 +2,7 @@
 """Train a GPT-2 reward model on preference comparisons, normalise it, and export it for PPO.
 
     python experiments/train_reward.py --data labels.jsonl --init gpt2 --out runs/rm \\
+        [--format auto|ppojax|trl|hh|tldr] \\
         [--epochs 1] [--lr 5e-5] [--batch-size 32] [--val-fraction 0.1] [--seed 0] \\
         [--query-length 64] [--response-length 24] \\
         [--normalize reference|dataset|none] [--reference SPEC] [--normalize-samples 256] \\
@@ -9,11 +10,30 @@
         [--lora-rank 0] [--lora-alpha 16] [--lora-targets q_proj,v_proj]
     python experiments/ppo_gpt2.py --set reward.kind=reward_model --set reward.reward_model_path=runs/rm
 
+``--data`` is a JSONL file of comparisons, or ``hf:NAME[:SPLIT]`` (a Hugging Face dataset, split ``train`` by default:
+needs the ``datasets`` package and a reachable hub, and says so in one line otherwise). ``--format`` names its schema
+(``ppojax.rl.preference_formats``), ``auto`` (the default) detects it from the first row's keys and the log says which:
+
+- ``ppojax``: ``{"query", "responses": [k texts], "choice"}`` (``ppojax.rl.preferences``; k >= 2).
+- ``trl``: TRL's preference schema, ``{"prompt", "chosen", "rejected"}``, all strings or all chat-message lists
+  (``[{"role", "content"}]``: the prompt's messages, then the assistant turn(s)); without ``prompt`` (TRL's implicit
+  prompt), ``chosen``/``rejected`` are whole conversations and their shared prefix is the prompt.
+- ``hh``: Anthropic HH-RLHF, ``{"chosen", "rejected"}`` full dialogues (``"\\n\\nHuman: ...\\n\\nAssistant: ..."``): the
+  prompt is the shared prefix through the last ``"\\n\\nAssistant:"`` both share, the responses the remainders.
+- ``tldr``: OpenAI summarize-from-feedback comparisons, ``{"info": {"post", "title", "subreddit"}, "summaries":
+  [{"text"}, {"text"}], "choice"}``: the prompt is lm-human-preferences' ``SUBREDDIT: r/...\\nTITLE: ...\\nPOST:
+  ...\\nTL;DR:``, the responses the summaries with a leading space.
+
+The new formats give pairs (k = 2), choice the chosen one. A prompt given as chat messages is tokenized by the
+tokenizer's chat template with the generation prompt (``role: content`` lines then ``assistant:`` without one), a
+response given as messages is its assistant content text.
+
 ``--init`` is the language model the reward model starts from (an export dir, a local transformers GPT-2 dir, a hub
 id, or ``random`` with ``--n-layer --n-head --n-embd --n-positions --vocab-size --init-seed``): its trunk plus a
 scalar head of init std ``1/sqrt(width + 1)``. The loss is the softmax cross-entropy of the labeled choice among
 the k responses (Bradley-Terry for pairs; ``ppojax.reward_training.preference_loss``). A seeded ``--val-fraction``
-of the comparisons is held out and its accuracy reported after every epoch (chance is 1/k).
+of the comparisons is held out and its accuracy reported after every epoch (chance is 1/k); ``train_report.json``
+records it with the seed, the split (``val_fraction``, ``val_comparisons``) and the data's format.
 
 ``--lora-rank R`` (> 0) trains LoRA adapters of rank R on the trunk (``--lora-targets``: the family's projection names,
 comma-separated; default all of them) and the head, with the ``--init`` model frozen: the output directory then holds
@@ -57,7 +77,10 @@ _RESUME_KEYS = ("data", "init", "lr", "batch_size", "val_fraction", "seed", "que
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="train_reward.py", description="Train a GPT-2 reward model on comparisons.")
-    p.add_argument("--data", required=True, help="preference JSONL (ppojax.preferences format), every row labeled")
+    p.add_argument("--data", required=True, help="preference JSONL, every row labeled, or hf:NAME[:SPLIT] (a hub "
+                   "dataset; needs `datasets` and the hub)")
+    p.add_argument("--format", choices=("auto", "ppojax", "trl", "hh", "tldr"), default="auto",
+                   help="the data's schema (default: detected from the first row's keys)")
     add_model_args(p, "init", "the language model the reward model starts from")
     p.add_argument("--out", required=True, help="output directory (the reward model for reward.reward_model_path)")
     p.add_argument("--epochs", type=int, default=1)
@@ -154,12 +177,13 @@ def _calibration(args, rm, train, config, params, tokenizer):
 def run(args: argparse.Namespace, progress: Optional[dict] = None) -> dict:
     _check_args(args)
     from ppojax.io.lock import DirectoryLock, LockError
-    from ppojax.rl import preferences
+    from ppojax.rl import preference_formats, preferences
 
     t_start = time.time()
     # Inputs first, each checked before anything compiles.
     try:
-        rows = preferences.read_preferences(args.data, require_choice=True)
+        rows, args.data_format = preference_formats.load_preferences(args.data, format=args.format,
+                                                                     require_choice=True)
     except preferences.PreferenceError as e:
         raise UsageError(str(e)) from None
     out = Path(args.out).expanduser()
@@ -224,7 +248,9 @@ def _train(args: argparse.Namespace, rows, out: Path, t_start: float) -> dict:
     state = reward_training.create_reward_train_state(config, lm_params, cfg, key=jax.random.key(args.seed),
                                                       lora=spec)
     settings = {k: getattr(args, k) for k in _RESUME_KEYS}
-    settings["data"] = str(Path(args.data).resolve())
+    settings["data"] = args.data if args.data.startswith("hf:") else str(Path(args.data).resolve())
+    if args.data_format != "ppojax":  # absent for ppojax data, so runs from before formats existed still resume
+        settings["format"] = args.data_format
     try:
         ckpt = Checkpointer(out / "checkpoints", keep=2)
     except OSError as e:
@@ -250,8 +276,10 @@ def _train(args: argparse.Namespace, rows, out: Path, t_start: float) -> dict:
     history = _read_history(metrics_path, start_epoch)  # drop epochs not checkpointed
     atomic_write_text(metrics_path, "".join(json.dumps(row) + "\n" for row in history))
     chance = 1.0 / data.k
+    how = "detected" if args.format == "auto" else "--format"
     print(f"[train_reward] {train.n} training / {0 if val is None else val.n} held-out comparisons of k={data.k} "
-          f"(chance {chance:.2f}); {config.n_layer} layers, width {config.width}", file=sys.stderr, flush=True)
+          f"(chance {chance:.2f}), format {args.data_format} ({how}); {config.n_layer} layers, width {config.width}",
+          file=sys.stderr, flush=True)
 
     def on_epoch(epoch, st, row):
         row = {**row, "time_s": round(time.time() - t_start, 2)}
@@ -280,7 +308,8 @@ def _train(args: argparse.Namespace, rows, out: Path, t_start: float) -> dict:
 
     final = history[-1] if history else {}
     report = {
-        "data": settings["data"], "init": args.init, "k": data.k, "chance": chance,
+        "data": settings["data"], "format": args.data_format, "init": args.init, "k": data.k, "chance": chance,
+        "seed": args.seed, "val_fraction": args.val_fraction,
         "train_comparisons": train.n, "val_comparisons": 0 if val is None else val.n,
         "epochs": cfg.epochs, "lora": None if spec is None else {"rank": spec.rank, "alpha": spec.alpha,
                                                                   "targets": list(spec.targets)},

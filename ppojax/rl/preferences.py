@@ -4,7 +4,9 @@ File format (UTF-8 JSONL, one comparison per line; blank lines are skipped)::
 
     {"query": "The movie was", "responses": [" a joy.", " dull.", " long.", " fine."], "choice": 0}
 
-- ``query``: str, the prompt the responses continue (stored untruncated; cut to the query length on load).
+- ``query``: str, the prompt the responses continue (stored untruncated; cut to the query length on load), or a
+  list of chat messages ``{"role", "content"}``, rendered on load through the tokenizer's chat template with the
+  generation prompt (``role: content`` lines, then ``assistant:``, for a tokenizer without one).
 - ``responses``: a list of ``k >= 2`` non-empty strings. ``k`` is the same on every line of a file (pairs: k = 2;
   lm-human-preferences asked labelers to pick the best of 4).
 - ``choice``: the index of the preferred response in ``0 .. k-1``, or ``null`` for a row not labeled yet (what
@@ -20,6 +22,9 @@ Tokenized layout (:class:`PreferenceBatch`), the same conventions as the PPO rol
 ``query_length`` (a longer query keeps its last tokens, as ``ppojax.data.tokenize_prompts`` does), each response is
 right-padded to ``response_length`` (a longer one keeps its first tokens), pads are ``tokenizer.pad_token_id``
 (distinct from EOS) with mask 0.
+
+Other formats (TRL's preference schema, Anthropic HH-RLHF, OpenAI's summarize-from-feedback) are read into the
+same rows by ``ppojax.rl.preference_formats`` (``read_preferences(..., format=...)``).
 
 Every problem in a file raises one :class:`PreferenceError` naming ``file:line``: not JSON, not an object, a missing
 or mistyped field, fewer than 2 responses, an empty response, a ``k`` different from the file's first row, a choice
@@ -40,7 +45,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import flax.struct
 import jax
@@ -48,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppojax.io.atomic import atomic_write_text
-from ppojax.io.data import read_text_file
+from ppojax.rl.preference_formats import Comparison, PreferenceError, load_preferences, messages_text
 
 __all__ = [
     "Comparison",
@@ -65,102 +70,24 @@ __all__ = [
     "write_preferences",
 ]
 
-_FIELDS = ("query", "responses", "choice")
 LABELERS = ("vader", "lexicon")
-
-
-class PreferenceError(ValueError):
-    """A preference file or row that cannot be used; the message names ``file:line`` and the fix."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Comparison:
-    """One row of a preference file, as text."""
-
-    query: str
-    responses: tuple[str, ...]
-    choice: Optional[int] = None
-    """Index of the preferred response, or None while unlabeled."""
-    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    """Other keys of the row (kept when written back)."""
-
-    @property
-    def k(self) -> int:
-        return len(self.responses)
-
-    def to_json(self) -> dict:
-        return {"query": self.query, "responses": list(self.responses), "choice": self.choice, **self.extra}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Reading and writing text
 
 
-def _check_row(obj: Any, where: str, k_expected: Optional[int], first_line: Optional[int],
-               require_choice: bool) -> Comparison:
-    if not isinstance(obj, dict):
-        raise PreferenceError(f"{where}: expected a JSON object with {list(_FIELDS)}, got {type(obj).__name__}")
-    missing = [f for f in _FIELDS if f not in obj]
-    if missing:
-        hint = " (use null for a row not labeled yet)" if missing == ["choice"] else ""
-        raise PreferenceError(f"{where}: missing field{'s' if len(missing) > 1 else ''} "
-                              f"{', '.join(map(repr, missing))}{hint}")
-    query, responses, choice = obj["query"], obj["responses"], obj["choice"]
-    if not isinstance(query, str):
-        raise PreferenceError(f"{where}: 'query' must be a string, got {type(query).__name__}")
-    if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
-        raise PreferenceError(f"{where}: 'responses' must be a list of strings")
-    if len(responses) < 2:
-        raise PreferenceError(f"{where}: 'responses' has {len(responses)} response(s); a comparison needs k >= 2")
-    empty = [i for i, r in enumerate(responses) if not r.strip()]
-    if empty:
-        raise PreferenceError(f"{where}: response {empty[0]} is empty; every response needs text to be compared")
-    if k_expected is not None and len(responses) != k_expected:
-        raise PreferenceError(
-            f"{where}: {len(responses)} responses, but line {first_line} has {k_expected}; every comparison in a "
-            "file must have the same k"
-        )
-    if choice is None:
-        if require_choice:
-            raise PreferenceError(
-                f"{where}: 'choice' is null (unlabeled); label every row before training (by hand, or with "
-                "sample_for_labels.py --label-with vader)"
-            )
-    elif isinstance(choice, bool) or not isinstance(choice, int):
-        raise PreferenceError(f"{where}: 'choice' must be an integer index or null, got {json.dumps(choice)}")
-    elif not 0 <= choice < len(responses):
-        raise PreferenceError(
-            f"{where}: choice {choice} is out of range for {len(responses)} responses (0..{len(responses) - 1})"
-        )
-    extra = {key: value for key, value in obj.items() if key not in _FIELDS}
-    return Comparison(query=query, responses=tuple(responses), choice=choice, extra=extra)
-
-
-def read_preferences(path: str | os.PathLike, *, require_choice: bool = True) -> list[Comparison]:
+def read_preferences(path: str | os.PathLike, *, require_choice: bool = True,
+                     format: str = "ppojax") -> list[Comparison]:
     """Reads and validates a preference file (see the module docstring). Raises :class:`PreferenceError`.
 
     Args:
-      path: the JSONL file.
+      path: the JSONL file, or ``hf:NAME[:SPLIT]`` (a hub dataset; ``ppojax.rl.preference_formats``).
       require_choice: refuse rows whose ``choice`` is null (training needs labels; labeling does not).
+      format: ``ppojax`` (this module's format), ``trl``, ``hh``, ``tldr`` or ``auto`` (detected from the first row;
+        ``preference_formats.load_preferences`` also returns the detected name).
     """
-    path = Path(path)
-    text = read_text_file(path, "preference file", "a .jsonl file", PreferenceError)
-    rows: list[Comparison] = []
-    k_expected, first_line = None, None
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PreferenceError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        row = _check_row(obj, where, k_expected, first_line, require_choice)
-        if k_expected is None:
-            k_expected, first_line = row.k, n
-        rows.append(row)
-    if not rows:
-        raise PreferenceError(f"preference file {path} holds no comparisons (empty, or only blank lines)")
+    rows, _ = load_preferences(path, format=format, require_choice=require_choice)
     return rows
 
 
@@ -206,6 +133,10 @@ def tokenize_preferences(tokenizer: Any, rows: Sequence[Comparison], *, query_le
                          source: str = "preferences") -> PreferenceBatch:
     """Tokenizes comparisons into numpy arrays (host side; see :class:`PreferenceBatch` for the layout).
 
+    A query given as chat messages is rendered by the tokenizer's chat template with the generation prompt (its ids
+    exactly ``apply_chat_template(messages, add_generation_prompt=True)``), or, for a tokenizer without a template,
+    as ``role: content`` lines then ``assistant:``; a text query is tokenized without special tokens.
+
     Queries longer than ``query_length`` keep their last tokens, responses longer than ``response_length`` their
     first (one warning says how many were cut). A response that tokenizes to nothing raises.
     """
@@ -224,7 +155,7 @@ def tokenize_preferences(tokenizer: Any, rows: Sequence[Comparison], *, query_le
     query_mask = np.zeros((n, query_length), np.int32)
     tokens = np.full((n, k, response_length), pad, np.int32)
     mask = np.zeros((n, k, response_length), np.int32)
-    encoded_queries = tokenizer([row.query for row in rows], add_special_tokens=False)["input_ids"]
+    encoded_queries = _encode_queries(tokenizer, rows, source)
     encoded_responses = tokenizer([r for row in rows for r in row.responses], add_special_tokens=False)["input_ids"]
     cut_queries = cut_responses = 0
     for i, row in enumerate(rows):
@@ -250,6 +181,27 @@ def tokenize_preferences(tokenizer: Any, rows: Sequence[Comparison], *, query_le
         )
     choice = np.asarray([-1 if row.choice is None else row.choice for row in rows], np.int32)
     return PreferenceBatch(query_ids=query_ids, query_mask=query_mask, tokens=tokens, mask=mask, choice=choice)
+
+
+def _encode_queries(tokenizer: Any, rows: Sequence[Comparison], source: str) -> list[list[int]]:
+    chat = [i for i, row in enumerate(rows) if not isinstance(row.query, str)]
+    template = bool(getattr(tokenizer, "chat_template", None))
+    texts = [row.query if isinstance(row.query, str) else messages_text(row.query) for row in rows]
+    if template:  # the template's rows are encoded on their own below; keep the batch call to the text ones
+        texts = [t if isinstance(row.query, str) else "" for t, row in zip(texts, rows)]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    if template:
+        for i in chat:
+            try:
+                ids = tokenizer.apply_chat_template([dict(m) for m in rows[i].query], add_generation_prompt=True,
+                                                    tokenize=True)
+            except Exception as e:  # noqa: BLE001 -- a template error (e.g. a role it refuses) is the data's
+                raise PreferenceError(f"{source}: comparison {i + 1}: the chat template cannot render its prompt "
+                                      f"({type(e).__name__}: {str(e).strip()[:160]})") from None
+            if hasattr(ids, "keys"):  # a BatchEncoding (transformers >= 5 returns one)
+                ids = ids["input_ids"]
+            encoded[i] = [int(t) for t in ids]
+    return encoded
 
 
 def split_preferences(batch: PreferenceBatch, val_fraction: float, seed: int) -> tuple[PreferenceBatch,
