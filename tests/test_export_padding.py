@@ -60,3 +60,21 @@ def test_ppojax_reads_the_export_back_with_its_own_pad():
         again = load_tokenizer(d)
     assert again.pad_token_id != again.eos_token_id and again.padding_side == "left"
     assert again("The movie was")["input_ids"] == tok("The movie was")["input_ids"]
+
+
+def test_an_adapter_trained_on_the_offline_gguf_names_its_true_base(tmp_path, monkeypatch):
+    """PEFT's config names the hub model; a README beside it says the adapter was trained on the dequantized GGUF
+    (and nothing is written for a base that came from the hub or a directory)."""
+    from pathlib import Path
+
+    from ppojax.io import hub
+    from ppojax.train import run as runs
+
+    name = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    monkeypatch.setattr(hub, "loaded_offline", lambda n: Path("/x/SmolLM2-135M-Instruct.Q4_1.gguf") if n == name
+                        else None)
+    runs._note_offline_base(tmp_path, "gpt2")
+    assert not (tmp_path / "README.md").exists()
+    runs._note_offline_base(tmp_path, name)
+    text = (tmp_path / "README.md").read_text()
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf" in text and name in text and "/x/" not in text

