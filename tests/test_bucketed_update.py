@@ -112,7 +112,7 @@ def test_length_sorted_minibatches_group_lengths_and_keep_whole_groups():
 @pytest.mark.parametrize("kw", [
     dict(),
     dict(loss_aggregation="seq-mean-token-sum-norm", opt_kw=dict(grad_accum_steps=2)),
-    dict(advantage_estimator="grpo", samples_per_prompt=4, policy_loss="gspo"),
+    pytest.param(dict(advantage_estimator="grpo", samples_per_prompt=4, policy_loss="gspo"), marks=pytest.mark.slow),
 ], ids=["gae", "sum-norm+accum", "grpo+gspo"])
 def test_one_minibatch_update_equals_the_padded_update(kw):
     """One minibatch per epoch holds every row whatever the order: bucketed (trimmed to the batch's longest
@@ -147,6 +147,7 @@ def test_bucketed_update_equals_full_width_update_of_the_same_minibatches():
     assert (jax.random.key_data(so.key) == jax.random.key_data(sb.key)).all()  # resume: the same key stream
 
 
+@pytest.mark.slow
 def test_bucketed_iteration_equals_full_width_iteration():
     """Whole iterations (sampling with stop tokens, so rows end at very different lengths): two of them, bucketed
     against full width over the same length-grouped minibatches, one compilation each."""
