@@ -19,23 +19,15 @@ from ppojax.rl.config import OptimizerConfig, PPOConfig
 from ppojax.rl.kl import KLControlConfig
 from ppojax.rl.state import create_train_state
 
+from _ppo_helpers import left_padded_prompts, low_token_share
+
 VOCAB = 48
 MODEL = ppojax.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4)
 RESPONSE = 16
 
 
-def low_token_share(tokens, mask):
-    hit = ((tokens < 8) & (mask > 0)).sum(-1)
-    return hit.astype(jnp.float32) / jnp.maximum(mask.sum(-1), 1).astype(jnp.float32)
-
-
 def _prompts(n, seed=0):
-    rng = np.random.RandomState(seed)
-    ids = rng.randint(0, VOCAB, (n, 5)).astype(np.int32)
-    mask = np.ones_like(ids)
-    mask[::3, :2] = 0
-    ids[mask == 0] = VOCAB
-    return jnp.asarray(ids), jnp.asarray(mask)
+    return left_padded_prompts(n, VOCAB, width=5, seed=seed)
 
 
 def _state(opt_kw=None, **ppo_kw):

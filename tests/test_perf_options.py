@@ -29,23 +29,14 @@ from ppojax.rl.roles import LoraRoles, SharedCritic
 from ppojax.rl.setup import make_setup
 from ppojax.rl.state import create_train_state
 
+from _ppo_helpers import left_padded_prompts, low_token_share
+
 VOCAB = 48
 MODEL = ppojax.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4)
 
 
-def low_token_share(tokens, mask):
-    """Dense jittable reward: share of response tokens below 8."""
-    hit = ((tokens < 8) & (mask > 0)).sum(-1)
-    return hit.astype(jnp.float32) / jnp.maximum(mask.sum(-1), 1).astype(jnp.float32)
-
-
-def _prompts(batch, seed=0):
-    rng = np.random.RandomState(seed)
-    ids = rng.randint(0, VOCAB, (batch, 6)).astype(np.int32)
-    mask = np.ones_like(ids)
-    mask[::3, :2] = 0  # some left padding
-    ids[mask == 0] = VOCAB  # the pad id sits outside the vocabulary
-    return jnp.asarray(ids), jnp.asarray(mask)
+def _prompts(n, seed=0):
+    return left_padded_prompts(n, VOCAB, width=6, seed=seed)
 
 
 def _state(seed=0, roles=None, opt_kw=None, **ppo_kw):
