@@ -253,3 +253,22 @@ def test_bad_task_input_is_one_line_and_exit_2(tmp_path, capsys, changes, messag
     assert len(errors) == 1 and message in errors[0], err
     assert not run_dir.exists() or not any(run_dir.iterdir())
     shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_a_missing_jinja2_is_one_line_saying_how_to_install_it(chat_tokenizer_dir):
+    """transformers renders chat templates with jinja2 but does not require it (an install without torch lacks it):
+    in a fresh process where jinja2 cannot be imported, rendering says so in one line."""
+    import subprocess
+
+    code = ("import sys; sys.modules['jinja2'] = None\n"
+            "import ppojax\n"
+            "from ppojax.train import prompting\n"
+            f"tok = ppojax.load_tokenizer({str(chat_tokenizer_dir)!r})\n"
+            "try:\n"
+            "    prompting.encode(tok, 'hi', chat=True, system=None, where='prompt 1')\n"
+            "except prompting.TaskInputError as e:\n"
+            "    print('ERROR', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    line = [x for x in out.stdout.splitlines() if x.startswith("ERROR")]
+    assert line and "needs jinja2" in line[0] and "pip install" in line[0], out.stdout + out.stderr

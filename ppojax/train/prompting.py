@@ -118,6 +118,9 @@ def encode(tokenizer, prompt, *, chat: bool, system: Optional[str], where: str) 
         try:
             return _ids_of(tokenizer.apply_chat_template(chat_messages(prompt, system), add_generation_prompt=True,
                                                          tokenize=True))
+        except ImportError as e:  # transformers renders templates with jinja2, an optional dependency of its own
+            raise TaskInputError(f"prompts.chat: rendering the chat template needs jinja2, which is not installed "
+                                 f"(pip install 'jinja2>=3.1'; ppojax's install requires it): {e}") from None
         except Exception as e:  # noqa: BLE001 -- a template error (e.g. a role it refuses) is the user's input
             raise TaskInputError(f"{where}: the chat template cannot render it ({type(e).__name__}: "
                                  f"{str(e).strip()[:160]})") from None
