@@ -147,7 +147,7 @@ def check_task(task: Any, key: str = "task") -> Task:
         for i, row in enumerate(rows):
             if not isinstance(row, Row):
                 raise TaskError(f"{key}: {split} row {i} is a {type(row).__name__}, not a ppojax.tasks.Row")
-            if not _is_prompt(row.prompt):
+            if not is_prompt(row.prompt):
                 raise TaskError(f"{key}: {split} row {i}: a prompt is a non-empty string or a list of "
                                 "{'role', 'content'} messages")
             if task.verifiable and (row.target is None or not str(row.target).strip()):
@@ -164,7 +164,8 @@ def check_task(task: Any, key: str = "task") -> Task:
     return task
 
 
-def _is_prompt(prompt: Any) -> bool:
+def is_prompt(prompt: Any) -> bool:
+    """A non-empty string, or a non-empty list of ``{'role', 'content'}`` string messages."""
     if isinstance(prompt, str):
         return bool(prompt.strip())
     return (isinstance(prompt, list) and bool(prompt) and all(

@@ -14,7 +14,7 @@ import random
 from pathlib import Path
 from typing import Optional
 
-from ppojax.tasks.base import Row, Task, TaskContext, register_task
+from ppojax.tasks.base import Row, Task, TaskContext, is_prompt, register_task
 from ppojax.tasks.verify import is_correct
 
 
@@ -35,7 +35,7 @@ def read_rows(path: Path, field: str, target_field: Optional[str] = None,
         rows = []
         for n, obj in jsonl_rows(path, text, field):
             prompt = obj[field]
-            if not (isinstance(prompt, str) and prompt.strip()) and not _messages(prompt):
+            if not is_prompt(prompt):
                 raise ValueError(f"{path}:{n}: field {field!r} must be a non-empty string or a list of "
                                  "{'role', 'content'} messages")
             target = None
@@ -48,12 +48,6 @@ def read_rows(path: Path, field: str, target_field: Optional[str] = None,
     if not rows:
         raise ValueError(f"prompt file {path} holds no prompts (empty, or only blank lines)")
     return rows
-
-
-def _messages(value) -> bool:
-    return (isinstance(value, list) and bool(value) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in value))
 
 
 def _target(value, extract: Optional[str], where: str) -> str:

@@ -226,7 +226,7 @@ def build_reward(cfg, tokenizer, model_config, config_dir: Path, run_task=None):
     the task's reward. ``run_task`` (the tokenized task) is loaded when not given and needed."""
     from ppojax.rl import rewards
 
-    if run_task is None and (cfg.reward.kind is None or cfg.task.name != "sentiment"):
+    if run_task is None:
         run_task = load_task(cfg, config_dir, tokenizer)
     if cfg.reward.kind is None:
         cfg = task_config(cfg, run_task, tokenizer)
