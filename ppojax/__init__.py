@@ -74,6 +74,7 @@ _PUBLIC = {
     "load_tokenizer": "ppojax.io.tokenizer",
     "masked_mean": "ppojax.rl.advantages",
     "ppo_iteration": "ppojax.rl.iteration",
+    "register_env": "ppojax.envs",
     "register_estimator": "ppojax.rl.advantages",
     "register_model_family": "ppojax.models",
     "register_policy_loss": "ppojax.rl.losses",
@@ -95,6 +96,7 @@ _PUBLIC = {
 _PUBLIC_MODULES = {
     "advantages": "ppojax.rl.advantages",
     "distributed": "ppojax.parallel.distributed",
+    "envs": "ppojax.envs",
     "kl": "ppojax.rl.kl",
     "losses": "ppojax.rl.losses",
     "models": "ppojax.models",
@@ -106,7 +108,7 @@ _PUBLIC_MODULES = {
     "train": "ppojax.train",
 }
 # Subpackages reachable as attributes too (``ppojax.rl.losses`` after ``import ppojax``).
-_SUBPACKAGES = ("cli", "generate", "io", "models", "parallel", "registry", "rl", "tasks", "train")
+_SUBPACKAGES = ("cli", "envs", "generate", "io", "models", "parallel", "registry", "rl", "tasks", "train")
 # A public function named like a subpackage: importing ``ppojax.generate.sampling`` must not replace the function
 # ``ppojax.generate`` (``ppojax.train``, by contrast, is the subpackage: ``ppojax.train.build_run``).
 _FUNCTIONS_OVER_PACKAGES = frozenset(n for n in ("generate",) if n in _PUBLIC)

@@ -224,17 +224,44 @@ def sample(config: ModelConfig, params: Params, prompt_ids, prompt_mask, key, *,
     array always filters). ``example_ids [batch]`` seed each row's randomness. ``stop_sequences``: token-id tuples
     that end a row like EOS does (the row ends after the sequence's last token)."""
     batch, prompt_len = prompt_ids.shape
-    n = max_new_tokens
+    cache = init_cache(config, batch, prompt_len + max_new_tokens)
+    out, _, _ = decode(config, params, cache, prompt_ids, prompt_mask, row_keys(key, batch, example_ids),
+                       max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                       eos_token_id=eos_token_id, pad_token_id=pad_token_id, stop_sequences=stop_sequences)
+    return out
+
+
+def row_keys(key, batch: int, example_ids=None) -> jax.Array:
+    """``[batch]`` keys, ``fold_in(key, example_ids[b])`` (default ``example_ids = arange(batch)``): the randomness
+    of row ``b``, whatever other rows share its batch or device."""
     if example_ids is None:
         example_ids = jnp.arange(batch)
-    row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, example_ids)
-    step_fn = functools.partial(_sample_step, row_keys=row_keys, temperature=temperature, top_k=top_k, top_p=top_p)
+    return jax.vmap(jax.random.fold_in, (None, 0))(key, example_ids)
 
-    cache = init_cache(config, batch, prompt_len + n)
-    # Left padding: the last column is every row's last real prompt token.
-    logits, cache = next_token_logits(config, params, prompt_ids, prompt_mask, cache)
+
+def decode(config: ModelConfig, params: Params, cache, new_ids, new_mask, keys, *, max_new_tokens: int,
+           temperature, top_k: int, top_p, eos_token_id: Optional[int], pad_token_id: int,
+           stop_sequences: tuple = (), finished=None):
+    """Append ``new_ids [batch, C]`` (``new_mask``: 1 on real tokens; holes allowed) to ``cache`` at its index,
+    then sample up to ``max_new_tokens`` tokens per row: ``(SampleOutput, cache, steps)``.
+
+    The prefill of a prompt is the first call on an empty cache; a multi-turn episode calls it again with the
+    observation that follows a turn (``ppojax.train.multiturn``), so no earlier token is ever re-encoded. Token
+    ``j`` of a row is drawn from ``keys[b]`` folded with ``j``. Slots: after the call, sampled token ``j`` belongs
+    to slot ``index0 + C + j``; tokens ``0 .. steps - 2`` are in the cache (real up to and including a row's EOS),
+    the last sampled column (``steps - 1``) is not yet: a continuation passes it as the first column of its chunk.
+    ``finished [batch]`` bool: rows that sample nothing (all pad, mask 0).
+    """
+    batch = new_ids.shape[0]
+    n = max_new_tokens
+    if finished is None:
+        finished = jnp.zeros((batch,), bool)
+    step_fn = functools.partial(_sample_step, row_keys=keys, temperature=temperature, top_k=top_k, top_p=top_p)
+    # Left padding (or a chunk whose last column is real): the last column is every live row's last real token.
+    logits, cache = next_token_logits(config, params, new_ids, new_mask, cache)
     first, first_logp = step_fn(logits, step=0)
-    is_eos = (first == eos_token_id) if eos_token_id is not None else jnp.zeros_like(first, bool)
+    first = jnp.where(finished, pad_token_id, first)
+    is_eos = finished | ((first == eos_token_id) if eos_token_id is not None else jnp.zeros_like(first, bool))
     tokens0 = jnp.full((batch, n), pad_token_id, jnp.int32).at[:, 0].set(first)
     if stop_sequences:
         is_eos = is_eos | _ends_stop(tokens0, 0, stop_sequences)
@@ -243,8 +270,8 @@ def sample(config: ModelConfig, params: Params, prompt_ids, prompt_mask, key, *,
         last_tokens=first,
         cache=cache,
         tokens=tokens0,
-        logprobs=jnp.zeros((batch, n), jnp.float32).at[:, 0].set(first_logp),
-        mask=jnp.zeros((batch, n), jnp.int32).at[:, 0].set(1),
+        logprobs=jnp.zeros((batch, n), jnp.float32).at[:, 0].set(jnp.where(finished, 0.0, first_logp)),
+        mask=jnp.zeros((batch, n), jnp.int32).at[:, 0].set((~finished).astype(jnp.int32)),
         done=is_eos,
     )
 
@@ -252,8 +279,9 @@ def sample(config: ModelConfig, params: Params, prompt_ids, prompt_mask, key, *,
         return (s.step < n) & ~jnp.all(s.done)
 
     def body(s: _DecodeState):
-        # Rows that are done feed a masked token: it is never attended to and its output is discarded.
-        live = (~s.done).astype(jnp.int32)[:, None]
+        # The token fed is real iff it is a response token (a row's EOS included, so that a continuation finds it
+        # in the cache); after that a row feeds masked tokens: never attended to, their outputs discarded.
+        live = jax.lax.dynamic_index_in_dim(s.mask, s.step - 1, axis=1)  # [batch, 1]
         logits, cache = next_token_logits(config, params, s.last_tokens[:, None], live, s.cache)
         tok, logp = step_fn(logits, step=s.step)
         tok = jnp.where(s.done, pad_token_id, tok)
@@ -274,8 +302,9 @@ def sample(config: ModelConfig, params: Params, prompt_ids, prompt_mask, key, *,
         )
 
     state = jax.lax.while_loop(cond, body, state)
-    return SampleOutput(tokens=state.tokens, mask=state.mask, logprobs=state.logprobs,
-                        lengths=state.mask.sum(-1).astype(jnp.int32))
+    out = SampleOutput(tokens=state.tokens, mask=state.mask, logprobs=state.logprobs,
+                       lengths=state.mask.sum(-1).astype(jnp.int32))
+    return out, state.cache, state.step
 
 
 _sample_jit = jax.jit(

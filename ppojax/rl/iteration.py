@@ -61,18 +61,43 @@ class Rollout:
     values: Optional[jax.Array]  # critic V(s_t), the value before emitting token t; None without a critic
     entropy: Optional[jax.Array]  # per-token entropy of the tempered actor; None with reuse_sampler_logprobs
     found_stop: jax.Array  # [batch] bool: truncate token found (True when truncation is off)
+    context_mask: Optional[jax.Array] = None
+    """Multi-turn episodes (``ppojax.train.multiturn``): 1 on every real token of the response region, the policy's
+    own turns AND the observations between them (what the models attend to); ``mask`` is then 1 on the policy's
+    tokens only (what is trained on). None: the same as ``mask`` (a single-turn rollout)."""
+    turn_rewards: Optional[jax.Array] = None
+    """``[batch, response]`` rewards placed at the last token of the turn that earned them (per-turn credit); the
+    scores passed to the update are then their sums. None: the score goes to the last real token."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Forward helpers shared by rollout and update: one code path, so the first ratio is exactly 1.
 
 
-def _response_hidden(setup: PPOSetup, params, ids, mask, prompt_len: int):
+def _response_hidden(setup: PPOSetup, params, ids, mask, prompt_len: int, holes: bool = False):
     """Final hidden states ``[batch, response, width]`` of the positions that predict the response tokens.
 
     ``ids``/``mask`` are prompt + response; the hidden state predicting response token t sits at position P - 1 + t.
+    ``holes`` (multi-turn episodes, whose response region has masked slots between turns): at the last REAL slot
+    before P + t instead (:func:`predicting_slots`), which is what the sampler's KV cache conditioned on.
     """
-    return forward_hidden(setup.model, params, ids, mask)[:, prompt_len - 1:-1]
+    hidden = forward_hidden(setup.model, params, ids, mask)
+    return _at_predicting(hidden, mask, prompt_len) if holes else hidden[:, prompt_len - 1:-1]
+
+
+def predicting_slots(mask: jax.Array, prompt_len: int) -> jax.Array:
+    """``[batch, response]`` int32: for each response slot ``P + t``, the last slot before it that holds a real
+    token, ``max{s < P + t : mask[s] = 1}`` (0 if none): the position whose output predicts the token at ``P + t``.
+    With no holes before any real token it is ``P - 1 + t``."""
+    slots = jnp.where(mask > 0, jnp.arange(mask.shape[1], dtype=jnp.int32)[None, :], -1)
+    last_real = jax.lax.cummax(slots, axis=1)  # [batch, T]: last real slot at or before s
+    return jnp.maximum(last_real[:, prompt_len - 1:-1], 0)
+
+
+def _at_predicting(x, mask, prompt_len: int):
+    """``x [batch, T, ...]`` read at :func:`predicting_slots`: ``[batch, response, ...]``."""
+    idx = predicting_slots(mask, prompt_len)
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
 def _head_logprobs(setup: PPOSetup, params, hidden, ids, mask, prompt_len: int, temperature, recompute: bool = False):
@@ -86,14 +111,15 @@ def _head_logprobs(setup: PPOSetup, params, hidden, ids, mask, prompt_len: int, 
     return out.logprobs, out.entropy
 
 
-def _response_logprobs(setup: PPOSetup, params, ids, mask, prompt_len: int, temperature, recompute: bool = False):
+def _response_logprobs(setup: PPOSetup, params, ids, mask, prompt_len: int, temperature, recompute: bool = False,
+                       holes: bool = False):
     """``_head_logprobs`` of the model's own forward: a policy's (the reference's) log-probs and entropies."""
-    hidden = _response_hidden(setup, params, ids, mask, prompt_len)
+    hidden = _response_hidden(setup, params, ids, mask, prompt_len, holes)
     return _head_logprobs(setup, params, hidden, ids, mask, prompt_len, temperature, recompute)
 
 
 def _policy_and_values(setup: PPOSetup, actor, critic, ids, mask, prompt_len: int, temperature, *,
-                       logprobs: bool = True, recompute: bool = False):
+                       logprobs: bool = True, recompute: bool = False, holes: bool = False):
     """The actor's ``(logprobs, entropy)`` and the critic's values ``V(s_t)`` of every response position,
     ``[batch, response]`` each: what the rollout stores and what every update recomputes, through this one code path
     (so the first minibatch's ratio is exactly 1).
@@ -102,18 +128,20 @@ def _policy_and_values(setup: PPOSetup, actor, critic, ids, mask, prompt_len: in
     own trunk; a shared one (``setup.shared_critic``) reads the actor's hidden states, ``V(s_t) =
     scalar_head(value_head, h_t)``: one trunk forward for both heads. ``logprobs=False`` (the rollout with
     ``ppo.reuse_sampler_logprobs``) skips the vocabulary, and the actor's trunk too unless a shared critic needs
-    it; what is not computed is None.
+    it; what is not computed is None. ``holes``: the response region has masked slots between real tokens (a
+    multi-turn episode): each token is predicted from the last real slot before it.
     """
     logp = entropy = values = hidden = None
     if logprobs or setup.shared_critic:
-        hidden = _response_hidden(setup, actor, ids, mask, prompt_len)  # [batch, resp, width]
+        hidden = _response_hidden(setup, actor, ids, mask, prompt_len, holes)  # [batch, resp, width]
     if logprobs:
         logp, entropy = _head_logprobs(setup, actor, hidden, ids, mask, prompt_len, temperature, recompute)
     if critic is not None:
         if setup.shared_critic:
             values = scalar_head(critic, hidden)
         else:
-            values = value_forward(setup.model, critic, ids, mask)[:, prompt_len - 1:-1]
+            values = value_forward(setup.model, critic, ids, mask)
+            values = _at_predicting(values, mask, prompt_len) if holes else values[:, prompt_len - 1:-1]
     return logp, entropy, values
 
 
@@ -170,30 +198,54 @@ def _rollout(state: TrainState, prompt_ids, prompt_mask):
             tokens, mask, stop_token=cfg.truncate_token, min_length=cfg.truncate_after,
             pad_token_id=setup.pad_token_id)
 
-    ids, full_mask = _concat(prompt_ids, prompt_mask, tokens, mask)
+    return state.replace(key=key), _forwards(state, prompt_ids, prompt_mask, tokens, mask, out.logprobs, found)
+
+
+def _forwards(state: TrainState, prompt_ids, prompt_mask, tokens, mask, sampler_logprobs, found,
+              context_mask=None, turn_rewards=None) -> Rollout:
+    """The rollout's forward passes over sampled responses: the actor's log-probs and entropies, the critic's
+    values, the reference's log-probs (row chunks of ``ppo.rollout_chunk_size``). ``context_mask`` (a multi-turn
+    episode): the models attend over it, ``mask`` marks the policy's tokens (see :class:`Rollout`)."""
+    setup: PPOSetup = state.setup
+    cfg, hp = setup.ppo, state.hparams
+    batch, prompt_len = prompt_ids.shape
+    holes = context_mask is not None
+    ids, full_mask = _concat(prompt_ids, prompt_mask, tokens, context_mask if holes else mask)
     chunk = min(cfg.rollout_chunk_size or cfg.minibatch_size, batch)
     while batch % chunk:  # a local (per-device) batch smaller than the configured chunk
         chunk -= 1
+    actor = setup.roles.actor(state.params, state.frozen)
     critic = setup.roles.critic(state.params, state.frozen) if setup.has_critic else None
     reuse = cfg.reuse_sampler_logprobs
     logp = entropy = values = None
     if not reuse or critic is not None:
         logp, entropy, values = _chunked(
             lambda i, m: _policy_and_values(setup, actor, critic, i, m, prompt_len, hp.temperature,
-                                            logprobs=not reuse), chunk, ids, full_mask)
+                                            logprobs=not reuse, holes=holes), chunk, ids, full_mask)
     if reuse:  # the sampler's log-prob of each sampled token: tempered, unfiltered (see PPOConfig)
-        logp = out.logprobs
+        logp = sampler_logprobs
     reference = setup.roles.reference(state.params, state.frozen)
-    ref_logp, _ = _chunked(lambda i, m: _response_logprobs(setup, reference, i, m, prompt_len, hp.temperature),
-                           chunk, ids, full_mask)
+    ref_logp, _ = _chunked(lambda i, m: _response_logprobs(setup, reference, i, m, prompt_len, hp.temperature,
+                                                           holes=holes), chunk, ids, full_mask)
     real = mask > 0
     masked = lambda x: None if x is None else jnp.where(real, x, 0.0)
     rollout = Rollout(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask.astype(jnp.int32), tokens=tokens, mask=mask.astype(jnp.int32),
         logprobs=masked(logp), ref_logprobs=masked(ref_logp), values=masked(values), entropy=masked(entropy),
-        found_stop=found,
+        found_stop=found, context_mask=None if context_mask is None else context_mask.astype(jnp.int32),
+        turn_rewards=None if turn_rewards is None else jnp.where(real, turn_rewards.astype(jnp.float32), 0.0),
     )
-    return state.replace(key=key), _constrain(setup, rollout)
+    return _constrain(setup, rollout)
+
+
+def _episode_rollout(state: TrainState, prompt_ids, prompt_mask, tokens, mask, context_mask, sampler_logprobs,
+                     turn_rewards):
+    """The rollout of sampled multi-turn episodes (``ppojax.train.multiturn``): prompts ``[batch, P]`` (already one
+    row per episode), the response region's tokens, policy mask, context mask, the sampler's log-probs and the
+    per-turn rewards, all ``[batch, R]``. The state is unchanged (the turns drew their keys already)."""
+    found = jnp.ones((prompt_ids.shape[0],), bool)
+    return state, _forwards(state, prompt_ids, prompt_mask, tokens, mask, sampler_logprobs, found, context_mask,
+                            turn_rewards)
 
 
 def compute_scores(state: TrainState, rollout: Rollout) -> jax.Array:
@@ -208,7 +260,7 @@ def compute_scores(state: TrainState, rollout: Rollout) -> jax.Array:
     if getattr(reward, "uses_base", False):
         reward = reward.with_base(state.setup.roles.reference(state.params, state.frozen))
     if getattr(reward, "uses_prompt", False):
-        ids, mask = _concat(rollout.prompt_ids, rollout.prompt_mask, rollout.tokens, rollout.mask)
+        ids, mask = _concat(rollout.prompt_ids, rollout.prompt_mask, rollout.tokens, _attended(rollout))
         scores = reward(ids, mask)
     else:
         scores = reward(rollout.tokens, rollout.mask)
@@ -220,16 +272,22 @@ def compute_scores(state: TrainState, rollout: Rollout) -> jax.Array:
 # Phase 2: update
 
 
+def _attended(rollout: Rollout):
+    """The response region's attention mask: the context mask of a multi-turn episode, else the response mask."""
+    return rollout.mask if rollout.context_mask is None else rollout.context_mask
+
+
 def _loss(params, state: TrainState, mb: Rollout, advantages, returns, n_tokens, n_seqs, response_length: int):
     """The combined loss on one (micro)batch: forward actor and critic (one trunk when shared), then the terms.
     ``response_length``: the rollout's full width (``mb`` may be trimmed to fewer response positions)."""
     setup = state.setup
-    ids, mask = _concat(mb.prompt_ids, mb.prompt_mask, mb.tokens, mb.mask)
+    ids, mask = _concat(mb.prompt_ids, mb.prompt_mask, mb.tokens, _attended(mb))
     P = mb.prompt_ids.shape[1]
     actor = setup.roles.actor(params, state.frozen)
     critic = setup.roles.critic(params, state.frozen) if setup.has_critic else None
     logp, entropy, values = _policy_and_values(setup, actor, critic, ids, mask, P, state.hparams.temperature,
-                                               recompute=setup.ppo.recompute_logits)
+                                               recompute=setup.ppo.recompute_logits,
+                                               holes=mb.context_mask is not None)
     inputs = LossInputs.create(
         mask=mb.mask, n_tokens=n_tokens, n_seqs=n_seqs, logprobs=logp, old_logprobs=mb.logprobs,
         ref_logprobs=mb.ref_logprobs, entropy=entropy, values=values, old_values=mb.values, advantages=advantages,
@@ -324,7 +382,8 @@ def _trim(mb: Rollout, advantages, returns, *, width: int):
     if width == mb.tokens.shape[1]:
         return mb, advantages, returns
     mb = mb.replace(tokens=cut(mb.tokens), mask=cut(mb.mask), logprobs=cut(mb.logprobs),
-                    ref_logprobs=cut(mb.ref_logprobs), values=cut(mb.values), entropy=cut(mb.entropy))
+                    ref_logprobs=cut(mb.ref_logprobs), values=cut(mb.values), entropy=cut(mb.entropy),
+                    context_mask=cut(mb.context_mask), turn_rewards=cut(mb.turn_rewards))
     return mb, cut(advantages), cut(returns)
 
 
@@ -338,10 +397,15 @@ def _update(state: TrainState, rollout: Rollout, scores: jax.Array):
     n_nonfinite = coll.sum(rewards_lib.nonfinite_count(scores))
     scores = _penalized(setup, hp, scores, rollout)
 
-    # Per-token rewards: -beta * kl_t, plus the score on the last real token.
-    rewards, kl = rewards_lib.shape_rewards(scores, rollout.logprobs, rollout.ref_logprobs, rollout.mask,
-                                            state.kl.coef, kl_estimator=cfg.kl_estimator)
+    # Per-token rewards: -beta * kl_t, plus the score on the last real token. Per-turn credit (a multi-turn
+    # rollout's turn_rewards, whose sums are the scores): each turn's reward at its last token, and only what the
+    # penalties changed at the last token.
     mask = rollout.mask
+    placed = scores if rollout.turn_rewards is None else scores - raw_scores
+    rewards, kl = rewards_lib.shape_rewards(placed, rollout.logprobs, rollout.ref_logprobs, mask,
+                                            state.kl.coef, kl_estimator=cfg.kl_estimator)
+    if rollout.turn_rewards is not None:
+        rewards = rewards + jnp.where(mask > 0, rollout.turn_rewards, 0.0)
     if cfg.whiten_rewards:
         rewards = whiten(rewards, mask, shift_mean=False, axis_name=axis)
     advantages, returns = run_estimator(setup.estimator, AdvantageInputs(
@@ -456,13 +520,13 @@ def _iteration(state: TrainState, prompt_ids, prompt_mask):
     return _update(state, rollout, scores)
 
 
-PHASES = {"iteration": _iteration, "rollout": _rollout, "update": _update}
+PHASES = {"iteration": _iteration, "rollout": _rollout, "update": _update, "episode": _episode_rollout}
 """The traceable phases, ``fn(state, *args) -> (state, out)``: what ``ppojax.train.mesh_step`` jits over a mesh and
 ``ppojax.train.sweep`` vmaps over runs."""
 
 ROLLOUT_CHANGES = ("key",)
 UPDATE_CHANGES = ("params", "opt_state", "kl", "key", "step")
-CHANGES = {"iteration": UPDATE_CHANGES, "rollout": ROLLOUT_CHANGES, "update": UPDATE_CHANGES}
+CHANGES = {"iteration": UPDATE_CHANGES, "rollout": ROLLOUT_CHANGES, "update": UPDATE_CHANGES, "episode": ()}
 """The state fields each phase changes; the others are read-only inputs of its jit."""
 STATE_FIELDS = ("params", "opt_state", "frozen", "reward", "hparams", "kl", "key", "step")
 
@@ -556,7 +620,7 @@ def _distinct_buffers(donated, others):
 _JITTED = {
     (phase, donate): jit_state_fn(PHASES[phase], CHANGES[phase], donate=donate, name=phase)
     for phase, donate in (("iteration", False), ("iteration", True), ("rollout", False), ("update", False),
-                          ("update", True))
+                          ("update", True), ("episode", False))
 }
 
 

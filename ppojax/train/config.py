@@ -179,6 +179,52 @@ class TaskConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class EnvConfig:
+    """Multi-turn episodes (``ppojax.train.multiturn``, docs/multi_turn.md): a registered environment
+    (``ppojax.envs``; a module under `imports:` may register more with ``ppojax.register_env``) answers each turn of
+    the policy. The episode's whole response region (turns, observations between them) is ``ppo.response_length``
+    tokens; the prompt is the environment's first observation (at most ``prompts.max_prompt_tokens``)."""
+
+    name: Optional[str] = None
+    """Built in: 'calculator' (a tool for the arithmetic task), 'guess' (a guessing game), 'scripted_user' (a dialogue
+    with a scripted user). None: single-turn responses (no environment)."""
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Keyword arguments of the environment's factory (one object per episode)."""
+    max_turns: int = 4
+    """Assistant turns per episode at most (the episode ends earlier when the environment says done)."""
+    timeout_s: Optional[float] = 30.0
+    """Seconds one reset() or step() call may take (None or 0: no limit); past it the run stops (exit 1), keeping its
+    last checkpoint."""
+    turn_tokens: int = 32
+    """New tokens per assistant turn at most (a turn also ends at EOS or a stop sequence)."""
+    observation_tokens: int = 64
+    """Tokens of one observation at most, as rendered (the chat template's turn markers included); a longer one
+    ends the episode (counted in env/truncated)."""
+    credit: Literal["turn", "episode"] = "turn"
+    """Where the rewards go: 'turn' at the last token of the turn that earned each one (per-turn credit), 'episode'
+    all at the episode's last token."""
+
+    def __post_init__(self):
+        from ppojax.envs import check_env_kwargs, get_env
+
+        if self.name is None:
+            return
+        get_env(self.name)
+        if not isinstance(self.kwargs, Mapping):
+            raise ValueError(f"kwargs must be a mapping of the environment's arguments, got {self.kwargs!r}")
+        check_env_kwargs(self.name, self.kwargs)
+        for name in ("max_turns", "turn_tokens", "observation_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.timeout_s is not None and (isinstance(self.timeout_s, bool) or not isinstance(
+                self.timeout_s, (int, float)) or self.timeout_s < 0):
+            raise ValueError(f"timeout_s must be a number of seconds >= 0 or null, got {self.timeout_s!r}")
+        if self.credit not in ("turn", "episode"):
+            raise ValueError(f"credit must be 'turn' or 'episode', got {self.credit!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class EvalConfig:
     """Evaluation on the task's held-out prompts during training (jitted generation, scored by the run's reward),
     logged as `eval/...` rows of metrics.jsonl, TensorBoard and curves.png."""
@@ -309,6 +355,8 @@ class ExperimentConfig:
     """Checkpointing."""
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     """Held-out evaluation during training."""
+    env: EnvConfig = dataclasses.field(default_factory=EnvConfig)
+    """Multi-turn episodes against an environment (name: null: single-turn responses)."""
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     """Logging."""
     export: bool = True
@@ -324,6 +372,19 @@ class ExperimentConfig:
     def __post_init__(self):
         if self.iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {self.iterations}")
+        env = self.env
+        if env.name is not None:
+            bad = [(key, why) for key, on, why in (
+                ("ppo.truncate_token", self.ppo.truncate_token is not None, "truncation applies to one response"),
+                ("reward.kind", self.reward.kind is not None, "the environment's step() rewards the episode"),
+                ("ppo.length_buckets", bool(self.ppo.length_buckets), "not built for multi-turn episodes yet"),
+            ) if on]
+            if bad:
+                raise ValueError(f"{bad[0][0]} cannot be combined with env.name={env.name!r}: {bad[0][1]}")
+            if env.turn_tokens > self.ppo.response_length:
+                raise ValueError(f"env.turn_tokens={env.turn_tokens} exceeds ppo.response_length="
+                                 f"{self.ppo.response_length}, the episode's whole response region (turns and "
+                                 "observations)")
 
 
 def load_config(source: str | os.PathLike | Mapping[str, Any], overrides: Sequence[str] = (),
@@ -362,6 +423,7 @@ def load_config(source: str | os.PathLike | Mapping[str, Any], overrides: Sequen
 
 __all__ = [
     "CheckpointConfig",
+    "EnvConfig",
     "EvalConfig",
     "ExperimentConfig",
     "KLControlConfig",

@@ -25,7 +25,7 @@ def _jitted(phase: str, state, mesh: jax.sharding.Mesh, donate: bool = False):
     if fn is None:
         shardings = state_shardings(state, mesh)
         out = {"iteration": NamedSharding(mesh, P()), "rollout": batch_sharding(mesh),
-               "update": NamedSharding(mesh, P())}[phase]
+               "update": NamedSharding(mesh, P()), "episode": batch_sharding(mesh)}[phase]
         changes = iteration.CHANGES[phase]
         # Inputs arrive laid out (shard_state / shard_batch); the outputs keep the state's layout, so the next
         # iteration reuses this executable. Only the fields a phase changes leave the jit.
@@ -57,6 +57,13 @@ def update(state, rollout_batch, scores, mesh: jax.sharding.Mesh, *, donate: boo
         scores = replicate(mesh, np.asarray(scores, np.float32))
     with jax.set_mesh(mesh):
         return _jitted("update", state, mesh, donate)(state, rollout_batch, scores)
+
+
+def episode_rollout(state, *arrays, mesh: jax.sharding.Mesh):
+    """``ppojax.rl.iteration``'s rollout of played multi-turn episodes (``ppojax.train.multiturn``) over ``mesh``:
+    the episode's row-sharded arrays in, a row-sharded ``Rollout`` out."""
+    with jax.set_mesh(mesh):
+        return _jitted("episode", state, mesh)(state, *arrays)[1]
 
 
 def score_rollout(state, rollout_batch, mesh: jax.sharding.Mesh):
@@ -93,4 +100,4 @@ def shard_map_iteration(state, prompt_ids, prompt_mask, mesh: jax.sharding.Mesh,
     return fn(state, prompt_ids, prompt_mask)
 
 
-__all__ = ["ppo_iteration", "rollout", "score_rollout", "shard_map_iteration", "update"]
+__all__ = ["episode_rollout", "ppo_iteration", "rollout", "score_rollout", "shard_map_iteration", "update"]

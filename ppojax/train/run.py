@@ -190,7 +190,8 @@ def task_config(cfg, run_task, tokenizer):
     from ppojax.train import prompting
 
     try:
-        reward = prompting.reward_config(cfg, run_task.task)
+        # env: the environment's step() rewards the episode (reward.kind stays null)
+        reward = prompting.reward_config(cfg, run_task.task) if cfg.env.name is None else cfg.reward
         stops = prompting.stop_token_ids(cfg, tokenizer)
     except prompting.TaskInputError as e:
         raise RunError(str(e)) from None
@@ -236,6 +237,33 @@ def build_reward(cfg, tokenizer, model_config, config_dir: Path, run_task=None):
                                     config_dir=config_dir, targets_of=targets_of)
     except ValueError as e:
         raise RunError(_first_line(e)) from None
+
+
+def episode_settings(cfg, tokenizer):
+    """``(EpisodeSettings, Renderer)`` of a multi-turn run (``env.name`` set)."""
+    from ppojax.train import multiturn
+
+    return multiturn.EpisodeSettings.of(cfg), multiturn.Renderer(
+        tokenizer, chat=cfg.prompts.chat, system=cfg.prompts.system, eos_token_id=cfg.ppo.eos_token_id)
+
+
+def check_env(cfg, tokenizer, run_task) -> None:
+    """The environment builds, resets and steps on the first training rows (``multiturn.check_env``); RunError
+    (one line naming the environment and the episode) otherwise. Multi-turn runs are single-process for now."""
+    import jax
+
+    from ppojax.envs import EnvError
+    from ppojax.train import multiturn
+
+    if jax.process_count() > 1:
+        raise RunError(f"env.name={cfg.env.name!r}: multi-turn episodes run in one process (any number of its "
+                       "devices); multi-process runs are not supported with an environment yet")
+    try:
+        multiturn.check_env(run_task.task.train, *episode_settings(cfg, tokenizer))
+    except EnvError as e:
+        raise RunError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 -- the chat template refusing a role, a tokenizer error: the user's input
+        raise RunError(f"env.name={cfg.env.name!r}: {type(e).__name__}: {_first_line(e)}") from None
 
 
 def load_reward_model(path: Path):
@@ -345,6 +373,8 @@ def check_lora(cfg, model_config, params=None) -> None:
 def _reward_label(cfg) -> str:
     from ppojax.rl import rewards
 
+    if cfg.env.name is not None:
+        return f"env {cfg.env.name!r}"
     return rewards.reward_label(cfg.reward)
 
 
@@ -446,8 +476,12 @@ def load_inputs(cfg, config_dir: Path) -> Inputs:
     model_config, actor_params = model_config_of(cfg)
     check_model_fits(cfg, model_config, prompt_ids, prompt_mask)
     check_lora(cfg, model_config, actor_params)
-    reward, host_reward = build_reward(cfg, tokenizer, model_config, config_dir, run_task)
-    check_reward(reward, cfg, model_config, actor_params)
+    if cfg.env.name is None:
+        reward, host_reward = build_reward(cfg, tokenizer, model_config, config_dir, run_task)
+        check_reward(reward, cfg, model_config, actor_params)
+    else:  # the environment rewards the episodes
+        reward = host_reward = None
+        check_env(cfg, tokenizer, run_task)
     check_memory(cfg, model_config)  # last: it traces the state's construction (shapes only)
     if actor_params is None:
         _, actor_params = build_model(cfg)
@@ -818,6 +852,8 @@ class Run:
         from ppojax.train import evaluation
 
         t = self.task
+        if self.config.env.name is not None:
+            return self._evaluate_episodes(settings)
         if t is None or not len(t.eval_ids):
             raise RunError(f"the task {self.config.task.name!r} has no held-out prompts to evaluate on "
                            "(eval.num_prompts, or the task's own held-out set)")
@@ -825,6 +861,20 @@ class Run:
         return evaluation.evaluate(self.state, t.eval_ids, t.eval_mask, settings or evaluation.settings_of(
             self.config), tokenizer=self.tokenizer, targets=t.eval_targets if verifiable else None,
             correct=t.task.correct if verifiable else None, host_reward=self.host_reward, mesh=self.mesh)
+
+    def _evaluate_episodes(self, settings=None):
+        """:meth:`evaluate` of a multi-turn run: held-out episodes (``multiturn.evaluate``), ``eval/success``,
+        ``eval/turns``, ``eval/score_mean``."""
+        from ppojax.train import evaluation, multiturn
+
+        t, cfg = self.task, self.config
+        if t is None or not t.task.eval:
+            raise RunError(f"the task {cfg.task.name!r} has no held-out rows to play episodes on (eval.num_prompts)")
+        s = settings or evaluation.settings_of(cfg)
+        metrics, played = multiturn.evaluate(self.state, t.task.eval, *episode_settings(cfg, self.tokenizer),
+                                             seed=s.seed, greedy=s.greedy, temperature=None if s.greedy else
+                                             s.temperature, batch=s.batch, mesh=self.mesh)
+        return multiturn.EpisodeEval(metrics=metrics, episodes=played)
 
     def export_dirs(self, suffix: str = "") -> list:
         return _export_dirs(self.run_dir, self.state, suffix)
@@ -942,9 +992,16 @@ class Run:
         if self.is_main:
             _log(f"training iterations {self.start + 1}-{total}; the first one compiles the iteration (seconds to "
                  "minutes), the others reuse it")
+        step = None
+        if cfg.env.name is not None:
+            from ppojax.train import multiturn
+
+            step = multiturn.make_step(self.prompt_loader(), self.task.task.train,
+                                       *episode_settings(cfg, self.tokenizer), k=cfg.ppo.samples_per_prompt,
+                                       mesh=self.mesh, donate=True, timing=timing)
         try:
             result = loop.train(self.state, self.prompt_loader(), iterations=total, start=self.start, mesh=self.mesh,
-                                host_reward=self.host_reward, donate=True, timing=timing,
+                                host_reward=self.host_reward, donate=True, timing=timing, step=step,
                                 callbacks=([own] if own else []) + list(callbacks), handle_signals=handle_signals,
                                 callback_label=_reward_label(cfg))
         finally:
@@ -1051,8 +1108,14 @@ class _RunFiles:
             return True
         every = cfg.logging.samples_every
         if every and (it.done % every == 0 or it.done == 1 or it.done == it.total):
-            self.logger.log_samples(it.done, _sample_rows(it.state, *it.prompts, run.tokenizer, cfg,
-                                                           run.host_reward, run.mesh))
+            episodes = getattr(it.prompts, "episodes", None)
+            if episodes is not None:  # a multi-turn run: this iteration's own episodes, turn by turn
+                from ppojax.train.multiturn import sample_rows
+
+                rows = sample_rows(episodes, cfg.logging.num_samples, cfg.ppo.samples_per_prompt)
+            else:
+                rows = _sample_rows(it.state, *it.prompts, run.tokenizer, cfg, run.host_reward, run.mesh)
+            self.logger.log_samples(it.done, rows)
         if it.done % cfg.checkpoint.every == 0 or it.last:
             run.save_checkpoint(it.done)
             self.last_saved = it.done
@@ -1118,7 +1181,8 @@ def build_run(config: Any, run_dir: Optional[str | Path] = None, *, overrides: S
         if resuming and not resume:
             raise RunError(f"run directory {run_dir} holds checkpoints; pass resume=True or a new run directory")
         state = new_state(cfg, inputs, mesh)
-        check_user_callables(cfg, state, inputs.prompt_ids, host_reward=inputs.host_reward is not None)
+        check_user_callables(cfg, state, inputs.prompt_ids,
+                             host_reward=inputs.host_reward is not None or cfg.env.name is not None)
         run = Run(config=cfg, config_dir=config_dir, run_dir=run_dir, mesh=mesh, tokenizer=inputs.tokenizer,
                   prompt_ids=inputs.prompt_ids, prompt_mask=inputs.prompt_mask, model_config=inputs.model_config,
                   reward=inputs.reward, host_reward=inputs.host_reward, task=inputs.task, state=state,
