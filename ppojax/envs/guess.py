@@ -5,7 +5,8 @@ The number is drawn uniformly from ``low .. high`` by the episode's seed (the ro
 rows serve as episode slots, e.g. ``arithmetic``'s). A guess is the last integer of the turn. Rewards: a correct
 guess at turn ``t`` (1-based) ends the episode with ``1 - turn_penalty * (t - 1)`` (at least 0); a turn without a
 number gets ``"Answer with a number between low and high."`` and ``invalid_reward``; reaching ``env.max_turns``
-without the number scores 0. Binary search needs ``ceil(log2(high - low + 1))`` turns.
+without the number scores 0. Binary search needs at most ``floor(log2(high - low + 1)) + 1`` turns (5 for
+1..16).
 """
 
 from __future__ import annotations
