@@ -119,3 +119,40 @@ def test_an_environment_that_breaks_during_training_stops_with_exit_1_keeping_th
     err = capsys.readouterr().err
     assert "env 'faulty' episode" in err and message in err, err
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
+
+
+@pytest.mark.slow
+def test_episodes_on_8_devices_equal_one_device(tmp_path, env_import):
+    """Data parallelism: the same run on 1 CPU device and on a data=8 mesh (each in its own process, with its own
+    XLA device count) plays the same episodes and makes the same updates."""
+    import os
+    import subprocess
+
+    config = _config(tmp_path, **{"iterations": 2})
+    rows = {}
+    for n in (1, 8):
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu",
+               "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "extensions"), str(ROOT)])}
+        out = subprocess.run([sys.executable, str(ROOT / "experiments" / "ppo_gpt2.py"), "--config", str(config),
+                              "--run-dir", str(tmp_path / f"d{n}"), "--mesh", f"data={n}"],
+                             env=env, capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stderr[-2000:]
+        rows[n] = _rows(tmp_path / f"d{n}")
+    for one, eight in zip(rows[1], rows[8]):
+        for k, v in one.items():
+            if k.startswith("env/") or k in ("response_length", "score_mean"):
+                assert eight[k] == v, k  # the same tokens, so the same episodes
+            elif not k.startswith("time") and isinstance(v, float):
+                assert eight[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
+    s1 = (tmp_path / "d1" / "samples.jsonl").read_text()
+    assert s1 == (tmp_path / "d8" / "samples.jsonl").read_text()
+
+
+def test_a_sweep_of_an_env_config_is_refused_in_one_line(tmp_path, env_import, capsys):
+    from ppojax.cli import sweep_main
+
+    config = _config(tmp_path)
+    assert sweep_main(["--config", str(config), "--seeds", "2", "--run-dir", str(tmp_path / "sweep")]) == 2
+    err = capsys.readouterr().err
+    assert "env.name='echo_turns': sweeps run single-turn configs only" in err
+    assert not (tmp_path / "sweep").exists()

@@ -36,8 +36,8 @@ class GuessingGame:
 
     def reset(self, row, seed: int):
         self.number = random.Random(f"ppojax-guess-{seed}").randint(self.low, self.high)
-        return (f"I am thinking of a whole number between {self.low} and {self.high}. Guess it: reply with just a "
-                "number, and I will say higher or lower.")
+        return (f"Let's play a game. I picked a whole number from {self.low} to {self.high}. Guess it: reply with "
+                "just a number, and I will say higher or lower.")
 
     def step(self, text: str):
         self.turns += 1

@@ -427,6 +427,13 @@ def build_groups(runs: Sequence[Run], config_dir=None, devices: Optional[Sequenc
     from ppojax.train.build import create_state
     from ppojax.train.run import resolve_built, task_config
 
+    from ppojax.train.run import RunError
+
+    envs = sorted({run.config.env.name for run in runs if run.config.env.name is not None})
+    if envs:
+        raise RunError(f"env.name={envs[0]!r}: sweeps run single-turn configs only (their runs share one vmapped "
+                       "program, an episode's turns go through the host); run each seed or value alone with "
+                       "experiments/ppo_gpt2.py")
     builder = _Builder(config_dir)
     groups = []
     if any(run.config.eval.every for run in runs):
