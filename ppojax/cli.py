@@ -367,6 +367,8 @@ def evaluate_run(args: argparse.Namespace) -> dict:
         settings = evaluation.settings_of(cfg)
         result = run_.evaluate(settings)
         t = run_.task
+    if cfg.env.name is not None:
+        return _episode_record(args, cfg, settings, result)
     k = settings.samples
     items = []
     for i, prompt in enumerate(t.eval_prompts):
@@ -399,6 +401,29 @@ def evaluate_run(args: argparse.Namespace) -> dict:
             record[key.removeprefix("eval/")] = value
     record["items"] = items
     _print_table(record, args.show)
+    return record
+
+
+def _episode_record(args, cfg, settings, result) -> dict:
+    """``evaluate_run`` of a multi-turn config: one item per held-out episode (its turns, score, success)."""
+    from ppojax.io import configlib
+    from ppojax.train.multiturn import sample_rows
+
+    items = []
+    for ep, n in result.episodes:
+        items += sample_rows(ep, n)[:n]
+    m = result.metrics
+    record = {"model": args.model, "task": cfg.task.name, "env": configlib.to_dict(cfg.env), "num": len(items),
+              "greedy": settings.greedy, "seed": settings.seed, "success": m["eval/success"],
+              "accuracy": m["eval/accuracy"], "score_mean": m["eval/score_mean"], "turns": m["eval/turns"],
+              "truncated": m["eval/truncated"], "items": items}
+    print(f"{cfg.task.name} episodes with env {cfg.env.name!r} on {args.model}: {len(items)} held-out episodes, "
+          + ("greedy" if settings.greedy else "sampled"))
+    for item in items[:args.show]:
+        turns = " | ".join(f"{t['role']}: {' '.join(str(t['content']).split())[:30]}" for t in item["turns"])
+        print(f"  {'ok ' if item['success'] else 'no '}{item['score']:+.2f} {turns[:100]}")
+    print(f"  success {record['success']:.3f} | score_mean {record['score_mean']:.3f} | turns {record['turns']:.2f} | "
+          f"truncated {record['truncated']:.3f}")
     return record
 
 

@@ -92,6 +92,9 @@ def test_scripted_user_plays_the_rows_user_turns_and_the_followups():
     obs, _, done = ep.step("Tuples are immutable.")
     assert (obs, done) == ("Thanks, anything else?", False)
     assert ep.step("No.")[2] is True
+    ep = make_episode("scripted_user", {"followups": ["Why?"]})
+    assert ep.reset(Row("Hello there"), 0) == "Hello there"  # a text prompt stays text (no chat template needed)
+    assert ep.step("Hi.")[0] == "Why?"
 
 
 def test_topic_reward_against_a_hand_count():

@@ -71,6 +71,16 @@ def test_user_env_trains_from_yaml_with_lora_evaluates_and_resumes_exactly(tmp_p
     assert samples[0]["turns"][1]["content"] == "again" and "(seed " in samples[0]["prompt"]
     assert (whole / "export-adapter").is_dir()
 
+    from ppojax.cli import evaluate_main  # experiments/evaluate.py plays the held-out episodes of the export
+
+    out = tmp_path / "eval.json"
+    assert evaluate_main(["--model", str(whole / "export"), "--task", "arithmetic", "--config",
+                          str(whole / "config.yaml"), "--out", str(out), "--import", env_import]) == 0
+    record = json.loads(out.read_text())
+    assert record["num"] == 4 and record["turns"] == 2.0 and record["env"]["name"] == "echo_turns"
+    assert record["score_mean"] == pytest.approx(evals[-1]["eval/score_mean"], abs=0.05)
+    assert [t["role"] for t in record["items"][0]["turns"]] == ["assistant", "user", "assistant"]
+
     from ppojax.train import build_run
 
     with build_run(str(config), parts) as run:  # stopped after 2 of 3 iterations, then resumed

@@ -37,6 +37,26 @@ def topic_reward(reply: str, user: str, *, max_words: int = 60) -> float:
     return coverage * min(1.0, len(words) / 3) * min(1.0, max_words / len(words))
 
 
+def positive_reply(reply: str, messages=None) -> float:
+    """A dense reward for tiny-model demonstrations (``reward_fn: ppojax.envs.dialogue:positive_reply``): the mean
+    VADER valence of the reply's words, ``sum_w valence(w) / (4 * n_words)`` (unknown words 0; VADER's valences lie
+    in [-4, 4], so the reward lies in [-1, 1]). The text counterpart of the default run's lexicon reward."""
+    from ppojax.rl.rewards import vader_lexicon
+
+    table = _lexicon(vader_lexicon)
+    words = [w.strip(".,!?;:'\"()").lower() for w in reply.split()]
+    return sum(table.get(w, 0.0) for w in words) / (4.0 * len(words)) if words else 0.0
+
+
+_LEXICON: dict = {}
+
+
+def _lexicon(load) -> dict:
+    if not _LEXICON:
+        _LEXICON.update(load())
+    return _LEXICON
+
+
 @register_env("scripted_user")
 class ScriptedUser:
     """One scripted conversation (the module docstring)."""
@@ -63,7 +83,7 @@ class ScriptedUser:
             self.script = [m["content"] for m in row.prompt[users[0] + 1:] if m["role"] == "user"]
             self.script += list(self.followups)
         self.messages = first
-        return first
+        return row.prompt if isinstance(row.prompt, str) else first
 
     def step(self, text: str):
         user = self.messages[-1]["content"]
