@@ -490,7 +490,7 @@ def main(argv=None):
     result = {"benchmark": "vs_trl_grpo", "date": _env.now_utc(), "tiny": args.tiny, "config": "configs/"
               + CONFIG.name, "gguf": _env.portable_path(gguf), "machine": _env.machine_info(),
               "versions": _env.versions(PACKAGES), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-              "load_before": load_before,
+              "load_before": load_before, "repeats_planned": args.repeats,
               "hyperparameters": {"learning_rate": LR, "adam_eps": ADAM_EPS, "max_grad_norm": MAX_GRAD_NORM,
                                   "clip": CLIP, "kl_loss_coef_beta": BETA, "temperature": TEMPERATURE,
                                   "lora": {**LORA, "targets": list(LORA["targets"])},
@@ -503,19 +503,27 @@ def main(argv=None):
     variants = [_interleave.Variant(side, tuple(argv0 + ["--child", side]), env, str(ROOT)) for side in SIDES]
     print(f"== GRPO {job['prompts']} prompts x {job['k']}, {job['response']} new tokens: {args.repeats} rounds x "
           f"{args.iterations} iterations", flush=True)
+    run = {"order": [], "runs": [], "probes": []}
     with tempfile.TemporaryDirectory(prefix="vs_trl_grpo_") as tmp:
-        run = _interleave.run_interleaved(variants, args.repeats, lambda v, r: run_child(v, r, tmp, args),
-                                          wait_quiet_s=args.wait_quiet)
-    result.update(summarize_runs(job, args.iterations, run))
-    result["load_after"] = _env.load_sample()
-    print(markdown_table(result))
-    if result["prompt_mismatch_rounds"]:
-        print(f"WARNING: rounds {result['prompt_mismatch_rounds']}: the two sides did not generate from the same "
-              "prompt ids", file=sys.stderr)
-    print(grpo_line(result["ratio"]["of_medians"]))
-    written = _interleave.write_result(args.out, result, force=args.force)
-    if written:
-        print(f"wrote {written}")
+        for r, names in enumerate(_interleave.schedule(SIDES, args.repeats)):
+            # One round at a time, in the rotated order of the whole schedule, and the result rewritten after each:
+            # a measurement stopped early keeps its complete rounds.
+            part = _interleave.run_interleaved([variants[SIDES.index(n)] for n in names], 1,
+                                               lambda v, _: run_child(v, r, tmp, args), wait_quiet_s=args.wait_quiet)
+            run["order"].append(names)
+            run["runs"] += [{**x, "repeat": r} for x in part["runs"]]
+            run["probes"] += [{**p, "round": r} for p in part["probes"]]
+            run["busy"] = _interleave.busyness(run["probes"], run["runs"])
+            result.update(summarize_runs(job, args.iterations, run))
+            result["load_after"] = _env.load_sample()
+            print(markdown_table(result))
+            if result["prompt_mismatch_rounds"]:
+                print(f"WARNING: rounds {result['prompt_mismatch_rounds']}: the two sides did not generate from the "
+                      "same prompt ids", file=sys.stderr)
+            print(grpo_line(result["ratio"]["of_medians"]), flush=True)
+            written = _interleave.write_result(args.out, result, force=args.force)
+            if written:
+                print(f"wrote {written} ({r + 1} of {args.repeats} rounds)", flush=True)
     return result
 
 
