@@ -540,6 +540,13 @@ def readme_row(res: dict) -> str:
     reproduce)."""
     j, p, t, q = res["job"], res["sides"]["ppojax"], res["sides"]["trl"], res["ratio"]
     busy = "; busy machine" if res["busy"]["busy"] else ""
+    if res["repeats"] == 1:  # no spread to show
+        return (f"| **GRPO job**: SmolLM2-135M-Instruct (GGUF, f32), LoRA r8, arithmetic task, {j['prompts']} prompts x "
+                f"{j['k']} samples, <= {j['response']} new tokens, 1 epoch x "
+                f"{j['prompts'] * j['k'] // j['minibatch']} updates | {p['iteration_s']['median']:.2f} s/iteration, "
+                f"{p['peak_rss_mib']['median']:.0f} MiB | TRL {res['versions'].get('trl')} GRPO "
+                f"{t['iteration_s']['median']:.2f}, {t['peak_rss_mib']['median']:.0f} MiB | **{q['of_medians']:.2f}x**, "
+                f"1 round (>= {res['target_speedup']:g}){busy} | `python benchmarks/vs_trl_grpo.py` |")
     return (f"| **GRPO job**: SmolLM2-135M-Instruct (GGUF, f32), LoRA r8, arithmetic task, {j['prompts']} prompts x "
             f"{j['k']} samples, <= {j['response']} new tokens, 1 epoch x {j['prompts'] * j['k'] // j['minibatch']} "
             f"updates | {p['iteration_s']['median']:.2f} s/iteration (IQR {_iqr(p['iteration_s'])}), "
