@@ -13,8 +13,8 @@ template) at the benchmark's sizes, on both sides:
   round's seed (``ppojax.io.data.PromptLoader``; the parent computes the order and both children read it): 8 prompts
   per iteration, each rendered as one user turn through the tokenizer's chat template with the template's default
   system message. ppojax renders them itself; TRL gets the same messages as a conversational dataset (in that order,
-  ``shuffle_dataset=False``) and renders them with ``apply_chat_template``. The TRL child checks that the prompt ids
-  it generates from are the ids ppojax trains on (recorded by the ppojax child's ``prompt_ids`` check below).
+  ``shuffle_dataset=False``) and renders them with ``apply_chat_template``. Each child records the prompt ids it
+  generated from, and the parent reports any round where they differ (``prompt_mismatch_rounds``).
 - Reward: ppojax's ``exact_answer`` verifier (``ppojax/tasks/verify.py``: 1 when the last number of the response is
   the value, else 0) on the response decoded with ``skip_special_tokens=True``. TRL's reward function runs the same
   module's source (executed without its ``_register()`` call, which would import jax into the TRL process and add
@@ -68,6 +68,7 @@ Phases per iteration:
 Peak RSS: ``ru_maxrss`` of the child when its timed iterations end (before ppojax's generation-alone timing).
 
     python benchmarks/vs_trl_grpo.py                              # 4 rounds x 4 iterations -> results/vs_trl_grpo_cpu.json
+                                                                  # (one round took 39 min on a busy 2-core machine)
     python benchmarks/vs_trl_grpo.py --table benchmarks/results/vs_trl_grpo_cpu.json   # the benchmarks/README table
     python benchmarks/vs_trl_grpo.py --row benchmarks/results/vs_trl_grpo_cpu.json     # the README row
     python benchmarks/vs_trl_grpo.py --tiny                       # smoke run (2 prompts x 4, 4 tokens), writes nothing
