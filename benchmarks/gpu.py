@@ -1,5 +1,15 @@
 """ppojax on a GPU: the PPO iteration at GPT-2 sizes, training-step MFU, the decode step against the HBM roofline,
-recompiles after the first iteration, and the TRL comparison on the same GPU.
+recompiles after the first iteration, the TRL comparison on the same GPU, and a sweep of 16 runs against the same 16
+runs one after another.
+
+The default run fits a time budget (``--budget``, 480 s: unattended, within 8 minutes on an H100/H200): gpt2-medium
+for MFU and decode, the TRL comparison on the gpt2 shape, the sweep on ``configs/offline.yaml``. Each part runs in
+its own subprocess whose timeout comes from the budget (``budget_timeout``: the time left minus what the later parts
+are expected to need, or the part's proportional share when behind schedule), and the JSON is written after every
+part, so a part that runs out of time leaves the others' results (and its own partial ones, where the child saved
+some). Children run with ``HF_HUB_OFFLINE=1`` (random weights; GPT-2's tokenizer from its offline copy, so no run
+waits on a hub check). ``--dry-run`` runs every part (probe, size with MFU and decode, TRL with its CPU child, the
+16-run sweep vmapped as on a GPU, the JSON and the table) on tiny shapes on any backend, in about 3 minutes on a CPU.
 
 Sizes (random weights, ``ppojax.init_params``; vocabulary 50257, context 1024): gpt2 (12 layers, 12 heads, width
 768), gpt2-medium (24/16/1024), gpt2-large (36/20/1280). Numerics: bf16 compute with f32 parameters and Adam state
@@ -47,10 +57,16 @@ TRL comparison: ``benchmarks/vs_trl.py``'s two children (``run_ppojax`` / ``run_
 shape with this script's batch / query / response / epochs / minibatches. Skipped with the reason (recorded) when
 torch has no CUDA device or TRL is not installed.
 
-    python benchmarks/gpu.py                            # all three sizes + TRL, writes results/gpu_<device>.json
-    python benchmarks/gpu.py --sizes gpt2-large --no-trl   # one size (merged into the same JSON)
+Sweep: ``benchmarks/sweep.py``'s measurement (``time_sweep``, ``time_sequential``, ``summarise``), one repeat:
+``--sweep-runs`` runs (seeds 0..R-1) of ``--sweep-config`` as one vmapped program (every run in one vmap) in one child,
+then the same runs one after another in another child, each compiling its own program as a separate process would.
+The ratio is sequential time / sweep time, with compilation (the target: >= 10x) and without. If the sequential side
+runs out of time, the time its runs had over the sweep's time is a lower bound on the ratio, recorded as such.
+
+    python benchmarks/gpu.py                            # gpt2-medium, TRL (gpt2), sweep: results/gpu_<device>.json
+    python benchmarks/gpu.py --sizes gpt2,gpt2-large --no-trl --no-sweep --budget 900   # more sizes, merged in
     python benchmarks/gpu.py --table benchmarks/results/gpu_<device>.json   # the README table
-    python benchmarks/gpu.py --tiny                     # smoke run (2 layers, width 64) on any backend, no JSON
+    python benchmarks/gpu.py --dry-run                  # every part on tiny shapes, any backend (~3 min on a CPU)
 """
 
 from __future__ import annotations
@@ -87,10 +103,23 @@ SIZES = {
 TINY_SIZE = dict(n_layer=2, n_head=2, n_embd=64)
 VOCAB, N_POSITIONS = vs_trl.VOCAB, 1024
 
-DEFAULTS = dict(batch=512, query=64, response=24, epochs=1, minibatches=4, iterations=6, decode_reps=5,
-                trl_iterations=3, matmul_n=8192, copy_elems=1 << 29)
-TINY_DEFAULTS = dict(batch=8, query=8, response=4, epochs=1, minibatches=1, iterations=3, decode_reps=3,
-                     trl_iterations=2, matmul_n=256, copy_elems=1 << 20)
+DEFAULTS = dict(sizes="gpt2-medium", batch=512, query=64, response=24, epochs=1, minibatches=4, iterations=5,
+                decode_reps=5, trl_iterations=3, matmul_n=8192, copy_elems=1 << 29, sweep_config="offline",
+                sweep_runs=16, sweep_iterations=3, budget=480)
+TINY_DEFAULTS = dict(sizes="tiny", batch=8, query=8, response=4, epochs=1, minibatches=1, iterations=3,
+                     decode_reps=3, trl_iterations=2, matmul_n=256, copy_elems=1 << 20, sweep_config="tiny",
+                     sweep_runs=16, sweep_iterations=2, budget=600)
+
+# What each part is expected to take (seconds), the weights of the time budget: a part may use the time left minus
+# the later parts' estimates (see budget_timeout). On a GPU these are guesses (no GPU has run this yet; the JSON's
+# "parts" records what each took, to set them from); the default run's add up to its budget less the reserve.
+# --dry-run's are a 2-core CPU's.
+ESTIMATES_S = {"probe": 15, "size:gpt2": 110, "size:gpt2-medium": 150, "size:gpt2-large": 240, "trl-prep": 25,
+               "trl-ppojax": 60, "trl-trl": 70, "sweep-vmapped": 40, "sweep-sequential": 110}
+TINY_ESTIMATES_S = {"probe": 5, "size:tiny": 40, "trl-prep": 10, "trl-ppojax": 25, "trl-trl": 25,
+                    "sweep-vmapped": 30, "sweep-sequential": 60}
+PARENT_RESERVE_S = 10  # the parent's own work after the last child: the JSON, the table
+MIN_CHILD_S = 10  # a part that would get less than this (or half its estimate, if less) is skipped, not started
 
 TARGETS = {
     "speedup_over_trl": 10.0,  # ppojax on the GPU at least 10x faster per iteration than TRL on the same GPU
@@ -98,6 +127,7 @@ TARGETS = {
     "mfu_sizes": ("gpt2-medium", "gpt2-large"),  # ... for gpt2-medium and larger
     "decode_roofline_fraction": 0.60,  # decode step at batch 512, against the datasheet HBM bandwidth
     "recompiles_after_first_iteration": 0,
+    "sweep_speedup": 10.0,  # 16 runs as one vmapped sweep >= 10x the same 16 runs one after another (compile incl.)
 }
 
 # Datasheet peaks: (substrings that must all occur in the lower-cased jax device_kind, name, dense bf16 FLOP/s,
@@ -230,15 +260,67 @@ def fit_ladder(grad_accum: int, remat: bool, minibatch_rows: int, auto: bool = T
     return ladder
 
 
-def repro_command(cfg: dict, defaults: dict, *, sizes: str, trl: bool, grad_accum: int = 1,
-                  remat: bool = False, tiny: bool = False) -> str:
+def budget_timeout(remaining_s: float, estimates_s: list) -> float:
+    """The timeout of the next part, ``estimates_s[0]``'s, with ``remaining_s`` left for it and the parts after it.
+
+    Ahead of schedule, the part may use everything but what the later parts are expected to need (time saved by
+    earlier parts goes to the first part that needs it); behind schedule, every part left shrinks in proportion
+    to its estimate instead of the later ones getting nothing. Never more than what is left."""
+    remaining_s = max(remaining_s, 0.0)
+    total = sum(estimates_s)
+    if not estimates_s or total <= 0:
+        return remaining_s
+    return min(remaining_s, max(remaining_s - sum(estimates_s[1:]), remaining_s * estimates_s[0] / total))
+
+
+class Budget:
+    """The run's time budget over its planned parts, in order: ``timeout(part)`` before a part's child (again for a
+    retry of the same part), ``done(part)`` after it. ``clock``: seconds, monotonic (a test passes its own)."""
+
+    def __init__(self, total_s: float, plan: dict, *, cap_s: float | None = None, reserve_s: float = 0.0,
+                 clock=time.monotonic):
+        self.clock = clock
+        self.deadline = clock() + total_s - reserve_s
+        self.plan = dict(plan)  # part -> estimate, in the order the parts run (those not done yet)
+        self.cap_s = cap_s
+        self.log = {}  # part -> {status, timeout_s, child_wall_s}, filled by run_part
+
+    def remaining(self) -> float:
+        return self.deadline - self.clock()
+
+    def timeout(self, part: str) -> float:
+        names = list(self.plan)
+        left = [self.plan[n] for n in names[names.index(part):]] if part in self.plan else [1.0]
+        t = budget_timeout(self.remaining(), left)
+        return t if self.cap_s is None else min(t, self.cap_s)
+
+    def done(self, part: str) -> None:
+        self.plan.pop(part, None)
+
+
+def plan_parts(size_list, trl: bool, sweep: bool, estimates: dict) -> dict:
+    """The parts of a run in the order they run, each with its expected seconds (the budget's weights)."""
+    names = ["probe", *(f"size:{n}" for n in size_list)]
+    names += ["trl-prep", "trl-ppojax", "trl-trl"] if trl else []
+    names += ["sweep-vmapped", "sweep-sequential"] if sweep else []
+    return {n: estimates.get(n, estimates.get("size:gpt2-large", 60)) for n in names}
+
+
+def repro_command(cfg: dict, defaults: dict, *, sizes: str, trl: bool, sweep: bool, grad_accum: int = 1,
+                  remat: bool = False, dry_run: bool = False) -> str:
     """The command line that reproduces one row: non-default settings only."""
-    parts = ["python", "benchmarks/gpu.py"] + (["--tiny"] if tiny else []) + ["--sizes", sizes]
+    parts = ["python", "benchmarks/gpu.py"] + (["--dry-run"] if dry_run else [])
+    if sizes != defaults["sizes"]:
+        parts += ["--sizes", sizes]
     for key in ("batch", "query", "response", "epochs", "minibatches", "iterations", "decode_reps",
-                "trl_iterations"):
+                "trl_iterations", "sweep_config", "sweep_runs", "sweep_iterations"):
         if key == "trl_iterations" and not trl:
             continue
+        if key.startswith("sweep_") and not sweep:
+            continue
         if key in ("iterations", "decode_reps") and sizes == "none":
+            continue
+        if key in ("batch", "query", "response", "epochs", "minibatches") and sizes == "none" and not trl:
             continue
         if cfg.get(key) is not None and cfg[key] != defaults[key]:
             parts += [f"--{key.replace('_', '-')}", str(cfg[key])]
@@ -247,12 +329,15 @@ def repro_command(cfg: dict, defaults: dict, *, sizes: str, trl: bool, grad_accu
             parts += ["--grad-accum", str(grad_accum)]
         if remat:
             parts.append("--remat")
-    if cfg.get("dtype", "bfloat16") != "bfloat16":
-        parts += ["--dtype", cfg["dtype"]]
-    if cfg.get("param_dtype", "float32") != "float32":
-        parts += ["--param-dtype", cfg["param_dtype"]]
+    if sizes != "none" or trl:
+        if cfg.get("dtype", "bfloat16") != "bfloat16":
+            parts += ["--dtype", cfg["dtype"]]
+        if cfg.get("param_dtype", "float32") != "float32":
+            parts += ["--param-dtype", cfg["param_dtype"]]
     if not trl:
         parts.append("--no-trl")
+    if not sweep:
+        parts.append("--no-sweep")
     return " ".join(parts)
 
 
@@ -268,12 +353,14 @@ def evaluate_targets(result: dict) -> list:
                 "met": None if speed is None else speed >= TARGETS["speedup_over_trl"], "unit": "x",
                 "detail": trl.get("skipped") or trl.get("error")})
 
-    for name in TARGETS["mfu_sizes"]:
+    # MFU for each size of gpt2-medium or larger that was run (one "not measured" line when none was)
+    mfu_sizes = [n for n in TARGETS["mfu_sizes"] if n in sizes] or [" or ".join(TARGETS["mfu_sizes"])]
+    for name in mfu_sizes:
         s = sizes.get(name, {})
         mfu = s.get("derived", {}).get("mfu") if s.get("ok") else None
         out.append({"name": f"training-step MFU >= 45% (bf16, datasheet peak), {name}", "target": TARGETS["mfu"],
                     "value": mfu, "met": None if mfu is None else mfu >= TARGETS["mfu"], "unit": "fraction",
-                    "detail": s.get("error")})
+                    "detail": s.get("error") or s.get("incomplete") or (None if s else "not run")})
 
     for name, s in sizes.items():
         if not s.get("ok"):
@@ -287,6 +374,41 @@ def evaluate_targets(result: dict) -> list:
         rc = s.get("recompiles_after_first_iteration")
         out.append({"name": f"zero recompiles after the first iteration, {name}", "target": 0, "value": rc,
                     "met": None if rc is None else rc == 0, "unit": "count"})
+
+    sw = result.get("sweep") or {}
+    ci = sw.get("compile_included") or {}
+    value, bound = ci.get("speedup_median"), ci.get("speedup_at_least")
+    target = TARGETS["sweep_speedup"]
+    # a lower bound (the sequential side ran out of time) meets the target when it reaches it, else says nothing
+    met = (value >= target if value is not None else True if bound is not None and bound >= target else None)
+    ce = (sw.get("compile_excluded") or {}).get("speedup_median")
+    detail = sw.get("skipped") or sw.get("error")
+    if bound is not None and value is None:
+        detail = f"at least {bound:.2f}x: the sequential side ran out of time" + (f" ({detail})" if detail else "")
+    elif ce is not None:
+        detail = f"{ce:.2f}x without compilation"
+    out.append({"name": f"a sweep of {sw.get('R', 16)} runs at least 10x the same runs one after another "
+                        f"(compilation included, {sw.get('config', 'offline')} config)",
+                "target": target, "value": value if value is not None else bound, "met": met, "unit": "x",
+                "detail": detail})
+    return out
+
+
+def sweep_summary(R: int, iterations: int, vmapped: dict, sequential: dict) -> dict:
+    """``sweep.summarise`` of one repeat of each side; when the sequential side was stopped (``sequential`` is
+    ``{'error': ..., 'ran_s': T}``, T the seconds its runs had), ``T / sweep time`` is recorded as a lower bound on
+    the ratio with compilation (the runs it did not finish would have taken longer)."""
+    import sweep as sweep_bench
+
+    if "error" in vmapped:
+        return {"R": R, "iterations": iterations, "error": f"sweep side: {vmapped['error']}"}
+    if "error" not in sequential:
+        return sweep_bench.summarise(R, iterations, [vmapped], [sequential])
+    out = {"R": R, "iterations": iterations, "sweep": [vmapped], "sequential": [sequential],
+           "error": f"sequential side: {sequential['error']}"}
+    if sequential.get("ran_s"):
+        out["compile_included"] = {"sweep_s_median": vmapped["total_s"], "speedup_median": None,
+                                   "speedup_at_least": sequential["ran_s"] / vmapped["total_s"]}
     return out
 
 
@@ -390,7 +512,9 @@ def _median_after_first(ts):
     return statistics.median(ts[1:] if len(ts) > 1 else ts)
 
 
-def run_size(spec: dict) -> dict:
+def run_size(spec: dict, save_partial=lambda res: None) -> dict:
+    """One size's measurements; ``save_partial(out)`` after each stage, so that a child stopped by its timeout
+    leaves what it measured."""
     import numpy as np
     import jax
     import jax.numpy as jnp
@@ -485,6 +609,7 @@ def run_size(spec: dict) -> dict:
         "bytes_limit": stats.get("bytes_limit"),
         "last_metrics": last_metrics,
     })
+    save_partial(out | {"incomplete": "stopped before the decode measurement ended"})
 
     # Generation and the decode step, on the rollout's shapes (outside the counted iterations).
     actor = state.actor_params
@@ -524,6 +649,7 @@ def run_size(spec: dict) -> dict:
     out["rollout_forwards_median_s"] = out["rollout_median_s"] - out["generation_median_s"]
     stats = dev.memory_stats() or {}
     out["peak_bytes_in_use_incl_decode"] = stats.get("peak_bytes_in_use")
+    save_partial(out | {"incomplete": "stopped before the matmul and copy measurements ended"})
     actor = variants = prm = reward = None  # free the device buffers before the measurements below
 
     # Last, so that their buffers do not count in the peak memory above.
@@ -580,15 +706,35 @@ def trl_side(spec: dict, side: str) -> dict:
     return res
 
 
+def sweep_side(spec: dict, side: str) -> dict:
+    """One side of the sweep comparison, through benchmarks/sweep.py's own measurement."""
+    import sweep as sweep_bench
+
+    config = sweep_bench.CONFIGS[spec["config"]]
+    if side == "vmapped":  # every run in one vmap (the accelerator default; on a CPU, what a GPU would run)
+        res = sweep_bench.time_sweep(config, spec["runs"], spec["iterations"], width=None)
+    else:
+        res = sweep_bench.time_sequential(config, spec["runs"], spec["iterations"])
+    import jax
+
+    return res | {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind}
+
+
 def child_main(args) -> int:
     spec = json.loads(args.spec) if args.spec else {}
+
+    def save_partial(res):
+        Path(args.child_out).write_text(json.dumps(res, default=str))
+
     try:
         if args.child == "probe":
             res = child_probe(spec)
         elif args.child == "size":
-            res = run_size(spec)
+            res = run_size(spec, save_partial)
         elif args.child == "trl-prep":
             res = trl_prep(spec)
+        elif args.child.startswith("sweep-"):
+            res = sweep_side(spec, args.child.split("-", 1)[1])
         else:
             res = trl_side(spec, args.child.split("-", 1)[1])
         status = 0
@@ -605,19 +751,27 @@ def child_main(args) -> int:
 
 
 def parse_args(argv=None):
+    import sweep as sweep_bench
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default=None,
-                   help=f"comma-separated subset of {','.join(SIZES)}, or 'none' (default: all; --tiny: a 2-layer "
-                        "width-64 model)")
+                   help=f"comma-separated subset of {','.join(SIZES)}, or 'none' (default {DEFAULTS['sizes']}; "
+                        "--dry-run: a 2-layer width-64 model)")
     for key, help_ in (("batch", "prompts per iteration"), ("query", "prompt tokens"),
                        ("response", "sampled tokens per prompt"), ("epochs", "PPO epochs per iteration"),
                        ("minibatches", "optimizer steps per epoch"),
                        ("iterations", "PPO iterations per size (median over all but the first)"),
                        ("decode-reps", "timed generate calls per length"),
-                       ("trl-iterations", "PPO iterations per side in the TRL comparison")):
+                       ("trl-iterations", "PPO iterations per side in the TRL comparison"),
+                       ("sweep-runs", "runs of the sweep comparison"),
+                       ("sweep-iterations", "iterations of each run in the sweep comparison (the first compiles)"),
+                       ("budget", "seconds for the whole run; each child's timeout is derived from it")):
         dest = key.replace("-", "_")
         p.add_argument(f"--{key}", type=int, default=None,
-                       help=f"{help_} (default {DEFAULTS[dest]}; --tiny {TINY_DEFAULTS[dest]})")
+                       help=f"{help_} (default {DEFAULTS[dest]}; --dry-run {TINY_DEFAULTS[dest]})")
+    p.add_argument("--sweep-config", choices=tuple(sweep_bench.CONFIGS), default=None,
+                   help=f"config of the sweep comparison (default {DEFAULTS['sweep_config']}; --dry-run "
+                        f"{TINY_DEFAULTS['sweep_config']})")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--remat", action="store_true", help="rematerialise the blocks in the backward pass")
     p.add_argument("--no-fit", action="store_true",
@@ -628,27 +782,29 @@ def parse_args(argv=None):
     p.add_argument("--no-decode-bf16-params", action="store_true",
                    help="skip the second decode measurement with bf16-stored parameters")
     p.add_argument("--no-trl", action="store_true", help="skip the TRL comparison")
-    p.add_argument("--child-timeout", type=int, default=1800, help="seconds per subprocess (default 1800)")
-    p.add_argument("--tiny", action="store_true",
-                   help="smoke run: 2 layers, width 64, batch 8, query 8, response 4, on whatever backend jax has "
-                        "(and TRL on the CPU when torch has no CUDA); writes only with --out")
+    p.add_argument("--no-sweep", action="store_true", help="skip the sweep comparison")
+    p.add_argument("--child-timeout", type=int, default=None,
+                   help="at most this many seconds per subprocess (default: only the budget's share)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="every part on tiny shapes (2 layers, width 64, batch 8, query 8, response 4; the sweep on "
+                        "configs/tiny.yaml, vmapped) on whatever backend jax has, TRL on the CPU when torch has no "
+                        "CUDA; writes a temporary JSON unless --out is given")
     p.add_argument("--out", type=Path, default=None,
-                   help="result JSON (default results/gpu_<device kind>.json; none with --tiny)")
+                   help="result JSON (default results/gpu_<device kind>.json; --dry-run: a temporary file)")
     p.add_argument("--table", type=Path, metavar="JSON", help="print the README table from a result JSON and exit")
-    p.add_argument("--child", choices=("probe", "size", "trl-prep", "trl-ppojax", "trl-trl"), help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=("probe", "size", "trl-prep", "trl-ppojax", "trl-trl", "sweep-vmapped",
+                                       "sweep-sequential"), help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child or args.table:
         return args
-    base = TINY_DEFAULTS if args.tiny else DEFAULTS
+    base = TINY_DEFAULTS if args.dry_run else DEFAULTS
     for key, value in base.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    if args.sizes is None:
-        args.sizes = "tiny" if args.tiny else ",".join(SIZES)
     sizes = [] if args.sizes.strip().lower() == "none" else [s.strip() for s in args.sizes.split(",") if s.strip()]
-    known = set(SIZES) | ({"tiny"} if args.tiny else set())
+    known = set(SIZES) | ({"tiny"} if args.dry_run else set())
     bad = [s for s in sizes if s not in known]
     if bad:
         p.error(f"unknown size(s) {bad}; choose from {sorted(known)} or 'none'")
@@ -657,6 +813,10 @@ def parse_args(argv=None):
         p.error("--iterations must be at least 2 (the first iteration compiles; the median is over the rest)")
     if args.trl_iterations < 2:
         p.error("--trl-iterations must be at least 2")
+    if args.sweep_iterations < 2:
+        p.error("--sweep-iterations must be at least 2 (the first iteration compiles)")
+    if args.sweep_runs < 1:
+        p.error("--sweep-runs must be at least 1")
     if args.response < 2:
         p.error("--response must be at least 2 (the decode step is (t(response) - t(1)) / (response - 1))")
     if args.batch % args.minibatches or args.batch // args.minibatches < 8:
@@ -675,6 +835,9 @@ def run_child(kind: str, spec: dict, *, timeout: int, env_extra: dict | None = N
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--spec", json.dumps(spec),
                "--child-out", out]
         env = os.environ.copy()
+        # Random weights and GPT-2's tokenizer only: the offline copy of its BPE files, without a hub check per run
+        # (a sequential sweep run would pay it 16 times on a machine without network)
+        env.setdefault("HF_HUB_OFFLINE", "1")
         env.update(env_extra or {})
         tail = collections.deque(maxlen=60)
         proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, errors="replace", env=env)
@@ -686,14 +849,18 @@ def run_child(kind: str, spec: dict, *, timeout: int, env_extra: dict | None = N
 
         th = threading.Thread(target=pump, daemon=True)
         th.start()
+        t0 = time.monotonic()
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
             th.join(5)
-            return {"error": f"timeout: {label or kind} ran past --child-timeout {timeout} s",
-                    "stderr_tail": "".join(tail)[-4000:]}
+            res = {"error": f"timeout: {label or kind} ran past its {timeout:.0f} s (the time budget's share)",
+                   "timed_out": True, "child_wall_s": time.monotonic() - t0, "stderr_tail": "".join(tail)[-4000:]}
+            if os.path.exists(out):  # what the child saved before it was stopped
+                res["partial"] = json.loads(Path(out).read_text())
+            return res
         th.join(5)
         if os.path.exists(out):
             res = json.loads(Path(out).read_text())
@@ -704,6 +871,7 @@ def run_child(kind: str, spec: dict, *, timeout: int, env_extra: dict | None = N
                             f"memory?): {''.join(tail)[-1500:]}"}
         if "error" in res:
             res["stderr_tail"] = "".join(tail)[-4000:]
+        res["child_wall_s"] = time.monotonic() - t0
         return res
 
 
@@ -712,6 +880,12 @@ def gpu_env(extra: dict | None = None) -> dict:
     env = {} if "XLA_PYTHON_CLIENT_MEM_FRACTION" in os.environ else {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.90"}
     env.update(extra or {})
     return env
+
+
+def dry_run_compile_cache(directory: str) -> dict:
+    """Environment of a child whose compilations persist in ``directory`` (every program, however small)."""
+    return {"JAX_COMPILATION_CACHE_DIR": directory, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
 def nvidia_smi() -> str | None:
@@ -723,65 +897,105 @@ def nvidia_smi() -> str | None:
         return None
 
 
-def run_one_size(name: str, args, probe: dict) -> dict:
+def run_part(budget: Budget, part: str, kind: str, spec: dict, *, env_extra: dict | None = None,
+             label: str = "") -> dict:
+    """One child of a part with the timeout the budget gives it now (recorded in ``budget.log``); a part left with
+    less than ``MIN_CHILD_S`` is skipped, not started."""
+    timeout = budget.timeout(part)
+    if timeout < min(MIN_CHILD_S, budget.plan.get(part, MIN_CHILD_S) / 2):
+        res = {"skipped": f"the time budget is spent ({max(timeout, 0):.0f} s left for {part})"}
+        budget.log[part] = {"status": "skipped", "timeout_s": timeout}
+        print(f"== {part}: {res['skipped']}", flush=True)
+        return res
+    print(f"== {part}: timeout {timeout:.0f} s ({budget.remaining():.0f} s of the budget left)", flush=True)
+    res = run_child(kind, spec, timeout=timeout, env_extra=env_extra, label=label or part)
+    status = ("timeout" if res.get("timed_out") else "error" if "error" in res else
+              "skipped" if "skipped" in res else "ok")
+    budget.log[part] = {"status": status, "timeout_s": timeout, "child_wall_s": res.get("child_wall_s")}
+    return res
+
+
+def run_one_size(name: str, args, budget: Budget) -> dict:
+    part = f"size:{name}"
     shape = TINY_SIZE if name == "tiny" else SIZES[name]
     base = dict(name=name, shape=shape, batch=args.batch, query=args.query, response=args.response,
                 epochs=args.epochs, minibatches=args.minibatches, iterations=args.iterations,
                 decode_reps=args.decode_reps, dtype=args.dtype, param_dtype=args.param_dtype,
                 matmul_n=args.matmul_n, copy_elems=args.copy_elems,
                 decode_bf16_params=not args.no_decode_bf16_params)
+    defaults = TINY_DEFAULTS if args.dry_run else DEFAULTS
     rows = args.batch // args.minibatches
-    attempts = []
-    for accum, remat in fit_ladder(args.grad_accum, args.remat, rows, auto=not args.no_fit):
-        spec = dict(base, grad_accum=accum, remat=remat)
-        print(f"== {name}: grad accum {accum}, remat {remat}", flush=True)
-        raw = run_child("size", spec, timeout=args.child_timeout, env_extra=gpu_env(), label=name)
-        err = raw.get("error")
-        attempts.append({"grad_accum": accum, "remat": remat, "error": err})
-        if err is None:
-            res = {"ok": True, "spec": spec, "attempts": attempts, **raw}
-            res["derived"] = derive_size(raw, spec)
-            res["command"] = repro_command(vars(args), TINY_DEFAULTS if args.tiny else DEFAULTS, sizes=name,
-                                           trl=False, grad_accum=accum, remat=remat, tiny=args.tiny)
-            return res
-        print(f"== {name}: failed: {err[:500]}", flush=True)
-        if not is_oom(err + raw.get("stderr_tail", "")):
-            break
+    attempts, raw = [], {}
+    try:
+        for accum, remat in fit_ladder(args.grad_accum, args.remat, rows, auto=not args.no_fit):
+            spec = dict(base, grad_accum=accum, remat=remat)
+            print(f"== {name}: grad accum {accum}, remat {remat}", flush=True)
+            raw = run_part(budget, part, "size", spec, env_extra=gpu_env(), label=name)
+            err = raw.get("error") or raw.get("skipped")
+            attempts.append({"grad_accum": accum, "remat": remat, "error": err})
+            command = repro_command(vars(args), defaults, sizes=name, trl=False, sweep=False, grad_accum=accum,
+                                    remat=remat, dry_run=args.dry_run)
+            if err is None:
+                res = {"ok": True, "spec": spec, "attempts": attempts, **raw}
+                res["derived"] = derive_size(raw, spec)
+                res["command"] = command
+                return res
+            partial = raw.get("partial") or {}
+            if "iteration_median_s" in partial:  # stopped by its timeout after the iterations: keep what it has
+                print(f"== {name}: {err}; keeping its partial result", flush=True)
+                res = {"ok": True, "spec": spec, "attempts": attempts, **partial, "error": None,
+                       "incomplete": f"{err}; {partial.get('incomplete', '')}".rstrip("; ")}
+                res["derived"] = derive_size(partial, spec)
+                res["command"] = command
+                return res
+            print(f"== {name}: failed: {err[:500]}", flush=True)
+            if "skipped" in raw or not is_oom(err + raw.get("stderr_tail", "")):
+                break
+    finally:
+        budget.done(part)
     return {"ok": False, "spec": dict(base, grad_accum=args.grad_accum, remat=args.remat), "attempts": attempts,
             "error": attempts[-1]["error"], "stderr_tail": raw.get("stderr_tail"),
-            "command": repro_command(vars(args), TINY_DEFAULTS if args.tiny else DEFAULTS, sizes=name, trl=False,
-                                     grad_accum=args.grad_accum, remat=args.remat, tiny=args.tiny)}
+            "command": repro_command(vars(args), defaults, sizes=name, trl=False, sweep=False,
+                                     grad_accum=args.grad_accum, remat=args.remat, dry_run=args.dry_run)}
 
 
-def run_trl_comparison(args, probe: dict) -> dict:
-    shape = TINY_SIZE if args.tiny else SIZES["gpt2"]
+def run_trl_comparison(args, probe: dict, budget: Budget) -> dict:
+    shape = TINY_SIZE if args.dry_run else SIZES["gpt2"]
     j = job_dict(shape, vars(args))
-    device = "cuda" if probe.get("backend") == "gpu" else ("cpu" if args.tiny else None)
+    device = "cuda" if probe.get("backend") == "gpu" else ("cpu" if args.dry_run else None)
     res = {"job": j, "device": device, "iterations": args.trl_iterations,
-           "command": repro_command(vars(args), TINY_DEFAULTS if args.tiny else DEFAULTS, sizes="none", trl=True,
-                                    tiny=args.tiny)}
-    if device is None:
-        return res | {"skipped": "jax has no GPU"}
-    flops = model_flops(j)
-    res["flops_per_iteration"] = flops
-    with tempfile.TemporaryDirectory() as ckpt:
-        spec = {"job": j, "ckpt": ckpt, "device": device, "iterations": args.trl_iterations}
-        print(f"== TRL comparison on {device}: checking torch/TRL, writing the shared checkpoint", flush=True)
-        prep = run_child("trl-prep", spec, timeout=args.child_timeout, env_extra={"JAX_PLATFORMS": "cpu"},
-                         label="trl-prep")
-        if "skipped" in prep or "error" in prep:
-            reason = prep.get("skipped") or f"preparation failed: {prep['error']}"
-            print(f"== TRL comparison skipped: {reason}", flush=True)
-            return res | {"skipped": reason}
-        res["prep"] = prep
-        for side in ("ppojax", "trl"):
-            print(f"== TRL comparison: {side} side ({args.trl_iterations} iterations)", flush=True)
-            env = gpu_env() if side == "ppojax" else {"JAX_PLATFORMS": "cpu"}
-            r = run_child(f"trl-{side}", spec, timeout=args.child_timeout, env_extra=env, label=f"trl {side}")
-            if "error" not in r:
-                r["achieved_flops"] = flops["total"] / r["iteration_median_s"]
-                r["fraction_of_matmul_peak"] = r["achieved_flops"] / r["matmul_peak_flops"]
-            res[side] = r
+           "command": repro_command(vars(args), TINY_DEFAULTS if args.dry_run else DEFAULTS, sizes="none",
+                                    trl=True, sweep=False, dry_run=args.dry_run)}
+    parts = ("trl-prep", "trl-ppojax", "trl-trl")
+    try:
+        if device is None:
+            return res | {"skipped": "jax has no GPU"}
+        flops = model_flops(j)
+        res["flops_per_iteration"] = flops
+        with tempfile.TemporaryDirectory() as ckpt:
+            spec = {"job": j, "ckpt": ckpt, "device": device, "iterations": args.trl_iterations}
+            print(f"== TRL comparison on {device}: checking torch/TRL, writing the shared checkpoint", flush=True)
+            prep = run_part(budget, "trl-prep", "trl-prep", spec, env_extra={"JAX_PLATFORMS": "cpu"})
+            budget.done("trl-prep")
+            if "skipped" in prep or "error" in prep:
+                reason = prep.get("skipped") or f"preparation failed: {prep['error']}"
+                print(f"== TRL comparison skipped: {reason}", flush=True)
+                return res | {"skipped": reason}
+            res["prep"] = prep
+            for side in ("ppojax", "trl"):
+                print(f"== TRL comparison: {side} side ({args.trl_iterations} iterations)", flush=True)
+                env = gpu_env() if side == "ppojax" else {"JAX_PLATFORMS": "cpu"}
+                r = run_part(budget, f"trl-{side}", f"trl-{side}", spec, env_extra=env, label=f"trl {side}")
+                budget.done(f"trl-{side}")
+                if "skipped" in r:
+                    r = {"error": r["skipped"]}
+                if "error" not in r:
+                    r["achieved_flops"] = flops["total"] / r["iteration_median_s"]
+                    r["fraction_of_matmul_peak"] = r["achieved_flops"] / r["matmul_peak_flops"]
+                res[side] = r
+    finally:
+        for part in parts:  # a skipped comparison hands its parts' time to the ones after it
+            budget.done(part)
     p, t = res.get("ppojax", {}), res.get("trl", {})
     if "iteration_median_s" in p and "iteration_median_s" in t:
         res["speedup_ppojax_over_trl"] = t["iteration_median_s"] / p["iteration_median_s"]
@@ -796,10 +1010,48 @@ def run_trl_comparison(args, probe: dict) -> dict:
     return res
 
 
+def run_sweep_comparison(args, budget: Budget) -> dict:
+    """``--sweep-runs`` runs as one vmapped sweep, then one after another (benchmarks/sweep.py's measurement), each
+    side in its own child."""
+    R, its = args.sweep_runs, args.sweep_iterations
+    spec = {"config": args.sweep_config, "runs": R, "iterations": its}
+    res = {"config": args.sweep_config, "R": R, "iterations": its, "vmap": "all runs in one vmap (width None)",
+           "command": repro_command(vars(args), TINY_DEFAULTS if args.dry_run else DEFAULTS, sizes="none",
+                                    trl=False, sweep=True, dry_run=args.dry_run)}
+    try:
+        print(f"== sweep: {R} runs of {args.sweep_config} x {its} iterations, one vmapped program", flush=True)
+        vm = run_part(budget, "sweep-vmapped", "sweep-vmapped", spec, env_extra=gpu_env(), label="sweep (vmapped)")
+        budget.done("sweep-vmapped")
+        if "skipped" in vm:
+            return res | {"skipped": vm["skipped"]}
+        if "error" in vm:
+            return res | {"error": f"sweep side: {vm['error']}", "sweep": [vm]}
+        print(f"== sweep: {vm['total_s']:.1f} s; now the {R} runs one after another", flush=True)
+        with tempfile.TemporaryDirectory() as cache:
+            # A dry run checks the code paths, not the times: there the sequential runs share a persistent
+            # compilation cache (each still traces and looks its programs up), which cuts 16 CPU compilations to
+            # one. A measurement never does: there each run compiles its own program.
+            env = gpu_env(dry_run_compile_cache(cache) if args.dry_run else {})
+            seq = run_part(budget, "sweep-sequential", "sweep-sequential", spec, env_extra=env,
+                           label="sweep (sequential)")
+        res["sequential_compilation"] = ("a persistent compilation cache shared by the runs (dry run: not a "
+                                         "measurement)" if args.dry_run else "each run compiles its own programs")
+        if "skipped" in seq:
+            seq = {"error": seq["skipped"]}
+        elif seq.get("timed_out"):
+            # the child's start-up (imports, the backend) is not run time: take the sweep child's as its estimate
+            startup = max(vm.get("child_wall_s", vm["total_s"]) - vm["total_s"], 0.0)
+            seq = {"error": seq["error"], "ran_s": seq["child_wall_s"] - startup, "child_wall_s": seq["child_wall_s"]}
+    finally:
+        budget.done("sweep-vmapped")
+        budget.done("sweep-sequential")
+    return res | sweep_summary(R, its, vm, seq)
+
+
 def no_gpu_message(probe: dict) -> str:
     found = probe.get("error") or f"jax.default_backend() is {probe.get('backend')!r} ({probe.get('devices')})"
     return (f"benchmarks/gpu.py: no GPU: {found}. Run it on a machine with an NVIDIA GPU and jax[cuda12] installed "
-            "(pip install -e '.[cuda,bench]'), or pass --tiny for a CPU smoke run.")
+            "(pip install -e '.[cuda,bench]'), or pass --dry-run for a run of every part on tiny shapes.")
 
 
 def main(argv=None):
@@ -809,28 +1061,35 @@ def main(argv=None):
     if args.table is not None:
         print(markdown_table(json.loads(args.table.read_text())))
         return 0
+    t_start = time.monotonic()
     started = _env.now_utc()
     load_before = _env.load_sample()
-    probe = run_child("probe", {}, timeout=300, env_extra={"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}, label="probe")
-    if probe.get("backend") != "gpu" and not args.tiny:
+    estimates = TINY_ESTIMATES_S if args.dry_run else ESTIMATES_S
+    plan = plan_parts(args.size_list, not args.no_trl, not args.no_sweep, estimates)
+    budget = Budget(args.budget, plan, cap_s=args.child_timeout, reserve_s=PARENT_RESERVE_S)
+    probe = run_part(budget, "probe", "probe", {}, env_extra={"XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
+    budget.done("probe")
+    if probe.get("backend") != "gpu" and not args.dry_run:
         print(no_gpu_message(probe), file=sys.stderr)
         return 2
-    if "error" in probe:
-        print(f"benchmarks/gpu.py: jax does not start: {probe['error']}", file=sys.stderr)
+    if "error" in probe or "skipped" in probe:
+        print(f"benchmarks/gpu.py: jax does not start: {probe.get('error') or probe['skipped']}", file=sys.stderr)
         return 2
     print(f"== device: {probe['device_kind']} ({probe['backend']}, {probe['n_devices']} device(s)); "
           f"datasheet peaks: {device_peaks(probe['device_kind'])}", flush=True)
     out_path = args.out
-    if out_path is None and not args.tiny:
-        out_path = RESULTS / f"gpu_{slug(probe['device_kind'])}.json"
+    if out_path is None:  # a dry run never writes into results/ unless --out says so
+        out_path = (Path(tempfile.mkdtemp(prefix="gpu_dry_run_")) / "gpu_dry_run.json" if args.dry_run
+                    else RESULTS / f"gpu_{slug(probe['device_kind'])}.json")
 
     config = {k: getattr(args, k) for k in ("batch", "query", "response", "epochs", "minibatches", "grad_accum",
                                             "remat", "iterations", "decode_reps", "trl_iterations", "dtype",
-                                            "param_dtype", "matmul_n", "copy_elems")}
+                                            "param_dtype", "matmul_n", "copy_elems", "sweep_config", "sweep_runs",
+                                            "sweep_iterations", "budget", "child_timeout")}
     config["fit_on_oom"] = not args.no_fit
     config["vocab_size"], config["n_positions"] = VOCAB, N_POSITIONS
     result = {
-        "benchmark": "gpu", "date": started, "tiny": args.tiny,
+        "benchmark": "gpu", "date": started, "dry_run": args.dry_run,
         "command": " ".join(shlex.quote(a) for a in [sys.argv[0]] + list(argv if argv is not None else sys.argv[1:])),
         "machine": _env.machine_info(), "gpu": probe | {"nvidia_smi": nvidia_smi()},
         "device_peaks": device_peaks(probe["device_kind"]),
@@ -840,37 +1099,42 @@ def main(argv=None):
         "jax_child_env": gpu_env(),
         "config": config, "targets_definition": {k: list(v) if isinstance(v, tuple) else v for k, v in TARGETS.items()},
         "method": __doc__.split("\n\n    python")[0].strip(),
-        "load_before": load_before, "sizes": {},
+        "load_before": load_before, "sizes": {}, "parts": budget.log,
+        "budget": {"total_s": args.budget, "estimates_s": plan, "parent_reserve_s": PARENT_RESERVE_S},
     }
-    if out_path is not None and out_path.exists():  # keep the other sizes' results (and TRL's) of the same device
+    if out_path.exists():  # keep the other sizes' results (and TRL's, the sweep's) of the same device
         try:
             old = json.loads(out_path.read_text())
             if old.get("gpu", {}).get("device_kind") == probe["device_kind"]:
                 result["sizes"].update({k: v for k, v in old.get("sizes", {}).items() if k not in args.size_list})
-                if args.no_trl and "trl" in old:
-                    result["trl"] = old["trl"]
+                for key, skipped in (("trl", args.no_trl), ("sweep", args.no_sweep)):
+                    if skipped and key in old:
+                        result[key] = old[key]
         except (json.JSONDecodeError, OSError):
             pass
 
     def save():
         result["targets"] = evaluate_targets(result)
         result["load_after"] = _env.load_sample()
-        if out_path is not None:
-            print(f"wrote {_env.write_json(out_path, result)}", flush=True)
+        result["wall_s"] = time.monotonic() - t_start
+        print(f"wrote {_env.write_json(out_path, result)}", flush=True)
 
+    save()  # the probe and the machine: a run stopped from outside still leaves a file naming the device
     for name in args.size_list:
-        result["sizes"][name] = run_one_size(name, args, probe)
+        result["sizes"][name] = run_one_size(name, args, budget)
         print_size_summary(name, result["sizes"][name])
         save()
     if not args.no_trl:
-        result["trl"] = run_trl_comparison(args, probe)
+        result["trl"] = run_trl_comparison(args, probe, budget)
         print_trl_summary(result["trl"])
         save()
-    if not args.size_list and args.no_trl:
+    if not args.no_sweep:
+        result["sweep"] = run_sweep_comparison(args, budget)
+        print_sweep_summary(result["sweep"])
         save()
-    for t in result["targets"]:
-        flag = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
-        print(f"target: {t['name']}: {format_target_value(t)} ({flag})")
+    print()
+    print(markdown_table(result))
+    print(f"\n{result['wall_s']:.0f} s of the {args.budget} s budget; the result: {out_path}")
     return 0
 
 
@@ -900,6 +1164,8 @@ def print_size_summary(name: str, s: dict) -> None:
         return
     d = s["derived"]
     dec = d["decode"].get("rollout_params", {})
+    if s.get("incomplete"):
+        print(f"{name}: INCOMPLETE ({s['incomplete'][:300]})")
     print(f"{name}: {s['iteration_median_s']:.3f} s/iteration (first {s['first_iteration_s']:.1f} s, compile "
           f"{_fmt(s.get('compile_s'))} s); rollout {s['rollout_median_s']:.3f}, score {s['score_median_s']:.3f}, "
           f"update {s['update_median_s']:.3f} s; update {d['update_flops_per_s'] / 1e12:.1f} TFLOP/s, MFU "
@@ -925,6 +1191,22 @@ def print_trl_summary(t: dict) -> None:
         print(f"ppojax / TRL: {t['speedup_ppojax_over_trl']:.2f}x faster (target >= {t['target_speedup']}x)")
 
 
+def print_sweep_summary(sw: dict) -> None:
+    if "skipped" in sw:
+        print(f"sweep comparison: skipped ({sw['skipped']})")
+        return
+    ci, ce = sw.get("compile_included") or {}, sw.get("compile_excluded") or {}
+    if sw.get("error"):
+        print(f"sweep comparison: FAILED ({sw['error'][:300]})")
+    if ci.get("speedup_median") is not None:
+        print(f"sweep of {sw['R']} runs ({sw['config']}): {ci['sweep_s_median']:.1f} s against "
+              f"{ci['sequential_s_median']:.1f} s one after another: {ci['speedup_median']:.2f}x with compilation, "
+              f"{_fmt(ce.get('speedup_median'), '.2f')}x without (target >= {TARGETS['sweep_speedup']:.0f}x)")
+    elif ci.get("speedup_at_least") is not None:
+        print(f"sweep of {sw['R']} runs ({sw['config']}): at least {ci['speedup_at_least']:.2f}x (the sequential "
+              "side ran out of time)")
+
+
 def markdown_table(res: dict) -> str:
     g, v, c = res.get("gpu", {}), res.get("versions", {}), res.get("config", {})
     peaks = res.get("device_peaks") or device_peaks(g.get("device_kind", ""))
@@ -937,7 +1219,8 @@ def markdown_table(res: dict) -> str:
         "",
         f"batch {c.get('batch')}, query {c.get('query')}, response {c.get('response')}, {c.get('epochs')} epoch(s) x "
         f"{c.get('minibatches')} minibatches, {c.get('dtype')} compute / {c.get('param_dtype')} params; median of "
-        f"the iterations after the first" + (" — **tiny smoke run, not a measurement**" if res.get("tiny") else ""),
+        f"the iterations after the first" + (" — **dry run on tiny shapes, not a measurement**"
+                                             if res.get("dry_run") else ""),
         "",
         "| model | params | s/iteration | first iteration s (compile s) | rollout s (generation) | reward s | "
         "update s | update TFLOP/s | MFU (vs measured matmul) | decode ms/step: f32 params (bf16) | "
@@ -953,9 +1236,11 @@ def markdown_table(res: dict) -> str:
         dec, dec16 = d["decode"].get("rollout_params", {}), d["decode"].get("bf16_params", {})
         step = lambda x: "n/a" if not x.get("step_s") else f"{x['step_s'] * 1e3:.2f}"
         mem = s.get("peak_bytes_in_use")
+        label = f"{name} (incomplete: {s['incomplete'][:80]})".replace("|", "/") if s.get("incomplete") else name
         lines.append(
-            f"| {name} | {s['n_params'] / 1e6:.0f}M | {s['iteration_median_s']:.3f} | {s['first_iteration_s']:.1f} "
-            f"({_fmt(s.get('compile_s'), '.1f')}) | {s['rollout_median_s']:.3f} ({s['generation_median_s']:.3f}) | "
+            f"| {label} | {s['n_params'] / 1e6:.0f}M | {s['iteration_median_s']:.3f} | {s['first_iteration_s']:.1f} "
+            f"({_fmt(s.get('compile_s'), '.1f')}) | {s['rollout_median_s']:.3f} "
+            f"({_fmt(s.get('generation_median_s'), '.3f')}) | "
             f"{s['score_median_s']:.3f} | {s['update_median_s']:.3f} | {d['update_flops_per_s'] / 1e12:.1f} | "
             f"{_pct(d['mfu'])} ({_pct(d['mfu_vs_measured_matmul'])}) | {step(dec)} ({step(dec16)}) | "
             f"{_pct(dec.get('fraction_of_roofline'))} ({_pct(dec.get('fraction_of_roofline_measured_bandwidth'))}) | "
@@ -965,7 +1250,7 @@ def markdown_table(res: dict) -> str:
     if t:
         j = t.get("job", {})
         lines += ["", f"TRL comparison on the same device ({t.get('device')}): {j.get('n_layer')} layers / width "
-                      f"{j.get('n_embd')} (the gpt2 shape unless tiny), the same batch/query/response/epochs/"
+                      f"{j.get('n_embd')} (the gpt2 shape unless a dry run), the same batch/query/response/epochs/"
                       f"minibatches, {t.get('iterations')} iterations per side: `{t.get('command')}`", ""]
         if "skipped" in t:
             lines.append(f"skipped: {t['skipped']}")
@@ -992,6 +1277,31 @@ def markdown_table(res: dict) -> str:
             if "speedup_ppojax_over_trl" in t:
                 lines += ["", f"ppojax / TRL: **{t['speedup_ppojax_over_trl']:.2f}x** faster per iteration "
                               f"(target >= {t['target_speedup']:.0f}x)."]
+    sw = res.get("sweep")
+    if sw:
+        lines += ["", f"Sweep: {sw.get('R')} runs of configs/{sw.get('config')}.yaml x {sw.get('iterations')} "
+                      f"iterations as one program ({sw.get('vmap')}) against the same runs one after another, each "
+                      f"compiling its own program: `{sw.get('command')}`", ""]
+        ci, ce = sw.get("compile_included") or {}, sw.get("compile_excluded") or {}
+        if "skipped" in sw:
+            lines.append(f"skipped: {sw['skipped']}")
+        elif ci.get("speedup_median") is not None:
+            lines += ["| | sweep s | sequential s | sequential / sweep |", "|---|---:|---:|---:|",
+                      f"| with compilation | {ci['sweep_s_median']:.2f} | {ci['sequential_s_median']:.2f} | "
+                      f"**{ci['speedup_median']:.2f}x** |",
+                      f"| without (iterations after the first) | {_fmt(ce.get('sweep_s_median'), '.2f')} | "
+                      f"{_fmt(ce.get('sequential_s_median'), '.2f')} | {_fmt(ce.get('speedup_median'), '.2f')}x |"]
+        elif ci.get("speedup_at_least") is not None:
+            lines.append(f"sweep {ci['sweep_s_median']:.2f} s; the sequential side ran out of time: at least "
+                         f"**{ci['speedup_at_least']:.2f}x** with compilation")
+        else:
+            lines.append(f"failed: {(sw.get('error') or '').splitlines()[0][:200]}")
+    parts = res.get("parts") or {}
+    if parts:
+        budget = res.get("budget") or {}
+        lines += ["", f"Parts (budget {budget.get('total_s')} s, whole run {_fmt(res.get('wall_s'), '.0f')} s): "
+                  + ", ".join(f"{n} {p['status']} ({_fmt(p.get('child_wall_s'), '.0f')} of "
+                              f"{_fmt(p.get('timeout_s'), '.0f')} s)" for n, p in parts.items())]
     targets = res.get("targets") or evaluate_targets(res)
     lines += ["", "Targets:", ""]
     for tg in targets:

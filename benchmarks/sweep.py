@@ -63,8 +63,11 @@ def _data(config_path: Path, iterations: int) -> dict:
     return data
 
 
-def time_sweep(config_path: Path, R: int, iterations: int) -> dict:
-    """Wall time of R runs stacked in one program: total, and the iterations after the first (compiled)."""
+def time_sweep(config_path: Path, R: int, iterations: int, *, width="auto") -> dict:
+    """Wall time of R runs stacked in one program: total, and the iterations after the first (compiled).
+
+    ``width``: runs per vmap on a device (``build_groups``): 'auto' is the device's default (1 on a CPU, all R on
+    an accelerator); None vmaps all R anywhere (``gpu.py --dry-run`` runs the GPU's program on a CPU)."""
     import jax
 
     from ppojax.train import loop
@@ -74,7 +77,7 @@ def time_sweep(config_path: Path, R: int, iterations: int) -> dict:
     jax.clear_caches()
     t0 = time.perf_counter()
     runs = sw.plan_runs(_data(config_path, iterations), ExperimentConfig, list(range(R)), {})
-    (group,) = sw.build_groups(runs, config_path.parent, log=lambda m: None)
+    (group,) = sw.build_groups(runs, config_path.parent, log=lambda m: None, width=width)
     t_built = time.perf_counter()
     steps = []
 
