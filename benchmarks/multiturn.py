@@ -117,7 +117,6 @@ def main(argv=None):
     prompt_ids, prompt_mask = jnp.asarray(prompt_ids), jnp.asarray(prompt_mask)
     key = jax.random.key(args.seed + 1)
     seeds = list(range(args.batch))
-    host_seconds = []
 
     def single():
         out = ppojax.generate(model, params, prompt_ids, prompt_mask, key, max_new_tokens=args.turns * args.turn_tokens,

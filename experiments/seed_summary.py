@@ -85,7 +85,7 @@ def summarize(run_dirs: Sequence[Path], final_window: int = 5) -> dict:
         if evals:  # held-out evaluation rows (``eval:``): iteration 0 is the base policy
             run["eval"] = {"iteration": [r["iteration"] for r in evals],
                            **{key: [r.get(f"eval/{key}") for r in evals]
-                              for key in ("accuracy", "score_mean", "response_length", "ended")
+                              for key in ("accuracy", "score_mean", "response_length", "ended", "success", "turns")
                               if any(f"eval/{key}" in r for r in evals)}}
             main = "accuracy" if "accuracy" in run["eval"] else "score_mean"
             run["eval_metric"] = main

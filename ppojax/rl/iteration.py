@@ -160,7 +160,7 @@ def _chunked(fn, chunk: int, *arrays):
     return jax.tree.map(lambda x: x.reshape(rows, *x.shape[2:]), out)
 
 
-def _top_p(setup: PPOSetup, hp):
+def sampling_top_p(setup: PPOSetup, hp):
     """The nucleus mass to sample with: the state's array when the setup filters, else the 1.0 that compiles none."""
     return hp.top_p if isinstance(setup.ppo.top_p, InState) else 1.0
 
@@ -188,7 +188,7 @@ def _rollout(state: TrainState, prompt_ids, prompt_mask):
     actor = setup.roles.actor(state.params, state.frozen)
 
     out = sample(setup.model, actor, prompt_ids, prompt_mask, sample_key, max_new_tokens=cfg.response_length,
-                 temperature=hp.temperature, top_k=cfg.top_k, top_p=_top_p(setup, hp),
+                 temperature=hp.temperature, top_k=cfg.top_k, top_p=sampling_top_p(setup, hp),
                  eos_token_id=cfg.eos_token_id, pad_token_id=setup.pad_token_id, example_ids=example_ids,
                  stop_sequences=cfg.stop_token_ids)
     tokens, mask = out.tokens, out.mask
@@ -650,6 +650,14 @@ def update(state: TrainState, rollout_batch: Rollout, scores, *, donate: bool = 
     ``state, r = rollout(state, p, m); scores = host_fn(np.asarray(r.tokens), np.asarray(r.mask)); update(...)``.
     ``donate`` as in ``ppo_iteration``."""
     return _JITTED["update", bool(donate)](state, rollout_batch, jnp.asarray(scores, jnp.float32))
+
+
+def episode_rollout(state: TrainState, prompt_ids, prompt_mask, tokens, mask, context_mask, sampler_logprobs,
+                    turn_rewards) -> Rollout:
+    """The :class:`Rollout` of played multi-turn episodes (``ppojax.train.multiturn``), jitted: the actor's,
+    reference's and critic's forward passes over each whole episode. Arrays as ``_episode_rollout``'s."""
+    return _JITTED["episode", False](state, prompt_ids, prompt_mask, tokens, mask, context_mask, sampler_logprobs,
+                                     turn_rewards)[1]
 
 
 def check_iteration(state: TrainState, prompt_ids, prompt_mask, *, host_reward: bool = False) -> None:

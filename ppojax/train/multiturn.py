@@ -122,7 +122,7 @@ def _turn(setup, params, frozen, hparams, cache, chunk_ids, chunk_mask, key, exa
           turn_tokens: int, greedy: bool, cache_len: int):
     """One assistant turn: ``chunk`` appended to the episode's cache (a fresh one when ``cache`` is None: the
     prompt's prefill), then up to ``turn_tokens`` sampled tokens per row: ``(SampleOutput, cache, steps)``."""
-    from ppojax.rl.iteration import _top_p
+    from ppojax.rl.iteration import sampling_top_p
 
     cfg = setup.ppo
     actor = setup.roles.actor(params, frozen)
@@ -131,7 +131,7 @@ def _turn(setup, params, frozen, hparams, cache, chunk_ids, chunk_mask, key, exa
     keys = row_keys(key, chunk_ids.shape[0], example_ids)
     return decode(setup.model, actor, cache, chunk_ids, chunk_mask, keys, max_new_tokens=turn_tokens,
                   temperature=0.0 if greedy else temperature, top_k=0 if greedy else cfg.top_k,
-                  top_p=1.0 if greedy else _top_p(setup, hparams), eos_token_id=cfg.eos_token_id,
+                  top_p=1.0 if greedy else sampling_top_p(setup, hparams), eos_token_id=cfg.eos_token_id,
                   pad_token_id=setup.pad_token_id, stop_sequences=cfg.stop_token_ids, finished=finished)
 
 
@@ -319,8 +319,7 @@ def episode_rollout(state, ep: Episodes, mesh=None):
 
     args = (ep.prompt_ids, ep.prompt_mask, ep.tokens, ep.mask, ep.context_mask, ep.logprobs, ep.turn_rewards)
     if mesh is None:
-        _, rollout = iteration._JITTED["episode", False](state, *map(jnp.asarray, args))
-        return rollout
+        return iteration.episode_rollout(state, *map(jnp.asarray, args))
     from ppojax.parallel import shard_batch
     from ppojax.train import mesh_step
 
