@@ -13,9 +13,9 @@ One process, one model (random GPT-2 weights, GPT-2's real tokenizer, so the hos
 Both sample the same number of policy tokens per row; the episode also encodes the observations. Each side is run
 once first (compilation reported on its own), then ``--repeats`` interleaved rounds of ``--calls`` calls (the
 side that goes first rotating, the load of other processes probed). Reported: seconds per call (median, spread) per
-side, the ratio episode / single paired by round, the host's share of an episode (``env_s``: the environment's
-calls; ``host_s``: everything between the jitted turns), and the cost of one extra turn,
-``(episode - single) / (turns - 1)``.
+side, the ratio episode / single paired by round, the time an episode spends in the environment's calls
+(``env_s``), and the cost of one extra turn, ``(episode - single) / (turns - 1)``: the host round trip plus the
+observation's prefill and the longer cache the turns attend over.
 
     python benchmarks/multiturn.py --force       # writes benchmarks/results/multiturn_cpu.json (a few minutes)
     python benchmarks/multiturn.py --tiny --repeats 2 --out /tmp/m.json   # smoke run
