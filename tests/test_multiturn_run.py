@@ -158,11 +158,22 @@ def test_episodes_on_8_devices_equal_one_device(tmp_path, env_import):
     assert s1 == (tmp_path / "d8" / "samples.jsonl").read_text()
 
 
-def test_a_sweep_of_an_env_config_is_refused_in_one_line(tmp_path, env_import, capsys):
+@pytest.mark.slow
+def test_a_sweep_over_seeds_of_an_env_config_equals_the_single_runs(tmp_path, env_import):
+    """experiments/sweep.py on a multi-turn config: each run plays its own episodes (one run after another inside
+    the group) and logs what the single run of its seed logs."""
     from ppojax.cli import sweep_main
 
-    config = _config(tmp_path)
-    assert sweep_main(["--config", str(config), "--seeds", "2", "--run-dir", str(tmp_path / "sweep")]) == 2
-    err = capsys.readouterr().err
-    assert "env.name='echo_turns': sweeps run single-turn configs only" in err
-    assert not (tmp_path / "sweep").exists()
+    config = _config(tmp_path, **{"iterations": 2, "seed": 1})
+    assert sweep_main(["--config", str(config), "--seeds", "0,1", "--run-dir", str(tmp_path / "sweep")]) == 0
+    swept = [json.loads(line) for line in (tmp_path / "sweep" / "metrics.jsonl").read_text().splitlines()]
+    assert _main("--config", config, "--run-dir", tmp_path / "single") == 0  # seed 1 alone
+    single = [r for r in _rows(tmp_path / "single") if "env/turns" in r]
+    mine = [r for r in swept if r["seed"] == 1]
+    assert [r["iteration"] for r in mine] == [1, 2]
+    for a, b in zip(mine, single):
+        for k, v in b.items():
+            if not k.startswith("time") and k != "iteration":
+                assert a[k] == pytest.approx(v, rel=1e-6, abs=1e-7), k
+    other = [r for r in swept if r["seed"] == 0]
+    assert [r["kl"] for r in other] != [r["kl"] for r in mine]  # seed 0 played other episodes

@@ -204,6 +204,14 @@ def unstack_state(state: TrainState, axes: RunAxes, r: int) -> TrainState:
     return TrainState(setup=state.setup, **fields)
 
 
+def restack_state(state: TrainState, axes: RunAxes, r: int, one: TrainState) -> TrainState:
+    """``state`` with run ``r``'s slice of every per-run field replaced by ``one``'s (the inverse of
+    :func:`unstack_state`)."""
+    fields = {name: jax.tree.map(lambda x, y: x.at[r].set(y), getattr(state, name), getattr(one, name))
+              for name, axis in axes.field_axes().items() if axis is not None}
+    return state.replace(**fields)
+
+
 _JITS: dict = {}
 
 
@@ -368,6 +376,9 @@ class Group:
     pad: int
     width: Optional[int] = None
     """Runs batched per vmap on a device (None: all; 1: a lax.map over the runs)."""
+    episode_steps: Optional[list] = None
+    """Multi-turn configs (``env:``): each run's own step (``ppojax.train.multiturn.make_step``), run one after
+    another on the run's slice of the stacked state (an episode's turns go through the host)."""
 
     @property
     def n(self) -> int:
@@ -385,6 +396,13 @@ class Group:
 
     def step(self, it: int, donate: bool = True) -> list[dict]:
         """Iteration ``it`` of every run: the new state is kept, one metrics dict (floats) per run is returned."""
+        if self.episode_steps is not None:
+            out = []
+            for r, run_step in enumerate(self.episode_steps):
+                one, metrics, _ = run_step(unstack_state(self.state, self.axes, r), it)
+                self.state = restack_state(self.state, self.axes, r, one)
+                out.append(metrics)
+            return out
         ids, mask = self.prompts(it)
         self.state, metrics = vmapped_step(self.state, self.axes, ids, mask, mesh=self.mesh,
                                            host_reward=self.host_reward, donate=donate, width=self.width)
@@ -414,8 +432,9 @@ class _Builder:
         task = self._once(task_key, lambda: runs.load_task(cfg, self.config_dir, tok))
         prompts = ([row.key() for row in task.task.train], task.train_ids, task.train_mask)
         model = self._once(("model", repr(cfg.model)), lambda: runs.build_model(cfg))
-        reward = self._once(("reward", repr(cfg.reward), task_key, repr(cfg.model)),
-                            lambda: runs.build_reward(cfg, tok, model[0], self.config_dir, task))
+        reward = (None, None) if cfg.env.name is not None else self._once(  # an environment rewards the episodes
+            ("reward", repr(cfg.reward), task_key, repr(cfg.model)),
+            lambda: runs.build_reward(cfg, tok, model[0], self.config_dir, task))
         return tok, prompts, model, reward, task
 
 
@@ -427,20 +446,13 @@ def build_groups(runs: Sequence[Run], config_dir=None, devices: Optional[Sequenc
     from ppojax.train.build import create_state
     from ppojax.train.run import resolve_built, task_config
 
-    from ppojax.train.run import RunError
-
-    envs = sorted({run.config.env.name for run in runs if run.config.env.name is not None})
-    if envs:
-        raise RunError(f"env.name={envs[0]!r}: sweeps run single-turn configs only (their runs share one vmapped "
-                       "program, an episode's turns go through the host); run each seed or value alone with "
-                       "experiments/ppo_gpt2.py")
     builder = _Builder(config_dir)
     groups = []
     if any(run.config.eval.every for run in runs):
         log("[sweep] eval: is not run inside a sweep (its runs share one program): evaluate each run's policy with "
             "experiments/evaluate.py, or run it alone with experiments/ppo_gpt2.py")
     for members in group_runs(runs):
-        states, loaders, host_reward = [], [], None
+        states, loaders, host_reward, episode_steps = [], [], None, []
         for run in members:
             cfg = run.config
             tok, (_, ids, mask), (model_config, params), (reward, host_reward), task = builder.run_inputs(cfg)
@@ -451,15 +463,23 @@ def build_groups(runs: Sequence[Run], config_dir=None, devices: Optional[Sequenc
                 state = state.replace(frozen=states[0].frozen)  # hold one copy while building, too
             states.append(state)
             loaders.append(PromptLoader(ids, mask, cfg.ppo.prompts_per_iteration, cfg.seed, cfg.prompts.shuffle))
+            if cfg.env.name is not None:  # multi-turn: the run's own episodes, one run after another
+                from ppojax.train import multiturn
+                from ppojax.train.run import check_env, episode_settings
+
+                check_env(cfg, tok, task)
+                episode_steps.append(multiturn.make_step(loaders[-1], task.task.train, *episode_settings(cfg, tok),
+                                                         k=cfg.ppo.samples_per_prompt, donate=False))
         state, axes = stack_states(states)
         del states
-        mesh, pad = run_mesh(len(members), devices)
+        mesh, pad = run_mesh(len(members), devices) if not episode_steps else (None, 0)
         if pad:
             log(f"[sweep] {len(members)} runs do not split over {len(mesh.devices.flat)} devices: padding with "
                 f"{pad} copies of run {members[0].index} (their results are dropped)")
         state = place(pad_runs(state, axes, pad), axes, mesh)
         groups.append(Group(runs=list(members), state=state, axes=axes, loaders=loaders, host_reward=host_reward,
-                            mesh=mesh, pad=pad, width=default_vmap_width(devices) if width == "auto" else width))
+                            mesh=mesh, pad=pad, width=default_vmap_width(devices) if width == "auto" else width,
+                            episode_steps=episode_steps or None))
     return groups
 
 

@@ -249,7 +249,7 @@ def _check_group(group) -> None:
            for field, axis in group.axes.field_axes().items() if axis == 0}
     ids, _ = group.loaders[0].batch(0)
     check_user_callables(group.runs[0].config, group.state.replace(**one), ids,
-                         host_reward=group.host_reward is not None)
+                         host_reward=group.host_reward is not None or group.episode_steps is not None)
 
 
 def _say(message: str) -> None:
