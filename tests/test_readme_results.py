@@ -115,3 +115,26 @@ def test_the_arithmetic_runs_numbers_and_samples_are_the_committed_results():
             item = items[question]
             mark = "✓" if item["correct"] else "✗"
             assert cell == f"{' '.join(item['response'].split())} {mark}", (question, cell)
+
+
+def _span(stat: dict, fmt: str) -> str:
+    return f"{stat['mean']:{fmt}} ({stat['min']:{fmt}} to {stat['max']:{fmt}})"
+
+
+def test_the_multi_turn_tiny_dialogue_numbers_are_the_committed_results():
+    result = json.loads((REPO / "docs" / "results" / "tiny_dialogue.json").read_text())
+    assert len(result["runs"]) == 3 and result["iterations"] == 60
+    flat = _flat(_section(README.read_text(), "## Multi-turn episodes"))
+    s = result["summary"]
+    first = _span(s["first_score"], ".2f")
+    assert f"goes from {first} at the first iteration" in flat
+    assert f"to {_span(s['final_score'], '.2f')} over the last {result['final_window']} iterations" in flat
+    finals = [r["eval"]["score_mean"][-1] for r in result["runs"]]
+    bases = {r["eval"]["score_mean"][0] for r in result["runs"]}
+    held = {"mean": sum(finals) / len(finals), "min": min(finals), "max": max(finals)}
+    assert bases == {0.0} and f"score 0.00 before training and {_span(held, '.2f')} after" in flat
+    assert all(set(r["eval"]["turns"]) == {3.0} for r in result["runs"])
+    assert f"at most {s['max_kl']['mean']:.0f} ({s['max_kl']['min']:.0f} to {s['max_kl']['max']:.0f}) nats" in flat
+    logged = [t["content"] for x in result["runs"][0]["samples"] for t in x.get("turns", [])
+              if t["role"] == "assistant"]
+    assert "languages receptions TSA like win win win win" in [" ".join(t.split()) for t in logged]
