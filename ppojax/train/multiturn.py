@@ -291,7 +291,6 @@ def run_episodes(state, rows: Sequence[Any], seeds: Sequence[int], settings: Epi
         for b in np.flatnonzero(alive):
             delta, obs = pending[b]
             chunk_ids[b, 0], chunk_mask[b, 0] = tok[b, steps - 1], msk[b, steps - 1]
-            chunk_ids[b], chunk_mask[b] = chunk_ids[b], chunk_mask[b]
             chunk_ids[b, C - len(delta):], chunk_mask[b, C - len(delta):] = delta, 1
             o = nxt - P + C - len(delta)
             tokens[b, o:o + len(delta)], context[b, o:o + len(delta)] = delta, 1
