@@ -138,3 +138,14 @@ def test_the_multi_turn_tiny_dialogue_numbers_are_the_committed_results():
     logged = [t["content"] for x in result["runs"][0]["samples"] for t in x.get("turns", [])
               if t["role"] == "assistant"]
     assert "languages receptions TSA like win win win win" in [" ".join(t.split()) for t in logged]
+
+
+def test_the_smollm2_guess_numbers_are_the_committed_run():
+    result = json.loads((REPO / "docs" / "results" / "smollm2_guess.json").read_text())
+    (run,) = result["runs"]
+    flat = _flat(_section(README.read_text(), "## Multi-turn episodes"))
+    success = run["eval"]["success"]
+    assert success[0] == 0.0 and f"to {success[-1]:.2f} at iterations 4, 8 and 12" in flat
+    assert run["eval"]["iteration"] == [0, 4, 8, 12] and len(set(success[1:])) == 1
+    assert f"most {result['summary']['max_kl']['mean']:.1f} nats per episode" in flat
+    assert f"{result['iterations']} iterations" in flat
