@@ -254,7 +254,7 @@ def test_malformed_rows_are_one_line_naming_file_and_line(tmp_path, task, row, m
     with pytest.raises(TaskError) as e:
         build_task(task, ctx(chat=True), {"path": str(path)})
     text = str(e.value)
-    assert "\n" not in text and f"rows.jsonl:2:" in text and message in text, text
+    assert "\n" not in text and "rows.jsonl:2:" in text and message in text, text
 
 
 def test_a_dialogue_without_chat_rendering_is_refused(tmp_path):
