@@ -47,8 +47,9 @@ with other jobs: see README.md ("The full RLHF pipeline") for the numbers and th
 
 Each is labeled by a proxy judge, the experiment's TRUE score (best of k = 4, no noise): ``coverage_judge`` for
 summaries (the share of the document's content words the summary's first line mentions, minus 0.05 per word past
-20) and ``helpfulness_judge`` for answers (the share of the question's content words the answer mentions, + 0.25
-for a politeness phrase, - 0.02 per word outside 8-40). Both are proxies, and PPO finds their holes: see their
+20) and ``helpfulness_judge`` for answers (the share of the question's content words the answer mentions, + 0.5 x
+min(1, the topic's keywords it uses / 5), the keywords being the 20 commonest content words of the topic's pydoc page,
++ 0.25 for a politeness phrase, - 0.05 per word outside 8-16). Both are proxies, and PPO finds their holes: see their
 docstrings and README.md ("Summaries and dialogue"). A LoRA reward model (rank 8, batch 4 comparisons: the longer
 queries make larger activations) is trained on 96 comparisons, then GRPO runs 15 iterations against it on the
 task's training rows, and the report compares the judge's and the reward model's scores before and after on 48
@@ -415,22 +416,27 @@ WORD_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }}
 """A chat template for the --fast word tokenizer, so that the fast policy renders prompts as the real one does."""
 TASKS = {"summarize": "coverage of the document's content words, minus 0.05 per word past 20 "
                       "(ppojax.tasks.summarize.coverage_judge)",
-         "dialogue": "share of the question's content words answered + 0.25 for a politeness phrase - 0.02 per word "
-                     "outside 8-40 (ppojax.tasks.dialogue.helpfulness_judge)"}
+         "dialogue": "share of the question's content words in the answer + 0.5 x min(1, topic keywords used / 5) + "
+                     "0.25 for a politeness phrase - 0.05 per word outside 8-16 (ppojax.tasks.dialogue."
+                     "helpfulness_judge; the keywords: the 20 commonest content words of the topic's pydoc page)"}
+DIALOGUE_MAX_WORDS = 16
+"""The dialogue judge's length band ends here: a 24-token answer that does not end its turn is ~18 words."""
 
 
 def doc_paragraphs(min_words: int = 25, max_words: int = 45) -> list[tuple[str, str]]:
     """``(topic, paragraph)`` of CPython's bundled docs (``pydoc_data.topics``, offline on every install): the prose
-    paragraphs of ``min_words``..``max_words`` words, whitespace collapsed, sorted by topic (no code or tables)."""
+    paragraphs of ``min_words``..``max_words`` words, whitespace collapsed, sorted by topic (no code or tables), each
+    once (some topics repeat a paragraph of another)."""
     import pydoc_data.topics
 
-    out = []
+    out, seen = [], set()
     for topic, text in sorted(pydoc_data.topics.topics.items()):
         for para in re.split(r"\n\s*\n", text):
             para = " ".join(para.split())
             n = len(para.split())
             if min_words <= n <= max_words and para[:1].isupper() and para.endswith(".") and \
-                    not re.search(r"[>=\[\]{}()*|:]{2}|\*\*", para):
+                    not re.search(r"[>=\[\]{}()*|:]{2}|\*\*", para) and para not in seen:
+                seen.add(para)
                 out.append((topic, para))
     return out
 
@@ -477,7 +483,13 @@ def _judge(task: str):
             document = row.prompt[-1]["content"].split("\n\n", 1)[-1]  # the chat message: instruction, then text
             return coverage_judge(_response_text(response), document)
         return judge
-    return lambda row, response: helpfulness_judge(_response_text(response), row.prompt)
+    import pydoc_data.topics
+
+    pages = {template.format(topic=topic.replace("-", " ")): text
+             for topic, text in pydoc_data.topics.topics.items() for template in QUESTION_TEMPLATES}
+    return lambda row, response: helpfulness_judge(_response_text(response), row.prompt,
+                                                   reference=pages.get(row.prompt[-1]["content"], ""),
+                                                   max_words=DIALOGUE_MAX_WORDS)
 
 
 def _response_text(response: str) -> str:
@@ -551,6 +563,38 @@ def _evaluate_task(policy: str, reward_dir: Path, base_params, judge, rows, text
                  "judge": float(true[2 * i])} for i, (row, c) in enumerate(list(zip(rows, comps))[:6])]
     return {"samples": int(true.size), "true_score": stat(true), "rm_score": stat(rm_score),
             "words": stat(lengths), "examples": examples}
+
+
+def held_out_pair_accuracy(labels: Path, reward_dir: Path, base_params, tokenizer, preset, seed: int) -> dict:
+    """On the reward model's held-out comparisons (``train_reward.py``'s seeded split, 20 %), every pair of responses
+    that the judge scored differently: the share the reward model orders as the judge does (chance 0.5). A finer
+    measure than the best-of-k accuracy on a few comparisons."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ppojax.rl import preferences, reward_training
+    from ppojax.rl.rewards import LoraRewardModel
+
+    rows = preferences.read_preferences(labels)
+    batch = preferences.tokenize_preferences(tokenizer, rows, query_length=preset["query_length"],
+                                             response_length=preset["response_length"], source=str(labels))
+    order = np.random.default_rng(seed).permutation(len(rows))  # preferences.split_preferences' held-out rows
+    held = np.sort(order[:max(1, int(round(len(rows) * 0.2)))])
+    rm = reward_training.load_reward_model(reward_dir)
+    if isinstance(rm, LoraRewardModel):
+        rm = rm.with_base(base_params)
+    scores = np.asarray(reward_training.comparison_scores(rm.config, rm.params,
+                                                          jax.tree.map(jnp.asarray, batch.take(held))))
+    agree = total = 0
+    for i, row_scores in zip(held, scores):
+        judge = rows[i].extra["scores"]
+        for a in range(len(judge)):
+            for b in range(a + 1, len(judge)):
+                if judge[a] != judge[b]:
+                    total += 1
+                    agree += (row_scores[a] - row_scores[b]) * (judge[a] - judge[b]) > 0
+    return {"pairs": total, "accuracy": agree / total if total else None, "comparisons": int(held.size)}
 
 
 def run_task(args: argparse.Namespace, out: Path) -> dict:
@@ -655,6 +699,7 @@ def run_task(args: argparse.Namespace, out: Path) -> dict:
         raise PipelineError("stage reward_model failed; see the error above")
     timings["reward_model_s"] = round(time.time() - t, 2)
     rm_report = json.loads((reward_dir / "train_report.json").read_text())
+    pair_accuracy = held_out_pair_accuracy(labels, reward_dir, base_params, tokenizer, preset, args.seed)
 
     ppo_dir = out / "ppo"
     cfg = configlib.load_yaml(OFFLINE if random_policy else PRETRAINED_CONFIG)
@@ -706,6 +751,7 @@ def run_task(args: argparse.Namespace, out: Path) -> dict:
         "rm_lora": rm_report.get("lora"),
         "rm_val_accuracy": rm_report["val_accuracy"],
         "rm_chance": rm_report["chance"],
+        "rm_val_pair_accuracy": pair_accuracy,
         "ppo_iterations": len(metrics),
         "ppo_final_kl": metrics[-1]["kl"],
         "ppo_max_kl": max(m["kl"] for m in metrics),
@@ -723,7 +769,8 @@ def run_task(args: argparse.Namespace, out: Path) -> dict:
     b, a = before["true_score"], after["true_score"]
     print(
         f"[pipeline] {args.task}: reward model held-out accuracy {report['rm_val_accuracy']:.3f} (chance "
-        f"{report['rm_chance']:.2f}, {report['comparisons']} comparisons of k={preset['k']})\n"
+        f"{report['rm_chance']:.2f}, {report['comparisons']} comparisons of k={preset['k']}); held-out pairs ordered "
+        f"as the judge orders them: {pair_accuracy['accuracy']} of {pair_accuracy['pairs']} (chance 0.5)\n"
         f"[pipeline] judge score on {before['samples']} held-out samples: before PPO {b['mean']:+.4f} ± "
         f"{b['stderr']:.4f}, after {preset['iterations']} iterations {a['mean']:+.4f} ± {a['stderr']:.4f}\n"
         f"[pipeline] reward-model score: before {before['rm_score']['mean']:+.3f}, after "

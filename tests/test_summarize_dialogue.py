@@ -232,7 +232,13 @@ def test_helpfulness_judge_terms():
     plain = "The assert statement checks a condition in Python and raises an error"  # 12 words, all 3 covered
     assert dlg.helpfulness_judge(plain, asked) == pytest.approx(1.0)
     assert dlg.helpfulness_judge("Sure! " + plain, asked) == pytest.approx(1.25)
-    assert dlg.helpfulness_judge("assert", asked) == pytest.approx(1 / 3 - 0.02 * 7)  # 1 word: 7 below the band
+    assert dlg.helpfulness_judge("assert", asked) == pytest.approx(1 / 3 - 0.05 * 7)  # 1 word: 7 below the band
+    long = plain + " " + " ".join(["again"] * 20)  # 32 words: 2 past the 30 allowed
+    assert dlg.helpfulness_judge(long, asked) == pytest.approx(1.0 - 0.05 * 2)
+    page = "Assert statements raise AssertionError. An assert statement: condition, condition, error, message."
+    assert summ.keywords(page, 3) == ["assert", "condition", "statements"]
+    # keywords of the page used: assert, condition, error, statement (4 of the 5 that earn the full 0.5)
+    assert dlg.helpfulness_judge(plain, asked, reference=page) == pytest.approx(1.0 + 0.5 * 4 / 5)
 
 
 @pytest.mark.parametrize("task, row, message", [

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ppojax.tasks.base import Row, Task, TaskContext, register_task
-from ppojax.tasks.summarize import content_words, words
+from ppojax.tasks.summarize import content_words, keywords, words
 
 HH_TURN = re.compile(r"\n\n(Human|Assistant):[ \t]?")
 ROLES = {"Human": "user", "Assistant": "assistant"}
@@ -132,26 +132,32 @@ POLITE = ("please", "thank", "thanks", "glad", "happy to", "hope this helps", "s
           "great question", "you're welcome")
 
 
-def helpfulness_judge(response: str, messages: list, *, min_words: int = 8, max_words: int = 40) -> float:
+def helpfulness_judge(response: str, messages: list, *, reference: str = "", n_keywords: int = 20,
+                      enough: int = 5, min_words: int = 8, max_words: int = 30) -> float:
     """The offline pipeline's proxy judge of an answer to the conversation's last user turn:
 
-        score = |content(response) & content(question)| / |content(question)|      (answers what was asked)
-                + 0.25 * [a politeness phrase of POLITE appears]                       (politeness lexicon)
-                - 0.02 * (words below min_words or above max_words)                  (length band)
+        score = |content(response) & content(question)| / |content(question)|         (answers what was asked)
+                + 0.5 * min(1, |content(response) & K| / enough)                      (says something on topic)
+                + 0.25 * [a politeness phrase of POLITE appears]                        (politeness lexicon)
+                - 0.05 * (words below min_words or above max_words)                   (length band)
 
-    What it rewards: an answer that talks about what the question asks about, politely, in a few sentences. Why it
-    is a proxy: repeating the question's words scores as answering it, whether or not the answer is right; one
-    "Sure," earns the politeness bonus; and it never checks a fact.
+    where K are the ``n_keywords`` most frequent content words of ``reference`` (a text on the question's topic;
+    none: that term is 0). What it rewards: an answer that talks about what was asked, uses the topic's vocabulary,
+    is polite, and is brief. Why it is a proxy: repeating the question's words scores as answering it and naming
+    the topic's words as knowing it, whether or not the answer is right; one "Sure," earns the politeness bonus; a
+    short answer is not a complete one; and it never checks a fact.
     """
     question = messages[-1]["content"] if messages else ""
     asked = content_words(question)
     said = set(content_words(response))
-    coverage = len(said & set(asked)) / len(asked) if asked else 0.0
+    score = len(said & set(asked)) / len(asked) if asked else 0.0
+    topic = set(keywords(reference, n_keywords)) if reference else set()
+    if topic:
+        score += 0.5 * min(1.0, len(said & topic) / enough)
     text = " ".join(words(response))
-    polite = any(re.search(rf"\b{re.escape(p)}", text) for p in POLITE)
+    score += 0.25 * any(re.search(rf"\b{re.escape(p)}", text) for p in POLITE)
     n = len(words(response))
-    outside = max(0, min_words - n) + max(0, n - max_words)
-    return coverage + 0.25 * polite - 0.02 * outside
+    return score - 0.05 * (max(0, min_words - n) + max(0, n - max_words))
 
 
 @register_task("dialogue")

@@ -260,8 +260,8 @@ def rouge_l(responses: Sequence[str], targets: Sequence[Optional[str]], *, first
     return out
 
 
-STOPWORDS = frozenset("""a an the and or but if then else of to in on at by for with from as is are was were be been being
-it its this that these those there their they them he she his her we you your our i me my not no nor so than too very
+STOPWORDS = frozenset("""a an the and or but if then else of to in on at by for with from as is are was were be been
+being it its this that these those there their they them he she his her we you your our i me my not no nor so than too very
 can will would should could may might must do does did done have has had having which who whom whose what when where
 why how all any both each few more most other some such only own same just also into over under about after before
 between through during above below up down out off again further once here s t""".split())
@@ -274,6 +274,15 @@ def content_words(text: str) -> list[str]:
         if len(w) >= 3 and w not in STOPWORDS:
             seen.setdefault(w, None)
     return list(seen)
+
+
+def keywords(text: str, n: int) -> list[str]:
+    """The ``n`` most frequent content words of ``text`` (ties in order of first appearance)."""
+    counts: dict[str, int] = {}
+    for w in words(text):
+        if len(w) >= 3 and w not in STOPWORDS:
+            counts[w] = counts.get(w, 0) + 1
+    return sorted(counts, key=lambda w: -counts[w])[:n]
 
 
 def coverage_judge(summary: str, document: str, *, max_words: int = 20, length_penalty: float = 0.05) -> float:
