@@ -401,13 +401,14 @@ QUESTION_TEMPLATES = ("What does {topic} mean in Python?", "Can you explain {top
                       "How do I use {topic} in Python?")
 TASK_PRESETS = {
     "summarize": dict(query_length=112, response_length=24, num_queries=96, k=4, rm_epochs=2, rm_lr=5e-4,
-                      rm_batch=4, lora_rank=8, normalize_samples=64, iterations=15, eval_queries=48,
+                      rm_batch=4, rm_head_init_std=None, lora_rank=8, normalize_samples=64, iterations=15, eval_queries=48,
                       temperature=0.8, top_k=0, num_eval=48),
-    "dialogue": dict(query_length=64, response_length=24, num_queries=96, k=4, rm_epochs=2, rm_lr=5e-4,
-                     rm_batch=4, lora_rank=8, normalize_samples=64, iterations=15, eval_queries=48,
+    "dialogue": dict(query_length=64, response_length=24, num_queries=96, k=4, rm_epochs=3, rm_lr=5e-4,
+                     rm_batch=4, rm_head_init_std=1e-3, lora_rank=8, normalize_samples=64, iterations=15, eval_queries=48,
                      temperature=0.8, top_k=0, num_eval=48),
     "fast": dict(n_layer=1, n_head=2, n_embd=32, n_positions=128, query_length=80, response_length=8,
-                 num_queries=128, k=4, rm_epochs=2, rm_lr=3e-3, rm_batch=32, normalize_samples=64,
+                 num_queries=128, k=4, rm_epochs=2, rm_lr=3e-3, rm_batch=32, rm_head_init_std=None,
+                 normalize_samples=64,
                  iterations=8, batch_size=32, minibatch_size=8, ppo_epochs=2, eval_queries=32,
                  temperature=1.0, top_k=0, num_eval=32),
 }
@@ -694,6 +695,8 @@ def run_task(args: argparse.Namespace, out: Path) -> dict:
             "--val-fraction", "0.2", "--seed", str(args.seed), "--query-length", str(preset["query_length"]),
             "--response-length", str(preset["response_length"]), "--normalize", "reference",
             "--normalize-samples", str(preset["normalize_samples"]), *sampling, *lora]
+    if preset["rm_head_init_std"] is not None:
+        argv += ["--head-init-std", str(preset["rm_head_init_std"])]
     print(f"[pipeline] reward_model: train_reward.py {' '.join(argv)}", file=sys.stderr, flush=True)
     if train_reward.main(argv) != 0:
         raise PipelineError("stage reward_model failed; see the error above")
