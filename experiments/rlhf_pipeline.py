@@ -5,6 +5,8 @@
     python experiments/rlhf_pipeline.py --out /tmp/p --fast              # ~45 s: a tiny random policy, for tests
     python experiments/rlhf_pipeline.py --out runs/p --policy random [--vocab words|gpt2]   # a random policy
     python experiments/rlhf_pipeline.py --out runs/p --policy DIR_OR_HUB_ID     # start from another pretrained policy
+    python experiments/rlhf_pipeline.py --out runs/sum --task summarize      # summaries, SmolLM2 (see below)
+    python experiments/rlhf_pipeline.py --out runs/dia --task dialogue       # answers to questions, SmolLM2
     [--labeler vader[:T] | lexicon[:T]] [--num-queries N] [--k K] [--iterations N] [--seed S]
 
 Stages (each one a command of its own, called here in-process):
@@ -31,6 +33,28 @@ SmolLM2 (the default). Queries are the shipped sentence starts (at most 8 tokens
 temperature 0.8, continued as plain text. 384 comparisons of k = 4 train a rank-8 LoRA reward model for 2 epochs,
 then 30 PPO iterations of 32 responses run against it. Measured on the 2 CPU cores of this project's machine, shared
 with other jobs: see README.md ("The full RLHF pipeline") for the numbers and the wall time.
+
+``--task summarize`` / ``--task dialogue`` run the same stages on the registered tasks (``ppojax.tasks.summarize``,
+``ppojax.tasks.dialogue``), offline, rendered through SmolLM2's chat template with a short system message:
+
+- summarize: the documents are the prose paragraphs of 25-45 words in CPython's bundled docs (``pydoc_data.topics``,
+  present in every Python install), written as ``{"post"}`` rows (``summarize_train.jsonl``,
+  ``summarize_heldout.jsonl``); the prompt asks for a one-sentence summary. Responses are at most 24 tokens, cut after
+  the first line break (``ppo.truncate_token`` on the tokenizer's ``"\n"``, and the same cut on the labels' text).
+- dialogue: one question per topic of those docs and template ("What does {topic} mean in Python?", ...), every
+  second one after a two-turn preamble (multi-turn), as ``{"messages"}`` rows (``dialogue_train.jsonl``,
+  ``dialogue_heldout.jsonl``); 24-token answers.
+
+Each is labeled by a proxy judge, the experiment's TRUE score (best of k = 4, no noise): ``coverage_judge`` for
+summaries (the share of the document's content words the summary's first line mentions, minus 0.05 per word past
+20) and ``helpfulness_judge`` for answers (the share of the question's content words the answer mentions, + 0.5 x
+min(1, the topic's keywords it uses / 5), the keywords being the 20 commonest content words of the topic's pydoc page,
++ 0.25 for a politeness phrase, - 0.05 per word outside 8-16). Both are proxies, and PPO finds their holes: see their
+docstrings and README.md ("Summaries and dialogue"). A LoRA reward model (rank 8, batch 4 comparisons: the longer
+queries make larger activations) is trained on 96 comparisons, then GRPO runs 15 iterations against it on the
+task's training rows, and the report compares the judge's and the reward model's scores before and after on 48
+held-out rows (``report.json``; ``--fast`` runs the same on a tiny random policy whose word vocabulary is built
+from the rows, with a plain chat template of its own: a smoke test).
 
 The random policy. ``--vocab words`` keeps every stage and only swaps the tokenizer for a word-level one over ~560
 real English words: the prompt file's words, punctuation, and 128 positive and 128 negative words of VADER's lexicon
@@ -140,7 +164,7 @@ def _is_random(args) -> bool:
     return args.policy == "random" or (args.policy is None and (args.fast or args.vocab is not None))
 
 
-def _random_policy(args, preset, out: Path) -> tuple[str, int]:
+def _random_policy(args, preset, out: Path, prompts: Path = PROMPTS) -> tuple[str, int]:
     """``out/policy``: a random GPT-2 over the word vocabulary or GPT-2's tokenizer; ``(its path, vocabulary)``."""
     import jax
 
@@ -149,7 +173,7 @@ def _random_policy(args, preset, out: Path) -> tuple[str, int]:
     policy_dir = out / "policy"
     vocab = args.vocab or "words"
     if vocab == "words":
-        build_word_tokenizer(policy_dir, PROMPTS, seed=args.seed)
+        build_word_tokenizer(policy_dir, prompts, seed=args.seed)
         tokenizer = ppojax.load_tokenizer(policy_dir)
         vocab_size = tokenizer.pad_token_id  # the pad is the last id, outside the model
     else:
@@ -236,6 +260,9 @@ def run(args: argparse.Namespace) -> dict:
     from ppojax.train.run import RunError
 
     out = _check_out(Path(args.out).expanduser().resolve())
+    if args.task != "sentiment":
+        return run_task(args, out)
+    args = argparse.Namespace(**{**vars(args), "labeler": args.labeler or "vader"})
     try:
         labeler, _ = preferences.parse_labeler(args.labeler)
     except ValueError as e:
@@ -364,6 +391,398 @@ def run(args: argparse.Namespace) -> dict:
     return report
 
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# --task summarize | dialogue: the same stages on the registered tasks, labeled by a proxy judge
+
+SYSTEM = "You are a concise, helpful assistant."
+"""The demos' system message (prompts.system): short, so the query stays short (SmolLM2's default is ~20 tokens)."""
+QUESTION_TEMPLATES = ("What does {topic} mean in Python?", "Can you explain {topic} in Python briefly?",
+                      "How do I use {topic} in Python?")
+TASK_PRESETS = {
+    "summarize": dict(query_length=112, response_length=24, num_queries=96, k=4, rm_epochs=3, rm_lr=5e-4,
+                      rm_batch=4, rm_head_init_std=1e-3, lora_rank=8, normalize_samples=64, iterations=15, eval_queries=48,
+                      temperature=0.8, top_k=0, num_eval=48),
+    "dialogue": dict(query_length=64, response_length=24, num_queries=96, k=4, rm_epochs=3, rm_lr=5e-4,
+                     rm_batch=4, rm_head_init_std=1e-3, lora_rank=8, normalize_samples=64, iterations=15, eval_queries=48,
+                     temperature=0.8, top_k=0, num_eval=48),
+    "fast": dict(n_layer=1, n_head=2, n_embd=32, n_positions=128, query_length=80, response_length=8,
+                 num_queries=128, k=4, rm_epochs=2, rm_lr=3e-3, rm_batch=32, rm_head_init_std=None,
+                 normalize_samples=64,
+                 iterations=8, batch_size=32, minibatch_size=8, ppo_epochs=2, eval_queries=32,
+                 temperature=1.0, top_k=0, num_eval=32),
+}
+WORD_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} . {% endfor %}"
+                      "{% if add_generation_prompt %}assistant{% endif %}")
+"""A chat template for the --fast word tokenizer, so that the fast policy renders prompts as the real one does."""
+TASKS = {"summarize": "coverage of the document's content words, minus 0.05 per word past 20 "
+                      "(ppojax.tasks.summarize.coverage_judge)",
+         "dialogue": "share of the question's content words in the answer + 0.5 x min(1, topic keywords used / 5) + "
+                     "0.25 for a politeness phrase - 0.05 per word outside 8-16 (ppojax.tasks.dialogue."
+                     "helpfulness_judge; the keywords: the 20 commonest content words of the topic's pydoc page)"}
+DIALOGUE_MAX_WORDS = 16
+"""The dialogue judge's length band ends here: a 24-token answer that does not end its turn is ~18 words."""
+
+
+def doc_paragraphs(min_words: int = 25, max_words: int = 45) -> list[tuple[str, str]]:
+    """``(topic, paragraph)`` of CPython's bundled docs (``pydoc_data.topics``, offline on every install): the prose
+    paragraphs of ``min_words``..``max_words`` words, whitespace collapsed, sorted by topic (no code or tables), each
+    once (some topics repeat a paragraph of another)."""
+    import pydoc_data.topics
+
+    out, seen = [], set()
+    for topic, text in sorted(pydoc_data.topics.topics.items()):
+        for para in re.split(r"\n\s*\n", text):
+            para = " ".join(para.split())
+            n = len(para.split())
+            if min_words <= n <= max_words and para[:1].isupper() and para.endswith(".") and \
+                    not re.search(r"[>=\[\]{}()*|:]{2}|\*\*", para) and para not in seen:
+                seen.add(para)
+                out.append((topic, para))
+    return out
+
+
+def write_task_rows(task: str, out: Path, num_eval: int, seed: int) -> tuple[Path, Path]:
+    """The demo's rows as JSONL in the task's schema: ``{"post"}`` per paragraph (summarize), or one ``{"messages"}``
+    conversation per topic and question template (dialogue; every second one multi-turn). ``num_eval`` of them,
+    drawn with ``seed``, go to ``<task>_heldout.jsonl`` (the evaluation's, never trained on: the PPO run's task gets
+    it as ``eval_path``), the rest to ``<task>_train.jsonl``. Returns both paths."""
+    import numpy as np
+
+    rows = []
+    if task == "summarize":
+        rows = [{"post": para} for _, para in doc_paragraphs()]
+    else:
+        import pydoc_data.topics
+
+        topics = sorted({t.replace("-", " ") for t in pydoc_data.topics.topics})
+        for i, topic in enumerate(topics):
+            for j, template in enumerate(QUESTION_TEMPLATES):
+                question = template.format(topic=topic)
+                if (i + j) % 2:
+                    messages = [{"role": "user", "content": "I am learning Python."},
+                                {"role": "assistant", "content": "Great! What would you like to know?"},
+                                {"role": "user", "content": question}]
+                else:
+                    messages = [{"role": "user", "content": question}]
+                rows.append({"messages": messages})
+    held = set(np.random.default_rng(seed).permutation(len(rows))[:num_eval].tolist())
+    paths = out / f"{task}_train.jsonl", out / f"{task}_heldout.jsonl"
+    for path, keep in zip(paths, (False, True)):
+        path.write_text("".join(json.dumps(r) + "\n" for i, r in enumerate(rows) if (i in held) == keep),
+                        encoding="utf-8")
+    return paths
+
+
+def _judge(task: str):
+    """``judge(row, response) -> float`` of the task (the demo's TRUE score)."""
+    from ppojax.tasks.dialogue import helpfulness_judge
+    from ppojax.tasks.summarize import coverage_judge
+
+    if task == "summarize":
+        def judge(row, response):
+            document = row.prompt[-1]["content"].split("\n\n", 1)[-1]  # the chat message: instruction, then text
+            return coverage_judge(_response_text(response), document)
+        return judge
+    import pydoc_data.topics
+
+    pages = {template.format(topic=topic.replace("-", " ")): text
+             for topic, text in pydoc_data.topics.topics.items() for template in QUESTION_TEMPLATES}
+    return lambda row, response: helpfulness_judge(_response_text(response), row.prompt,
+                                                   reference=pages.get(row.prompt[-1]["content"], ""),
+                                                   max_words=DIALOGUE_MAX_WORDS)
+
+
+def _response_text(response: str) -> str:
+    """A sampled response as the judge reads it: special tokens (the end of turn) dropped."""
+    return re.sub(r"<\|[^|>]*\|>", "", response).strip()
+
+
+def _cut_after(text: str, stop: Optional[str]) -> str:
+    """``text`` cut after the first ``stop`` (kept), as ``ppo.truncate_token`` cuts the rollout's tokens."""
+    if stop is None or stop not in text:
+        return text
+    return text[: text.index(stop) + len(stop)]
+
+
+def _render(tokenizer, rows, system: Optional[str]) -> list[str]:
+    """Each row's chat rendering as text (its ids are the run's: checked on the first rows)."""
+    from ppojax.train.prompting import chat_messages, encode
+
+    texts = [tokenizer.apply_chat_template(chat_messages(r.prompt, system), add_generation_prompt=True,
+                                           tokenize=False) for r in rows]
+    for row, text in list(zip(rows, texts))[:4]:
+        ids = encode(tokenizer, row.prompt, chat=True, system=system, where="pipeline")
+        if tokenizer(text, add_special_tokens=False)["input_ids"] != ids:
+            raise PipelineError("the chat template's text does not tokenize back to its ids with this tokenizer; "
+                                "the labels would not match what PPO samples")
+    return texts
+
+
+def _task_samples(config, params, tokenizer, rows, texts, preset, *, k: int, seed: int, stop: Optional[str]):
+    """k responses to each row (the chat end of turn stops them; ``stop`` cuts them), as comparisons."""
+    import jax
+
+    from ppojax.rl import preferences
+
+    comps = preferences.sample_comparisons(
+        config, params, tokenizer, texts, k=k, query_length=preset["query_length"],
+        response_length=preset["response_length"], key=jax.random.key(seed), batch_size=64,
+        temperature=preset["temperature"], top_k=preset["top_k"], eos_token_id=tokenizer.eos_token_id)
+    import dataclasses as dc
+
+    return [dc.replace(c, responses=tuple(_cut_after(r, stop) for r in c.responses)) for c in comps]
+
+
+def _evaluate_task(policy: str, reward_dir: Path, base_params, judge, rows, texts, preset, seed: int,
+                   stop: Optional[str]) -> dict:
+    """Fresh samples of ``policy`` on the held-out rows: the judge's score and the reward model's, mean and std
+    error, and examples."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ppojax.rl import preferences, reward_training
+    from ppojax.rl.rewards import LoraRewardModel
+
+    config, params, tokenizer = _load_policy(policy)
+    comps = _task_samples(config, params, tokenizer, rows, texts, preset, k=2, seed=seed, stop=stop)
+    true = np.asarray([judge(row, r) for row, c in zip(rows, comps) for r in c.responses], np.float64)
+    rm = reward_training.load_reward_model(reward_dir)
+    if isinstance(rm, LoraRewardModel):
+        rm = rm.with_base(base_params)
+    batch = preferences.tokenize_preferences(tokenizer, comps, query_length=preset["query_length"],
+                                             response_length=preset["response_length"], source=policy)
+    raw = np.asarray(reward_training.comparison_scores(rm.config, rm.params, jax.tree.map(jnp.asarray, batch)))
+    rm_score = (float(rm.gain) * raw + float(rm.bias)).reshape(-1).astype(np.float64)
+    lengths = np.asarray([len(_response_text(r).split()) for c in comps for r in c.responses], np.float64)
+
+    def stat(x):
+        return {"mean": float(x.mean()), "stderr": float(x.std() / np.sqrt(len(x)))}
+
+    examples = [{"prompt": row.prompt, "response": _response_text(c.responses[0]),
+                 "judge": float(true[2 * i])} for i, (row, c) in enumerate(list(zip(rows, comps))[:6])]
+    return {"samples": int(true.size), "true_score": stat(true), "rm_score": stat(rm_score),
+            "words": stat(lengths), "examples": examples}
+
+
+def held_out_pair_accuracy(labels: Path, reward_dir: Path, base_params, tokenizer, preset, seed: int) -> dict:
+    """On the reward model's held-out comparisons (``train_reward.py``'s seeded split, 20 %), every pair of responses
+    that the judge scored differently: the share the reward model orders as the judge does (chance 0.5). A finer
+    measure than the best-of-k accuracy on a few comparisons."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ppojax.rl import preferences, reward_training
+    from ppojax.rl.rewards import LoraRewardModel
+
+    rows = preferences.read_preferences(labels)
+    batch = preferences.tokenize_preferences(tokenizer, rows, query_length=preset["query_length"],
+                                             response_length=preset["response_length"], source=str(labels))
+    order = np.random.default_rng(seed).permutation(len(rows))  # preferences.split_preferences' held-out rows
+    held = np.sort(order[:max(1, int(round(len(rows) * 0.2)))])
+    rm = reward_training.load_reward_model(reward_dir)
+    if isinstance(rm, LoraRewardModel):
+        rm = rm.with_base(base_params)
+    scores = np.asarray(reward_training.comparison_scores(rm.config, rm.params,
+                                                          jax.tree.map(jnp.asarray, batch.take(held))))
+    agree = total = 0
+    for i, row_scores in zip(held, scores):
+        judge = rows[i].extra["scores"]
+        for a in range(len(judge)):
+            for b in range(a + 1, len(judge)):
+                if judge[a] != judge[b]:
+                    total += 1
+                    agree += (row_scores[a] - row_scores[b]) * (judge[a] - judge[b]) > 0
+    return {"pairs": total, "accuracy": agree / total if total else None, "comparisons": int(held.size)}
+
+
+def run_task(args: argparse.Namespace, out: Path) -> dict:
+    """``--task summarize`` / ``--task dialogue``: the pipeline's stages on the registered task, its rows written
+    from CPython's docs, labeled by the task's proxy judge (the experiment's TRUE score)."""
+    import dataclasses as dc
+
+    import numpy as np
+
+    from ppojax.io import configlib
+    from ppojax.models import family_of
+    from ppojax.rl import preferences
+    from ppojax.tasks import TaskContext, TaskError, build_task
+    from ppojax.train import build_run
+    from ppojax.train.config import PromptsConfig
+    from ppojax.train.run import RunError
+
+    if args.labeler is not None:
+        raise PipelineError(f"--labeler: --task {args.task} is labeled by its proxy judge ({TASKS[args.task]}); "
+                            "leave --labeler out")
+    random_policy = _is_random(args)
+    if random_policy and (args.vocab or "words") != "words":
+        raise PipelineError(f"--task {args.task} with a random policy uses the word vocabulary; leave --vocab out")
+    timings = {}
+    t = time.time()
+    if not random_policy:  # checked before anything is created; its weights are also a LoRA reward model's base
+        policy = args.policy or SMOLLM2
+        config, base_params, tokenizer = _load_policy(policy)
+        family = family_of(config).name
+        if not getattr(tokenizer, "chat_template", None):
+            raise PipelineError(f"--task {args.task} renders prompts through a chat template; the tokenizer of "
+                                f"{policy!r} has none (use an instruct model)")
+    preset = dict(TASK_PRESETS["fast" if random_policy else args.task])
+    for name in ("num_queries", "iterations", "k"):
+        if getattr(args, name) is not None:
+            preset[name] = getattr(args, name)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PipelineError(f"--out {out}: cannot create the directory: {e.strerror or e}") from None
+    train_path, eval_path = write_task_rows(args.task, out, preset["num_eval"], args.seed)
+    system = None if random_policy else SYSTEM
+    prompts_cfg = PromptsConfig(chat=True, system=system, max_prompt_tokens=preset["query_length"])
+    kwargs = {"path": str(train_path), "eval_path": str(eval_path)}
+    if args.task == "summarize":  # a random policy's word vocabulary is built from the rows: estimate its count
+        kwargs |= {"format": "chat"} | ({} if random_policy else {"tokenizer": _tokenizer_of(policy)})
+    try:
+        task = build_task(args.task, TaskContext(prompts=prompts_cfg, seed=args.seed), kwargs)
+    except TaskError as e:
+        raise PipelineError(str(e)) from None
+    if random_policy:
+        vocab_text = out / "vocab.txt"  # the word vocabulary: the rows' words, the template's, VADER's
+        vocab_text.write_text("user assistant system .\n" + "\n".join(r.key() for r in (*task.train, *task.eval)),
+                              encoding="utf-8")
+        policy, vocab_size = _random_policy(args, preset, out, prompts=vocab_text)
+        import ppojax
+
+        tok = ppojax.load_tokenizer(policy)
+        tok.chat_template = WORD_CHAT_TEMPLATE
+        tok.save_pretrained(policy)
+        config, params, tokenizer = _load_policy(policy)
+        base_params, family = None, "gpt2"  # a full reward model: no base needed
+    else:
+        params = base_params
+    timings["policy_s"] = round(time.time() - t, 2)
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    truncate = newline[0] if args.task == "summarize" and len(newline) == 1 else None
+    stop = "\n" if truncate is not None else None
+    judge = _judge(args.task)
+    train_texts = _render(tokenizer, task.train, system)
+    eval_rows = list(task.eval)[: preset["eval_queries"]]
+    eval_texts = _render(tokenizer, eval_rows, system)
+
+    # Labels: k samples per training row, the judge's best of k.
+    t = time.time()
+    order = sample_for_labels.pick_queries(list(range(len(task.train))), preset["num_queries"], args.seed)
+    rows = [task.train[i] for i in order]
+    comps = _task_samples(config, params, tokenizer, rows, [train_texts[i] for i in order], preset, k=preset["k"],
+                          seed=args.seed, stop=stop)
+    scores = np.asarray([[judge(row, r) for r in c.responses] for row, c in zip(rows, comps)], np.float32)
+    choices = preferences.choose(scores, temperature=0.0, rng=np.random.default_rng(args.seed))
+    labeled = [dc.replace(c, choice=int(j), extra={"scores": [float(x) for x in s]})
+               for c, j, s in zip(comps, choices, scores)]
+    labels = out / "labels.jsonl"
+    preferences.write_preferences(labels, labeled)
+    timings["labels_s"] = round(time.time() - t, 2)
+    del params  # the stages below load what they need
+
+    t = time.time()
+    reward_dir = out / "reward_model"
+    tok_name = _tokenizer_of(policy)
+    sampling = ["--temperature", str(preset["temperature"]), "--top-k", str(preset["top_k"]), "--stop-at-eos"]
+    lora = [] if random_policy else ["--lora-rank", str(preset["lora_rank"]),
+                                     "--lora-targets", ATTENTION_TARGETS.get(family, "")]
+    argv = ["--data", str(labels), "--init", policy, "--tokenizer", tok_name, "--out", str(reward_dir),
+            "--epochs", str(preset["rm_epochs"]), "--lr", str(preset["rm_lr"]), "--batch-size", str(preset["rm_batch"]),
+            "--val-fraction", "0.2", "--seed", str(args.seed), "--query-length", str(preset["query_length"]),
+            "--response-length", str(preset["response_length"]), "--normalize", "reference",
+            "--normalize-samples", str(preset["normalize_samples"]), *sampling, *lora]
+    if preset["rm_head_init_std"] is not None:
+        argv += ["--head-init-std", str(preset["rm_head_init_std"])]
+    print(f"[pipeline] reward_model: train_reward.py {' '.join(argv)}", file=sys.stderr, flush=True)
+    if train_reward.main(argv) != 0:
+        raise PipelineError("stage reward_model failed; see the error above")
+    timings["reward_model_s"] = round(time.time() - t, 2)
+    rm_report = json.loads((reward_dir / "train_report.json").read_text())
+    pair_accuracy = held_out_pair_accuracy(labels, reward_dir, base_params, tokenizer, preset, args.seed)
+
+    ppo_dir = out / "ppo"
+    cfg = configlib.load_yaml(OFFLINE if random_policy else PRETRAINED_CONFIG)
+    cfg.update(seed=args.seed, iterations=preset["iterations"], tokenizer=tok_name)
+    cfg["model"] = {**cfg.get("model", {}), "name_or_path": policy}
+    cfg["task"] = {"name": args.task, "kwargs": kwargs}
+    cfg["prompts"] = {"chat": True, "system": system, "max_prompt_tokens": preset["query_length"]}
+    cfg["reward"] = {"kind": "reward_model", "reward_model_path": str(reward_dir)}
+    ppo = cfg.setdefault("ppo", {})
+    ppo.update(response_length=preset["response_length"], temperature=preset["temperature"], top_k=preset["top_k"],
+               truncate_token=truncate)
+    if random_policy:
+        ppo.update({k: preset[k] for k in ("batch_size", "minibatch_size", "ppo_epochs")})
+    else:
+        cfg["lora"] = {**cfg.get("lora", {}), "targets": ATTENTION_TARGETS.get(family, "")}
+    cfg["checkpoint"] = {"every": preset["iterations"], "keep": 1}
+    cfg["logging"] = {**cfg.get("logging", {}), "samples_every": max(preset["iterations"] // 2, 1),
+                      "tensorboard": False}
+    print(f"[pipeline] ppo: build_run({ppo_dir}) with task {args.task}, reward_model {reward_dir}", file=sys.stderr,
+          flush=True)
+    t = time.time()
+    try:
+        with build_run(cfg, ppo_dir, config_dir=REPO / "configs") as ppo_run:
+            code = ppo_run.train().exit_code
+    except RunError as e:
+        raise PipelineError(f"stage ppo: {e}") from None
+    timings["ppo_s"] = round(time.time() - t, 2)
+    if code != 0:
+        raise PipelineError(f"stage ppo failed (exit {code}); see the error above")
+
+    t = time.time()
+    eval_seed = args.seed + 1000  # the same sampling keys for both policies: a paired comparison
+    before = _evaluate_task(policy, reward_dir, base_params, judge, eval_rows, eval_texts, preset, eval_seed, stop)
+    after = _evaluate_task(str(ppo_dir / "export"), reward_dir, base_params, judge, eval_rows, eval_texts, preset,
+                           eval_seed, stop)
+    timings["evaluate_s"] = round(time.time() - t, 2)
+    metrics = [json.loads(line) for line in (ppo_dir / "metrics.jsonl").read_text().splitlines()]
+    report = {
+        "task": args.task,
+        "policy_kind": "random" if random_policy else "pretrained",
+        "policy": policy,
+        "judge": TASKS[args.task],
+        "rows": {"train": len(task.train), "held_out": len(task.eval), "evaluated": len(eval_rows)},
+        "system": system,
+        "truncate_token": truncate,
+        "k": preset["k"],
+        "comparisons": rm_report["train_comparisons"] + rm_report["val_comparisons"],
+        "label_ties": int(sum(int((s == s.max()).sum() > 1) for s in scores)),
+        "rm_lora": rm_report.get("lora"),
+        "rm_val_accuracy": rm_report["val_accuracy"],
+        "rm_chance": rm_report["chance"],
+        "rm_val_pair_accuracy": pair_accuracy,
+        "ppo_iterations": len(metrics),
+        "ppo_final_kl": metrics[-1]["kl"],
+        "ppo_max_kl": max(m["kl"] for m in metrics),
+        "ppo_score_first_last": [metrics[0]["score_mean"], metrics[-1]["score_mean"]],
+        "ppo_s_per_iteration": sorted(m["time_s"] for m in metrics)[len(metrics) // 2],
+        "before": before,
+        "after": after,
+        "true_score_gain": after["true_score"]["mean"] - before["true_score"]["mean"],
+        "timings_s": dict(timings),
+        "sizes": preset,
+        "seed": args.seed,
+    }
+    report["timings_s"]["total_s"] = round(sum(report["timings_s"].values()), 2)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    b, a = before["true_score"], after["true_score"]
+    print(
+        f"[pipeline] {args.task}: reward model held-out accuracy {report['rm_val_accuracy']:.3f} (chance "
+        f"{report['rm_chance']:.2f}, {report['comparisons']} comparisons of k={preset['k']}); held-out pairs ordered "
+        f"as the judge orders them: {pair_accuracy['accuracy']} of {pair_accuracy['pairs']} (chance 0.5)\n"
+        f"[pipeline] judge score on {before['samples']} held-out samples: before PPO {b['mean']:+.4f} ± "
+        f"{b['stderr']:.4f}, after {preset['iterations']} iterations {a['mean']:+.4f} ± {a['stderr']:.4f}\n"
+        f"[pipeline] reward-model score: before {before['rm_score']['mean']:+.3f}, after "
+        f"{after['rm_score']['mean']:+.3f}; PPO KL final {report['ppo_final_kl']:.2f}, max "
+        f"{report['ppo_max_kl']:.2f} nats\n"
+        f"[pipeline] {report['timings_s']['total_s']:.0f} s in all; report: {out / 'report.json'}", flush=True)
+    return report
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="rlhf_pipeline.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -375,11 +794,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--vocab", choices=("words", "gpt2"), default=None,
                    help="a random policy's tokenizer: a ~560-word English vocabulary (default; seconds per stage), "
                    "or GPT-2's (slow on CPU: see the module docstring); implies --policy random")
-    p.add_argument("--labeler", default="vader", help="synthetic labeler = the true score: vader[:T] or lexicon[:T]")
+    p.add_argument("--labeler", default=None, help="synthetic labeler = the true score: vader[:T] (the default) or "
+                   "lexicon[:T]; --task summarize / dialogue label with their proxy judge instead")
     p.add_argument("--num-queries", type=int, default=None, help="comparisons to sample and label")
     p.add_argument("--k", type=int, default=None, help="responses per comparison (default 4)")
     p.add_argument("--iterations", type=int, default=None, help="PPO iterations")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task", choices=("sentiment",) + tuple(TASKS), default="sentiment",
+                   help="sentiment (default: continue sentence starts, VADER labels), or summarize / dialogue: "
+                   "offline documents and questions from CPython's bundled docs, labeled by a proxy judge (see the "
+                   "module docstring)")
     return p.parse_args(argv)
 
 

@@ -24,13 +24,15 @@ config's ``task.kwargs`` are its keyword arguments. A user task is one module na
                                  reward_kwargs={"extract": "last_word"}, verifiable=True)
 
 The built-ins: ``sentiment`` (the prompt file of ``prompts:``, scored by ``reward:``), ``arithmetic`` (seeded
-integer problems, ``ppojax.tasks.arithmetic``), ``gsm8k`` (the GSM8K schema, ``ppojax.tasks.gsm8k``) and ``file``
-(any prompt file or dataset, with an optional answer field).
+integer problems, ``ppojax.tasks.arithmetic``), ``gsm8k`` (the GSM8K schema, ``ppojax.tasks.gsm8k``), ``file``
+(any prompt file or dataset, with an optional answer field), ``summarize`` (documents in the TL;DR schemas,
+``ppojax.tasks.summarize``) and ``dialogue`` (conversations ending with a user turn, HH-RLHF's text or a
+``messages`` list, ``ppojax.tasks.dialogue``).
 """
 
 from ppojax.tasks.base import (Row, Task, TaskContext, TaskError, build_task, check_task, check_task_name,
                                register_task, task_names)
-from ppojax.tasks import arithmetic, files, gsm8k, verify  # noqa: E402,F401  (each registers itself)
+from ppojax.tasks import arithmetic, dialogue, files, gsm8k, summarize, verify  # noqa: E402,F401  (each registers itself)
 
 __all__ = ["Row", "Task", "TaskContext", "TaskError", "build_task", "check_task", "check_task_name",
            "register_task", "task_names"]
