@@ -206,11 +206,20 @@ def _counter(tokenizer: Optional[str], fmt: str, chat: bool, system: Optional[st
             text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
             return count_tokens_estimate(text) + (16 if not isinstance(prompt, str) else 0)  # ~ a template's tokens
         return estimate
-    import ppojax
-    from ppojax.train.prompting import encode
+    from ppojax.io.tokenizer import load_tokenizer
 
-    tok = ppojax.load_tokenizer(tokenizer)
-    return lambda prompt: len(encode(tok, prompt, chat=chat, system=system, where="summarize"))
+    tok = load_tokenizer(tokenizer)
+
+    def count(prompt) -> int:  # the run's rendering (ppojax.train.prompting.encode), without importing the trainer
+        if not chat:
+            return len(tok(prompt, add_special_tokens=False)["input_ids"])
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+        if system is not None:
+            messages = [{"role": "system", "content": system}] + [m for m in messages if m.get("role") != "system"]
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    return count
 
 
 # ----------------------------------------------------------------------------------------------------------------
