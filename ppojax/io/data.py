@@ -31,6 +31,24 @@ def read_text_file(path: Path, what: str, expected: str, error: type = ValueErro
         raise error(f"{what} {path} is not UTF-8 text ({e.reason})") from None
 
 
+def jsonl_file_objects(path: Path, rows: str, what: str) -> list:
+    """``[(where, object)]`` of each non-blank line of a ``.jsonl`` file (``where`` is ``file:line``), the file read
+    as ``what``; ValueError, one line, for another suffix, an unreadable file or a line that is not JSON. ``rows``
+    names what the lines are (for the suffix message), ``what`` the file (for the read errors)."""
+    if path.suffix != ".jsonl":
+        raise ValueError(f"{path}: {rows} are a .jsonl file (one object per line)")
+    text = read_text_file(path, what, "a .jsonl file")
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((f"{path}:{n}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    return out
+
+
 def jsonl_rows(path: Path, text: str, field: str):
     """``(line number, object)`` of each non-blank line of a JSONL file's ``text``; PromptError naming the file and
     line for a line that is not a JSON object holding ``field`` (``prompts.field``)."""

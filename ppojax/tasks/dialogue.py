@@ -17,7 +17,6 @@ is the offline pipeline's proxy judge (``experiments/rlhf_pipeline.py --task dia
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -86,20 +85,9 @@ def parse_dialogue(obj: Any, where: str) -> list[dict]:
 
 
 def read_dialogues(path: Path) -> list[list[dict]]:
-    from ppojax.io.data import read_text_file
+    from ppojax.io.data import jsonl_file_objects
 
-    if path.suffix != ".jsonl":
-        raise ValueError(f"{path}: dialogue rows are a .jsonl file (one object per line)")
-    text = read_text_file(path, "dialogue file", "a .jsonl file")
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        out.append(parse_dialogue(obj, f"{path}:{n}"))
+    out = [parse_dialogue(obj, where) for where, obj in jsonl_file_objects(path, "dialogue rows", "dialogue file")]
     if not out:
         raise ValueError(f"dialogue file {path} holds no rows")
     return out

@@ -36,7 +36,6 @@ summarize``).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from pathlib import Path
@@ -105,20 +104,9 @@ def parse_document(obj: Any, where: str) -> Document:
 
 def read_documents(path: Path) -> list[Document]:
     """The documents of a JSONL file; one ValueError naming ``file:line`` for a bad row."""
-    from ppojax.io.data import read_text_file
+    from ppojax.io.data import jsonl_file_objects
 
-    if path.suffix != ".jsonl":
-        raise ValueError(f"{path}: summarize rows are a .jsonl file (one object per line)")
-    text = read_text_file(path, "document file", "a .jsonl file")
-    docs = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        docs.append(parse_document(obj, f"{path}:{n}"))
+    docs = [parse_document(obj, where) for where, obj in jsonl_file_objects(path, "summarize rows", "document file")]
     if not docs:
         raise ValueError(f"document file {path} holds no rows")
     return docs
