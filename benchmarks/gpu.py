@@ -92,6 +92,20 @@ import _env
 import _loop
 import vs_trl
 
+
+def _bench_sweep():
+    """``benchmarks/sweep.py``, loaded from this folder by path: a bare ``import sweep`` finds
+    ``experiments/sweep.py`` instead when that folder comes first on ``sys.path`` (or was imported as ``sweep``)."""
+    import importlib.util
+
+    name = "ppojax_benchmarks_sweep"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("sweep.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
@@ -398,7 +412,7 @@ def sweep_summary(R: int, iterations: int, vmapped: dict, sequential: dict) -> d
     """``sweep.summarise`` of one repeat of each side; when the sequential side was stopped (``sequential`` is
     ``{'error': ..., 'ran_s': T}``, T the seconds its runs had), ``T / sweep time`` is recorded as a lower bound on
     the ratio with compilation (the runs it did not finish would have taken longer)."""
-    import sweep as sweep_bench
+    sweep_bench = _bench_sweep()
 
     if "error" in vmapped:
         return {"R": R, "iterations": iterations, "error": f"sweep side: {vmapped['error']}"}
@@ -708,7 +722,7 @@ def trl_side(spec: dict, side: str) -> dict:
 
 def sweep_side(spec: dict, side: str) -> dict:
     """One side of the sweep comparison, through benchmarks/sweep.py's own measurement."""
-    import sweep as sweep_bench
+    sweep_bench = _bench_sweep()
 
     config = sweep_bench.CONFIGS[spec["config"]]
     if side == "vmapped":  # every run in one vmap (the accelerator default; on a CPU, what a GPU would run)
@@ -751,7 +765,7 @@ def child_main(args) -> int:
 
 
 def parse_args(argv=None):
-    import sweep as sweep_bench
+    sweep_bench = _bench_sweep()
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default=None,
