@@ -316,3 +316,26 @@ def warn_once(message: str) -> None:
     if message not in _WARNED:
         _WARNED.add(message)
         warnings.warn(message, stacklevel=3)
+
+
+def hub_dataset_rows(dataset: str, split: str, limit, hint: str) -> list:
+    """``[(where, row dict)]`` of a hub dataset's split (the first ``limit`` rows; None or 0: all), failing within
+    seconds in one ValueError ending with ``hint`` (how to work offline) when the hub cannot be reached, ``datasets``
+    is not installed or the loader fails. Under ``HF_HUB_OFFLINE=1`` ``datasets`` reads its cache only."""
+    import os
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if not offline and not hub_reachable():
+        raise ValueError(f"task.kwargs.dataset={dataset!r}: the Hugging Face hub cannot be reached; {hint}")
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise ValueError(f"task.kwargs.dataset={dataset!r} needs the `datasets` package (pip install datasets); "
+                         f"or {hint}") from None
+    try:
+        ds = load_dataset(dataset, split=split)
+    except Exception as e:  # noqa: BLE001 -- any loader failure is one line
+        raise ValueError(f"could not load {dataset!r} split {split!r} ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}); {hint}") from None
+    n = len(ds) if not limit else min(limit, len(ds))
+    return [(f"{dataset} {split} row {i}", dict(ds[i])) for i in range(n)]

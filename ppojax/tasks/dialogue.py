@@ -17,7 +17,6 @@ is the offline pipeline's proxy judge (``experiments/rlhf_pipeline.py --task dia
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any, Optional
@@ -95,25 +94,11 @@ def read_dialogues(path: Path) -> list[list[dict]]:
 
 def hub_dialogues(dataset: str, split: str, limit: Optional[int]) -> list[list[dict]]:
     """Rows of a hub dataset, failing within seconds when the hub cannot be reached (``ppojax.io.hub``)."""
-    from ppojax.io.hub import hub_reachable
-
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     hint = ("to work offline, give task.kwargs.path: a JSONL file of {messages: [...]} or HH-RLHF {chosen: "
             "'\\n\\nHuman: ...'} rows")
-    if not offline and not hub_reachable():
-        raise ValueError(f"task.kwargs.dataset={dataset!r}: the Hugging Face hub cannot be reached; {hint}")
-    try:
-        from datasets import load_dataset
-    except ImportError:
-        raise ValueError(f"task.kwargs.dataset={dataset!r} needs the `datasets` package (pip install datasets); "
-                         f"or {hint}") from None
-    try:
-        ds = load_dataset(dataset, split=split)
-    except Exception as e:  # noqa: BLE001 -- any loader failure is one line
-        raise ValueError(f"could not load {dataset!r} split {split!r} ({type(e).__name__}: "
-                         f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}); {hint}") from None
-    n = len(ds) if not limit else min(limit, len(ds))
-    return [parse_dialogue(dict(ds[i]), f"{dataset} {split} row {i}") for i in range(n)]
+    from ppojax.io.hub import hub_dataset_rows
+
+    return [parse_dialogue(row, where) for where, row in hub_dataset_rows(dataset, split, limit, hint)]
 
 
 POLITE = ("please", "thank", "thanks", "glad", "happy to", "hope this helps", "sure", "certainly", "of course",

@@ -36,7 +36,6 @@ summarize``).
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -114,25 +113,11 @@ def read_documents(path: Path) -> list[Document]:
 
 def hub_documents(dataset: str, split: str, limit: Optional[int]) -> list[Document]:
     """Rows of a hub dataset, failing within seconds when the hub cannot be reached (``ppojax.io.hub``)."""
-    from ppojax.io.hub import hub_reachable
-
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     hint = ("to work offline, give task.kwargs.path: a JSONL file of {prompt, label} or {subreddit, title, post, "
             "summary} rows")
-    if not offline and not hub_reachable():
-        raise ValueError(f"task.kwargs.dataset={dataset!r}: the Hugging Face hub cannot be reached; {hint}")
-    try:
-        from datasets import load_dataset
-    except ImportError:
-        raise ValueError(f"task.kwargs.dataset={dataset!r} needs the `datasets` package (pip install datasets); "
-                         f"or {hint}") from None
-    try:  # under HF_HUB_OFFLINE=1 datasets reads its cache only, and fails at once without it
-        ds = load_dataset(dataset, split=split)
-    except Exception as e:  # noqa: BLE001 -- any loader failure is one line
-        raise ValueError(f"could not load {dataset!r} split {split!r} ({type(e).__name__}: "
-                         f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}); {hint}") from None
-    n = len(ds) if not limit else min(limit, len(ds))
-    return [parse_document(dict(ds[i]), f"{dataset} {split} row {i}") for i in range(n)]
+    from ppojax.io.hub import hub_dataset_rows
+
+    return [parse_document(row, where) for where, row in hub_dataset_rows(dataset, split, limit, hint)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
