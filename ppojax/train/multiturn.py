@@ -266,11 +266,7 @@ def run_episodes(state, rows: Sequence[Any], seeds: Sequence[int], settings: Epi
                 obs, reward, done = check_step(host(episodes[b].step, text, label=labels[b]))
             except ValueError as e:
                 raise HostCallError(labels[b], "failed", str(e)) from None
-            at = base + n - 1 if settings.credit == "turn" else None
-            if at is not None:
-                rewards[b, at] += reward
-            else:
-                rewards[b, R - 1] += reward  # moved to the episode's last policy token below
+            rewards[b, base + n - 1] += reward  # the turn's last token (env.credit: episode moves it below)
             if done or t == settings.max_turns - 1:
                 alive[b] = False
                 continue
@@ -350,8 +346,7 @@ def sample_rows(ep: Episodes, n: int, k: int = 1) -> list:
     rows = []
     for i in order[:n]:
         turns = [{"role": role, "content": text} for role, text in ep.transcripts[i]]
-        rows.append({"prompt": turns[0]["content"] if isinstance(turns[0]["content"], str) else turns[0]["content"],
-                     "turns": turns[1:], "response": " | ".join(
+        rows.append({"prompt": turns[0]["content"], "turns": turns[1:], "response": " | ".join(
                          f"{t['role']}: {t['content']}" for t in turns[1:] if isinstance(t["content"], str)),
                      "score": float(scores[i]), "num_turns": int(ep.turns[i]), "success": bool(ep.success[i])})
     return rows
