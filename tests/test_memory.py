@@ -121,3 +121,47 @@ def test_impossible_sizes_are_one_line_exit_2_and_no_run_directory(tmp_path, cap
     assert code == 2, err
     assert len(err) == 1 and err[0].startswith("ppo_gpt2.py: error: the run needs about") and memory.SKIP_ENV in err[0]
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_remat_settings_give_the_same_gradients_and_keep_less(family):
+    """``model.remat``: False, "dots" and True ("full") give the same gradients, and XLA's compiled backward holds
+    less in that order (``memory_analysis`` temporaries): "dots" keeps the weight matmuls' outputs and recomputes
+    the rest, "full" recomputes every block."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import ppojax
+
+    if family == "gpt2":
+        config = ppojax.GPT2Config(vocab_size=64, n_positions=64, n_embd=64, n_layer=4, n_head=4)
+    else:
+        config = ppojax.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=176, num_hidden_layers=4,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    params = ppojax.init_params(config, jax.random.key(0))
+    ids = jax.random.randint(jax.random.key(1), (8, 48), 0, 64)
+    mask = jnp.ones_like(ids).at[:, :5].set(0)  # left padding
+
+    def loss(p, cfg):
+        logits = ppojax.forward(cfg, p, ids, mask)
+        return (jax.nn.logsumexp(logits, -1) * mask).sum() / mask.sum()
+
+    grads, temps = {}, {}
+    for remat in (False, "dots", True, "full"):
+        cfg = config.replace(remat=remat)
+        fn = jax.jit(jax.grad(loss), static_argnums=1)
+        grads[remat] = fn(params, cfg)
+        temps[remat] = fn.lower(params, cfg).compile().memory_analysis().temp_size_in_bytes
+    for remat in ("dots", True, "full"):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads[False], grads[remat])
+    assert temps["full"] == temps[True] < temps["dots"] < temps[False], temps
+
+
+@pytest.mark.parametrize("value", ["dot", "3"])
+def test_a_bad_remat_setting_is_one_line(value):
+    from ppojax.train.run import RunError
+
+    with pytest.raises(RunError, match=r"model\.remat: expected bool \| 'full' \| 'dots', got") as e:
+        _tiny(f"model.remat={value}")
+    assert "\n" not in str(e.value)

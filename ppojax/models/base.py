@@ -38,6 +38,7 @@ import difflib
 from typing import Any, Callable, Optional
 
 import chex
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,27 @@ ModelConfig = Any  # a registered family's config dataclass (GPT2Config, LlamaCo
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 """Names of the compute / storage dtypes a model config accepts."""
+
+
+REMAT = (False, True, "full", "dots")
+"""``remat`` settings of a family's blocks in the backward pass (:func:`remat_block`)."""
+
+
+def remat_block(block, remat):
+    """The block module to scan for ``remat``:
+
+    - ``False``: nothing recomputed; the backward reads every activation the forward kept.
+    - ``True`` or ``"full"``: each block's activations are recomputed from its input in the backward (one more
+      forward pass; the backward keeps one width per layer and token, plus one whole block).
+    - ``"dots"``: keep the outputs of the weight matmuls (the projections, the MLP and LoRA adapters: dots with no
+      batch dimension, ``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``), recompute the rest (norms,
+      RoPE, the MLP's activation, the attention scores and softmax). About half the activation memory of ``False``
+      for little compute: only elementwise work and the attention's two batched matmuls run again.
+    """
+    if not remat:
+        return block
+    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "dots" else None
+    return nn.remat(block, prevent_cse=False, policy=policy)
 
 
 class ConfigNumerics:
@@ -66,6 +88,8 @@ class ConfigNumerics:
             if getattr(self, field) not in DTYPES:
                 raise ValueError(f"{type(self).__name__}.{field} must be one of {sorted(DTYPES)}, got "
                                  f"{getattr(self, field)!r}")
+        if self.remat not in REMAT:
+            raise ValueError(f"{type(self).__name__}.remat must be one of {list(REMAT)}, got {self.remat!r}")
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)

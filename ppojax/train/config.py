@@ -12,7 +12,7 @@ import difflib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from ppojax.rl.kl import KLControlConfig
 from ppojax.rl.config import OptimizerConfig, PPOConfig
@@ -49,8 +49,11 @@ class ModelConfig:
     """Compute dtype."""
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Storage dtype of the parameters."""
-    remat: bool = False
-    """Rematerialise transformer blocks in the backward pass (less memory, more compute)."""
+    remat: Union[bool, Literal["full", "dots"]] = False
+    """Rematerialise the transformer blocks in the backward pass: ``false`` (keep every activation), ``true`` or
+    ``full`` (recompute each block: least memory, one more forward), ``dots`` (keep the weight matmuls' outputs and
+    recompute the norms, activations and attention scores: about half the activation memory at little compute;
+    ``ppojax.models.base.remat_block``)."""
 
     def __post_init__(self):
         if not self.name_or_path:

@@ -16,7 +16,8 @@ The estimate (:func:`estimate_run_bytes`) adds named parts, each an upper bound 
 - ``update``: the activations a minibatch's forward keeps for its backward, per layer and token ``18 x width``
   values (LayerNorms, q/k/v, the attention output, the 4x MLP in and out; Korthikanti et al. 2022, "Reducing
   Activation Recomputation in Large Transformer Models", section 4.1) plus ``2 x heads x T`` (attention scores
-  and probabilities); with ``model.remat`` one ``width`` per layer plus one whole layer. A separate critic runs
+  and probabilities); with ``model.remat: true`` one ``width`` per layer plus one whole layer, with ``dots``
+  ``10 x width`` (the weight matmuls' outputs) plus one whole layer. A separate critic runs
   its own forward. The vocabulary projection adds 3 copies of a ``vocab_chunk_size`` slice per token.
 - ``margin``: a quarter of the rest, for what is not modelled (fragmentation, small buffers, XLA's copies).
 
@@ -97,9 +98,10 @@ def estimate_run_bytes(cfg, model_config, *, reward: Any = None) -> dict:
     rollout = (12 * batch * length * F32 + 3 * batch * vocab * F32
                + rows * length * (n_layer * width + 3 * chunk_v) * F32)
 
-    remat = bool(getattr(model_config, "remat", False))
-    per_layer_token = width if remat else 18 * width + 2 * heads * length
-    layer_extra = (18 * width + 2 * heads * length) * minibatch * length if remat else 0
+    remat = getattr(model_config, "remat", False)
+    kept = 18 * width + 2 * heads * length  # per layer and token, nothing recomputed
+    per_layer_token = kept if not remat else 10 * width if remat == "dots" else width
+    layer_extra = kept * minibatch * length if remat else 0
     trunk = n_layer * per_layer_token * minibatch * length + layer_extra
     update = ((2 if separate_critic else 1) * trunk + 3 * minibatch * length * chunk_v) * F32
 
@@ -114,7 +116,7 @@ _KEYS = {
     "gradients": "the model's size (model.*), lora.rank",
     "kv_cache": "ppo.batch_size x (prompts.max_prompt_tokens + ppo.response_length)",
     "rollout": "ppo.batch_size, ppo.rollout_chunk_size x (prompts.max_prompt_tokens + ppo.response_length)",
-    "update": "ppo.minibatch_size x (prompts.max_prompt_tokens + ppo.response_length); model.remat=true keeps less",
+    "update": "ppo.minibatch_size x (prompts.max_prompt_tokens + ppo.response_length); model.remat (true, dots) keeps less",
 }
 
 

@@ -23,13 +23,14 @@ Design choices, and why:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Literal, Optional, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ppojax.models.base import ConfigNumerics, KVCache, Params, cache_positions_and_bias, empty_cache
+from ppojax.models.base import (ConfigNumerics, KVCache, Params, cache_positions_and_bias, empty_cache,
+                                 remat_block)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -54,8 +55,9 @@ class GPT2Config(ConfigNumerics):
     """Compute dtype: 'float32', 'bfloat16' or 'float16'."""
     param_dtype: str = "float32"
     """Storage dtype of the parameters."""
-    remat: bool = False
-    """Rematerialise each block in the backward pass (gradient checkpointing): less memory, ~1/3 more compute."""
+    remat: Union[bool, Literal["full", "dots"]] = False
+    """Rematerialisation of the blocks in the backward pass: False, True (= "full") or "dots" (keep the weight
+    matmuls' outputs, recompute the rest); ``ppojax.models.base.remat_block``."""
 
     def __post_init__(self):
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
@@ -185,9 +187,7 @@ class GPT2Trunk(nn.Module):
         cache_kv, write_index = (None, None) if cache is None else ((cache.key, cache.value), cache.index)
 
         x = (wte(ids).astype(jnp.float32) + wpe(positions).astype(jnp.float32)).astype(cfg.compute_dtype)
-        block = Block
-        if cfg.remat:
-            block = nn.remat(Block, prevent_cse=False)
+        block = remat_block(Block, cfg.remat)
         blocks = nn.scan(
             block,
             variable_axes={"params": 0},
@@ -245,7 +245,7 @@ def init_cache(config: GPT2Config, batch_size: int, max_len: int) -> KVCache:
 
 def random_config(*, vocab_size: int, n_positions: int, n_embd: int, n_layer: int, n_head: int,
                   num_key_value_heads: Optional[int] = None, intermediate_size: Optional[int] = None,
-                  dtype: str = "float32", param_dtype: str = "float32", remat: bool = False) -> GPT2Config:
+                  dtype: str = "float32", param_dtype: str = "float32", remat: Union[bool, str] = False) -> GPT2Config:
     """A GPT-2 config of this shape for a random init (``ModelFamily.random_config``); ``intermediate_size`` is the
     MLP width (None: ``4 * n_embd``). GPT-2 has no grouped-query attention: ``num_key_value_heads`` must be None."""
     if num_key_value_heads is not None:

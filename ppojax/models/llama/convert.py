@@ -23,7 +23,7 @@ checkpoints carry (``rotary_emb.inv_freq``) are recognised and skipped: ppojax d
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Mapping
 
 import numpy as np
 
@@ -208,22 +208,51 @@ def _to_flax(hf_value: np.ndarray, leaf: str) -> np.ndarray:
     return hf_value.T if leaf == "kernel" else hf_value
 
 
-def params_from_hf(config: LlamaConfig, tensors: Dict[str, np.ndarray], source: str = "checkpoint", dtype=None):
+def params_from_hf(config: LlamaConfig, tensors: Mapping[str, np.ndarray], source: str = "checkpoint", dtype=None):
     """Map HF tensors onto ppojax's stacked parameter tree. Uses every tensor or fails naming the leftovers; checks
-    every shape, naming the tensor, its shape and the expected one."""
-    import jax
+    every shape, naming the tensor, its shape and the expected one.
+
+    The names are checked first (missing tensors, then leftovers), before any tensor is read. ``tensors`` is read
+    one key at a time and each stacked leaf becomes a device array as soon as its layers are in, so a lazy mapping
+    (a GGUF file's decoder, :mod:`ppojax.models.llama.gguf`) holds at most one decoded tensor and one stacked leaf
+    on the host beside the finished params, not a second copy of the model.
+    """
     import jax.numpy as jnp
 
     dtype = dtype or config.storage_dtype
     prefix = "model." if any(k.startswith("model.") for k in tensors) else ""
-    remaining = dict(tensors)
+    remaining = set(tensors)
     missing = []
 
-    def take(key, shape):
+    def want(key):
         if key not in remaining:
             missing.append(key)
-            return None
-        value = np.asarray(remaining.pop(key))
+        remaining.discard(key)
+        return key
+
+    top = [(module, leaf, want(prefix + hf_key), shape) for hf_key, module, leaf, shape in top_tensors(config)]
+    L = config.num_hidden_layers
+    blocks = [(module, leaf, [want(f"{prefix}layers.{i}.{hf_key}") for i in range(L)], shape)
+              for hf_key, module, leaf, shape in block_tensors(config)]
+    head_shape = (config.vocab_size, config.hidden_size)
+    tied_head = config.tie_word_embeddings and "lm_head.weight" in remaining  # allowed if equal to the embedding
+    if tied_head:
+        remaining.discard("lm_head.weight")
+    head = None if config.tie_word_embeddings else want("lm_head.weight")
+    if missing:
+        raise CheckpointError(
+            f"{source}: {len(missing)} tensors of a {L}-layer {config.model_type} are missing, e.g. {missing[:5]}; is "
+            "config.json from the same checkpoint?"
+        )
+    leftovers = sorted(k for k in remaining if not k.endswith(_BUFFER_SUFFIXES))
+    if leftovers:
+        raise CheckpointError(
+            f"{source}: {len(leftovers)} tensors have no place in the {config.model_type} key map: {leftovers[:10]}. "
+            "Does config.json match the weights (biases, tied head), or does the checkpoint carry an extra head?"
+        )
+
+    def read(key, shape):
+        value = np.asarray(tensors[key])
         if tuple(value.shape) != tuple(shape):
             raise CheckpointError(f"{source}: tensor {key} has shape {tuple(value.shape)}, expected {tuple(shape)} "
                                   f"for a {config.model_type} of hidden_size={config.hidden_size}, "
@@ -233,36 +262,27 @@ def params_from_hf(config: LlamaConfig, tensors: Dict[str, np.ndarray], source: 
         return value
 
     trunk: Dict[str, Any] = {}
-    for hf_key, module, leaf, shape in top_tensors(config):
-        trunk.setdefault(module, {})[leaf] = take(prefix + hf_key, shape)
-    layers: Dict[str, Dict[str, list]] = {}
-    for i in range(config.num_hidden_layers):
-        for hf_key, module, leaf, shape in block_tensors(config):
-            value = take(f"{prefix}layers.{i}.{hf_key}", shape)
-            layers.setdefault(module, {}).setdefault(leaf, []).append(None if value is None else _to_flax(value, leaf))
-    params: Dict[str, Any] = {"transformer": trunk}
-    head_shape = (config.vocab_size, config.hidden_size)
-    if config.tie_word_embeddings:
-        head = remaining.pop("lm_head.weight", None)
-        if head is not None and trunk["embed_tokens"]["embedding"] is not None and not np.array_equal(
-                np.asarray(head), trunk["embed_tokens"]["embedding"]):
+    for module, leaf, key, shape in top:
+        value = read(key, shape)
+        if tied_head and leaf == "embedding" and not np.array_equal(read("lm_head.weight", head_shape), value):
             raise CheckpointError(f"{source}: lm_head.weight differs from the token embedding, but config.json has "
                                   "tie_word_embeddings=true")
-    else:
-        params["lm_head"] = {"embedding": take("lm_head.weight", head_shape)}
-    if missing:
-        raise CheckpointError(
-            f"{source}: {len(missing)} tensors of a {config.num_hidden_layers}-layer {config.model_type} are missing, "
-            f"e.g. {missing[:5]}; is config.json from the same checkpoint?"
-        )
-    leftovers = sorted(k for k in remaining if not k.endswith(_BUFFER_SUFFIXES))
-    if leftovers:
-        raise CheckpointError(
-            f"{source}: {len(leftovers)} tensors have no place in the {config.model_type} key map: {leftovers[:10]}. "
-            "Does config.json match the weights (biases, tied head), or does the checkpoint carry an extra head?"
-        )
-    trunk["layers"] = {m: {leaf: np.stack(vals) for leaf, vals in leaves.items()} for m, leaves in layers.items()}
-    return jax.tree.map(lambda x: jnp.asarray(x, dtype=dtype), params)
+        trunk.setdefault(module, {})[leaf] = jnp.asarray(value, dtype=dtype)
+    layers: Dict[str, Dict[str, Any]] = {}
+    for module, leaf, keys, shape in blocks:
+        stacked = None
+        for i, key in enumerate(keys):
+            value = _to_flax(read(key, shape), leaf)
+            if stacked is None:
+                stacked = np.empty((L, *value.shape), value.dtype)
+            stacked[i] = value
+        layers.setdefault(module, {})[leaf] = jnp.asarray(stacked, dtype=dtype)
+        del stacked
+    trunk["layers"] = layers
+    params: Dict[str, Any] = {"transformer": trunk}
+    if head is not None:
+        params["lm_head"] = {"embedding": jnp.asarray(read(head, head_shape), dtype=dtype)}
+    return params
 
 
 def params_to_hf(config: LlamaConfig, params) -> Dict[str, np.ndarray]:

@@ -28,7 +28,7 @@ rotates adjacent pairs ``(2j, 2j + 1)`` of a head where transformers rotates ``(
 from __future__ import annotations
 
 import re
-from typing import Any, Dict
+from typing import Dict, Mapping
 
 import numpy as np
 
@@ -163,15 +163,30 @@ def params_from_gguf(config: LlamaConfig, f, source: str = "GGUF file"):
         from_hf = {hf: g for g, hf in ((g, hf_name(g)) for g in _gguf_names(config))}
         raise CheckpointError(f"{source}: {len(missing)} tensors are missing, e.g. "
                               f"{[from_hf.get(m, m) for m in missing[:5]]}")
-    tensors: Dict[str, Any] = {}
-    for name, hf in to_hf.items():
-        value = f.tensor(name)
+    return convert.params_from_hf(config, _DecodedTensors(f, to_hf, config), source)
+
+
+class _DecodedTensors(Mapping):
+    """A GGUF file's tensors under their transformers names, each decoded to float32 (q/k rows un-permuted) only when
+    read: ``convert.params_from_hf`` reads them one at a time, so loading never holds a second copy of the model."""
+
+    def __init__(self, f, to_hf: Dict[str, str], config: LlamaConfig):
+        self._f, self._config = f, config
+        self._names = {hf: name for name, hf in to_hf.items()}
+
+    def __getitem__(self, hf: str) -> np.ndarray:
+        value = self._f.tensor(self._names[hf])
         if ".self_attn.q_proj." in hf:
-            value = unpermute_rope_rows(value, config.num_attention_heads)
+            value = unpermute_rope_rows(value, self._config.num_attention_heads)
         elif ".self_attn.k_proj." in hf:
-            value = unpermute_rope_rows(value, config.kv_heads)
-        tensors[hf] = value
-    return convert.params_from_hf(config, tensors, source)
+            value = unpermute_rope_rows(value, self._config.kv_heads)
+        return value
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def _gguf_names(config: LlamaConfig):

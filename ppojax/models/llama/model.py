@@ -35,14 +35,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional, Union
+from typing import Literal, Optional, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppojax.models.base import ConfigNumerics, KVCache, Params, cache_positions_and_bias, empty_cache
+from ppojax.models.base import (ConfigNumerics, KVCache, Params, cache_positions_and_bias, empty_cache,
+                                 remat_block)
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 """Hugging Face ``model_type`` values this family implements (kept in the config so an export round-trips)."""
@@ -119,8 +120,9 @@ class LlamaConfig(ConfigNumerics):
     """Compute dtype: 'float32', 'bfloat16' or 'float16'."""
     param_dtype: str = "float32"
     """Storage dtype of the parameters."""
-    remat: bool = False
-    """Rematerialise each block in the backward pass (gradient checkpointing): less memory, ~1/3 more compute."""
+    remat: Union[bool, Literal["full", "dots"]] = False
+    """Rematerialisation of the blocks in the backward pass: False, True (= "full") or "dots" (keep the weight
+    matmuls' outputs, recompute the rest); ``ppojax.models.base.remat_block``."""
 
     def __post_init__(self):
         name = "LlamaConfig"
@@ -317,7 +319,7 @@ class LlamaTrunk(nn.Module):
         cache_kv, write_index = (None, None) if cache is None else ((cache.key, cache.value), cache.index)
 
         x = embed(ids).astype(cfg.compute_dtype)  # the residual stream, in the compute dtype (as GPT-2's)
-        block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+        block = remat_block(Block, cfg.remat)
         blocks = nn.scan(
             block,
             variable_axes={"params": 0},
@@ -374,7 +376,7 @@ def init_cache(config: LlamaConfig, batch_size: int, max_len: int) -> KVCache:
 
 def random_config(*, vocab_size: int, n_positions: int, n_embd: int, n_layer: int, n_head: int,
                   num_key_value_heads: Optional[int] = None, intermediate_size: Optional[int] = None,
-                  dtype: str = "float32", param_dtype: str = "float32", remat: bool = False) -> LlamaConfig:
+                  dtype: str = "float32", param_dtype: str = "float32", remat: Union[bool, str] = False) -> LlamaConfig:
     """A Llama config of this shape for a random init (``ModelFamily.random_config``), its LM head tied to the token
     embedding (as SmolLM2's). ``intermediate_size`` None: 8/3 * n_embd rounded up to a multiple of 8, so that the
     SwiGLU MLP (three matrices) has about the parameters of a 4 * n_embd two-matrix one."""
