@@ -122,7 +122,9 @@ DEFAULTS = dict(sizes="gpt2-medium", batch=512, query=64, response=24, epochs=1,
                 sweep_runs=16, sweep_iterations=3, budget=480)
 TINY_DEFAULTS = dict(sizes="tiny", batch=8, query=8, response=4, epochs=1, minibatches=1, iterations=3,
                      decode_reps=3, trl_iterations=2, matmul_n=256, copy_elems=1 << 20, sweep_config="tiny",
-                     sweep_runs=16, sweep_iterations=2, budget=600)
+                     sweep_runs=4, sweep_iterations=2, budget=600)
+# --dry-run's sweep has 4 runs, not 16: the same code paths (one vmapped program, then one run after another), a
+# quarter of the sequential side's CPU compilations.
 
 # What each part is expected to take (seconds), the weights of the time budget: a part may use the time left minus
 # the later parts' estimates (see budget_timeout). On a GPU these are guesses (no GPU has run this yet; the JSON's
@@ -131,7 +133,7 @@ TINY_DEFAULTS = dict(sizes="tiny", batch=8, query=8, response=4, epochs=1, minib
 ESTIMATES_S = {"probe": 15, "size:gpt2": 110, "size:gpt2-medium": 150, "size:gpt2-large": 240, "trl-prep": 25,
                "trl-ppojax": 60, "trl-trl": 70, "sweep-vmapped": 40, "sweep-sequential": 110}
 TINY_ESTIMATES_S = {"probe": 5, "size:tiny": 40, "trl-prep": 10, "trl-ppojax": 25, "trl-trl": 25,
-                    "sweep-vmapped": 30, "sweep-sequential": 60}
+                    "sweep-vmapped": 25, "sweep-sequential": 30}
 PARENT_RESERVE_S = 10  # the parent's own work after the last child: the JSON, the table
 MIN_CHILD_S = 10  # a part that would get less than this (or half its estimate, if less) is skipped, not started
 

@@ -135,7 +135,7 @@ def test_targets_and_table(gpu):
 def test_parse_args_defaults_and_validation(gpu):
     a = gpu.parse_args(["--dry-run"])
     assert (a.batch, a.query, a.response, a.minibatches, a.size_list) == (8, 8, 4, 1, ["tiny"])
-    assert (a.sweep_config, a.sweep_runs, a.budget) == ("tiny", 16, 600)
+    assert (a.sweep_config, a.sweep_runs, a.budget) == ("tiny", 4, 600)
     a = gpu.parse_args([])
     assert a.size_list == ["gpt2-medium"] and (a.sweep_config, a.sweep_runs, a.budget) == ("offline", 16, 480)
     a = gpu.parse_args(["--sizes", "gpt2-large", "--grad-accum", "4"])
