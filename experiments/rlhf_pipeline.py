@@ -417,11 +417,9 @@ WORD_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }}
 """A chat template for the --fast word tokenizer, so that the fast policy renders prompts as the real one does."""
 TASKS = {"summarize": "coverage of the document's content words, minus 0.05 per word past 20 "
                       "(ppojax.tasks.summarize.coverage_judge)",
-         "dialogue": "share of the question's content words in the answer + 0.5 x min(1, topic keywords used / 5) + "
-                     "0.25 for a politeness phrase - 0.05 per word outside 8-16 (ppojax.tasks.dialogue."
-                     "helpfulness_judge; the keywords: the 20 commonest content words of the topic's pydoc page)"}
-DIALOGUE_MAX_WORDS = 16
-"""The dialogue judge's length band ends here: a 24-token answer that does not end its turn is ~18 words."""
+         "dialogue": "0.5 x (share of the question's key terms in the answer's first 10 words + [a sentence ends] + "
+                     "(1 - first sentence's words / 24, 0 without one) - [a line break or markdown] - [an apology "
+                     "or filler opening]) (ppojax.tasks.dialogue.helpfulness_judge)"}
 
 
 def doc_paragraphs(min_words: int = 25, max_words: int = 45) -> list[tuple[str, str]]:
@@ -484,13 +482,7 @@ def _judge(task: str):
             document = row.prompt[-1]["content"].split("\n\n", 1)[-1]  # the chat message: instruction, then text
             return coverage_judge(_response_text(response), document)
         return judge
-    import pydoc_data.topics
-
-    pages = {template.format(topic=topic.replace("-", " ")): text
-             for topic, text in pydoc_data.topics.topics.items() for template in QUESTION_TEMPLATES}
-    return lambda row, response: helpfulness_judge(_response_text(response), row.prompt,
-                                                   reference=pages.get(row.prompt[-1]["content"], ""),
-                                                   max_words=DIALOGUE_MAX_WORDS)
+    return lambda row, response: helpfulness_judge(_response_text(response), row.prompt)
 
 
 def _response_text(response: str) -> str:
