@@ -244,6 +244,8 @@ def test_helpfulness_judge_key_terms_are_the_questions_subject():
     late = "It checks a condition and raises an error when it is false, like the assert statement."
     assert dlg.helpfulness_terms(late, ASKED)["key_terms_early"] == 0.0
     assert dlg.helpfulness_judge(late, ASKED) == pytest.approx(0.5 * (0 + 1 + 8 / 24))
+    edge = "It checks a condition and then raises an error: assert statement."  # "assert" is word 10, "statement" 11
+    assert dlg.helpfulness_terms(edge, ASKED)["key_terms_early"] == 0.5
     assert dlg.helpfulness_judge("It checks a condition.", ASKED[-1:]) == pytest.approx(0.5 * (1 + 20 / 24))
     # no generic-free content words in the question: the term is 0, not a division by zero
     assert dlg.helpfulness_judge(PLAIN, [{"role": "user", "content": "What does Python mean?"}]) == \
