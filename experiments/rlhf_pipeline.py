@@ -404,7 +404,7 @@ TASK_PRESETS = {
     "summarize": dict(query_length=112, response_length=24, num_queries=96, k=4, rm_epochs=3, rm_lr=5e-4,
                       rm_batch=4, rm_head_init_std=1e-3, lora_rank=8, normalize_samples=64, iterations=15, eval_queries=48,
                       temperature=0.8, top_k=0, num_eval=48),
-    "dialogue": dict(query_length=64, response_length=24, num_queries=128, k=4, rm_epochs=3, rm_lr=5e-4,
+    "dialogue": dict(query_length=64, response_length=24, num_queries=128, k=4, rm_epochs=2, rm_lr=5e-4,
                      rm_batch=4, rm_head_init_std=1e-3, lora_rank=8, normalize_samples=64, iterations=15, eval_queries=48,
                      temperature=0.8, top_k=0, num_eval=48),
     "fast": dict(n_layer=1, n_head=2, n_embd=32, n_positions=128, query_length=80, response_length=8,
