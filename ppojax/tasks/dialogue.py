@@ -151,8 +151,10 @@ def helpfulness_judge(response: str, messages: list, *, generic: tuple = GENERIC
     says something about it in one short, complete, plain sentence, without "I'm sorry" or "Sure!" first: what a
     concise assistant (the demo's system message) answering in ~24 tokens should do. Why it is a proxy: it reads
     only the surface. Any short sentence that names the subject scores as an answer ("Break is a keyword." beats a
-    correct answer that needs 20 words), it never checks a fact, and a code example, which may be the most helpful
-    answer to "How do I use X?", costs 0.5. These surface properties are chosen because they vary among an
+    correct answer that needs 20 words), a sentence that names nothing still earns up to 1.0 of the 1.5 (GRPO
+    against a reward model of these labels found it: "Can you explain truth in Python briefly?" -> "Python can be
+    incredibly insightful. In a lot of ways.", 0.90), it never checks a fact, and a code example, which may be the
+    most helpful answer to "How do I use X?", costs 0.5. These surface properties are chosen because they vary among an
     instruct model's samples for one question and a reward model can see them; the previous judge (overlap with
     the topic's pydoc page, which the reward model never sees) was not learnable from ~100 comparisons.
     """
