@@ -47,14 +47,15 @@ with other jobs: see README.md ("The full RLHF pipeline") for the numbers and th
 
 Each is labeled by a proxy judge, the experiment's TRUE score (best of k = 4, no noise): ``coverage_judge`` for
 summaries (the share of the document's content words the summary's first line mentions, minus 0.05 per word past
-20) and ``helpfulness_judge`` for answers (the share of the question's content words the answer mentions, + 0.5 x
-min(1, the topic's keywords it uses / 5), the keywords being the 20 commonest content words of the topic's pydoc page,
-+ 0.25 for a politeness phrase, - 0.05 per word outside 8-16). Both are proxies, and PPO finds their holes: see their
-docstrings and README.md ("Summaries and dialogue"). A LoRA reward model (rank 8, batch 4 comparisons: the longer
-queries make larger activations) is trained on 96 comparisons, then GRPO runs 15 iterations against it on the
-task's training rows, and the report compares the judge's and the reward model's scores before and after on 48
-held-out rows (``report.json``; ``--fast`` runs the same on a tiny random policy whose word vocabulary is built
-from the rows, with a plain chat template of its own: a smoke test).
+20) and ``helpfulness_judge`` for answers (0.5 x each of: the share of the question's key terms named in the
+answer's first 10 words, a sentence that ends, 1 - that first sentence's words / 24; minus 0.5 for a line break or
+markdown, and 0.5 for an apology or filler opening such as "Sure!"; surface properties that vary among the samples
+of one question and that a reward model sees). Both are proxies, and PPO finds their holes: see their docstrings and
+README.md ("Summaries and dialogue"). A LoRA reward model (rank 8, batch 4 comparisons: the longer queries make
+larger activations) is trained on 96 comparisons (summarize) or 128 (dialogue: ~26 held out), then GRPO runs 15
+iterations against it on the task's training rows, and the report compares the judge's and the reward model's
+scores before and after on 48 held-out rows (``report.json``; ``--fast`` runs the same on a tiny random policy whose
+word vocabulary is built from the rows, with a plain chat template of its own: a smoke test).
 
 The random policy. ``--vocab words`` keeps every stage and only swaps the tokenizer for a word-level one over ~560
 real English words: the prompt file's words, punctuation, and 128 positive and 128 negative words of VADER's lexicon
@@ -403,7 +404,7 @@ TASK_PRESETS = {
     "summarize": dict(query_length=112, response_length=24, num_queries=96, k=4, rm_epochs=3, rm_lr=5e-4,
                       rm_batch=4, rm_head_init_std=1e-3, lora_rank=8, normalize_samples=64, iterations=15, eval_queries=48,
                       temperature=0.8, top_k=0, num_eval=48),
-    "dialogue": dict(query_length=64, response_length=24, num_queries=96, k=4, rm_epochs=3, rm_lr=5e-4,
+    "dialogue": dict(query_length=64, response_length=24, num_queries=128, k=4, rm_epochs=2, rm_lr=5e-4,
                      rm_batch=4, rm_head_init_std=1e-3, lora_rank=8, normalize_samples=64, iterations=15, eval_queries=48,
                      temperature=0.8, top_k=0, num_eval=48),
     "fast": dict(n_layer=1, n_head=2, n_embd=32, n_positions=128, query_length=80, response_length=8,
@@ -417,11 +418,9 @@ WORD_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }}
 """A chat template for the --fast word tokenizer, so that the fast policy renders prompts as the real one does."""
 TASKS = {"summarize": "coverage of the document's content words, minus 0.05 per word past 20 "
                       "(ppojax.tasks.summarize.coverage_judge)",
-         "dialogue": "share of the question's content words in the answer + 0.5 x min(1, topic keywords used / 5) + "
-                     "0.25 for a politeness phrase - 0.05 per word outside 8-16 (ppojax.tasks.dialogue."
-                     "helpfulness_judge; the keywords: the 20 commonest content words of the topic's pydoc page)"}
-DIALOGUE_MAX_WORDS = 16
-"""The dialogue judge's length band ends here: a 24-token answer that does not end its turn is ~18 words."""
+         "dialogue": "0.5 x (share of the question's key terms in the answer's first 10 words + [a sentence ends] + "
+                     "(1 - first sentence's words / 24, 0 without one) - [a line break or markdown] - [an apology "
+                     "or filler opening]) (ppojax.tasks.dialogue.helpfulness_judge)"}
 
 
 def doc_paragraphs(min_words: int = 25, max_words: int = 45) -> list[tuple[str, str]]:
@@ -484,13 +483,7 @@ def _judge(task: str):
             document = row.prompt[-1]["content"].split("\n\n", 1)[-1]  # the chat message: instruction, then text
             return coverage_judge(_response_text(response), document)
         return judge
-    import pydoc_data.topics
-
-    pages = {template.format(topic=topic.replace("-", " ")): text
-             for topic, text in pydoc_data.topics.topics.items() for template in QUESTION_TEMPLATES}
-    return lambda row, response: helpfulness_judge(_response_text(response), row.prompt,
-                                                   reference=pages.get(row.prompt[-1]["content"], ""),
-                                                   max_words=DIALOGUE_MAX_WORDS)
+    return lambda row, response: helpfulness_judge(_response_text(response), row.prompt)
 
 
 def _response_text(response: str) -> str:

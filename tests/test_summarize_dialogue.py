@@ -226,19 +226,60 @@ def test_dialogue_renders_through_the_chat_template():
     assert tok.decode(ids) == expected
 
 
-def test_helpfulness_judge_terms():
-    asked = [{"role": "user", "content": "What does the assert statement do in Python?"}]
-    assert summ.content_words(asked[0]["content"]) == ["assert", "statement", "python"]
-    plain = "The assert statement checks a condition in Python and raises an error"  # 12 words, all 3 covered
-    assert dlg.helpfulness_judge(plain, asked) == pytest.approx(1.0)
-    assert dlg.helpfulness_judge("Sure! " + plain, asked) == pytest.approx(1.25)
-    assert dlg.helpfulness_judge("assert", asked) == pytest.approx(1 / 3 - 0.05 * 7)  # 1 word: 7 below the band
-    long = plain + " " + " ".join(["again"] * 20)  # 32 words: 2 past the 30 allowed
-    assert dlg.helpfulness_judge(long, asked) == pytest.approx(1.0 - 0.05 * 2)
-    page = "Assert statements raise AssertionError. An assert statement: condition, condition, error, message."
-    assert summ.keywords(page, 3) == ["assert", "condition", "statements"]
-    # keywords of the page used: assert, condition, error, statement (4 of the 5 that earn the full 0.5)
-    assert dlg.helpfulness_judge(plain, asked, reference=page) == pytest.approx(1.0 + 0.5 * 4 / 5)
+ASKED = [{"role": "user", "content": "I am learning Python."},
+         {"role": "assistant", "content": "Great! What would you like to know?"},
+         {"role": "user", "content": "What does the assert statement mean in Python?"}]
+PLAIN = "The assert statement checks a condition."  # 6 words, one sentence, both key terms in its first words
+
+
+def test_helpfulness_judge_key_terms_are_the_questions_subject():
+    assert summ.content_words(ASKED[-1]["content"]) == ["assert", "statement", "mean", "python"]
+    terms = dlg.helpfulness_terms(PLAIN, ASKED)  # key terms: assert, statement ("mean", "python" are generic)
+    assert terms == {"key_terms_early": 1.0, "sentence_ends": 1.0, "short_first_sentence": 1 - 6 / 24,
+                     "markup": 0.0, "filler_opening": 0.0}
+    assert dlg.helpfulness_judge(PLAIN, ASKED) == pytest.approx(0.5 * (1 + 1 + 18 / 24))
+    # one of the two key terms, matched up to a plural s; 3 words in the sentence
+    assert dlg.helpfulness_judge("Asserts are checks.", ASKED) == pytest.approx(0.5 * (1 / 2 + 1 + 21 / 24))
+    # the key terms only after the first 10 words: 0 for them; a first sentence of 16 words
+    late = "It checks a condition and raises an error when it is false, like the assert statement."
+    assert dlg.helpfulness_terms(late, ASKED)["key_terms_early"] == 0.0
+    assert dlg.helpfulness_judge(late, ASKED) == pytest.approx(0.5 * (0 + 1 + 8 / 24))
+    edge = "It checks a condition and then raises an error: assert statement."  # "assert" is word 10, "statement" 11
+    assert dlg.helpfulness_terms(edge, ASKED)["key_terms_early"] == 0.5
+    assert dlg.helpfulness_judge("It checks a condition.", ASKED[-1:]) == pytest.approx(0.5 * (1 + 20 / 24))
+    # no generic-free content words in the question: the term is 0, not a division by zero
+    assert dlg.helpfulness_judge(PLAIN, [{"role": "user", "content": "What does Python mean?"}]) == \
+        pytest.approx(0.5 * (1 + 18 / 24))
+
+
+def test_helpfulness_judge_sentence_brevity_markup_and_openers():
+    # no sentence end ("3.0" is not one): neither sentence term
+    assert dlg.helpfulness_judge("The assert statement was added in Python 3.0 and", ASKED) == pytest.approx(0.5)
+    # a first sentence past the 24-word budget ends too late to earn brevity, but it ends
+    long = "The assert statement " + " ".join(["checks"] * 27) + "."
+    assert dlg.helpfulness_judge(long, ASKED) == pytest.approx(0.5 * (1 + 1 + 0))
+    # markup: a line break, a code fence, bold, a list item each cost 0.5
+    for text in (PLAIN + "\nFor example", PLAIN + " ```python", "The **assert** statement checks a condition.",
+                 "The assert statement:\n- checks a condition."):
+        assert dlg.helpfulness_terms(text, ASKED)["markup"] == 1.0, text
+    assert dlg.helpfulness_judge(PLAIN + "\nFor example", ASKED) == pytest.approx(0.5 * (1 + 1 + 18 / 24 - 1))
+    assert dlg.helpfulness_terms("In Python, `assert` checks a condition.", ASKED)["markup"] == 0.0  # inline code
+    # an apology or filler opening costs 0.5, and its "Sure!" is the first sentence (1 word)
+    assert dlg.helpfulness_judge("Sure! " + PLAIN, ASKED) == pytest.approx(0.5 * (1 + 1 + 23 / 24 - 1))
+    sorry = "I'm sorry, but the assert statement checks a condition."  # 10 words
+    assert dlg.helpfulness_judge(sorry, ASKED) == pytest.approx(0.5 * (1 + 1 + 14 / 24 - 1))
+    assert dlg.helpfulness_terms("Surely the assert statement checks.", ASKED)["filler_opening"] == 0.0  # a word
+    assert dlg.helpfulness_terms("Hi! The assert statement checks.", ASKED)["filler_opening"] == 1.0
+    assert dlg.helpfulness_judge("", ASKED) == 0.0
+
+
+def test_pipeline_dialogue_judge_reads_the_response_without_special_tokens():
+    sys.path.insert(0, str(REPO / "experiments"))
+    import rlhf_pipeline
+    from ppojax.tasks.base import Row
+
+    judge = rlhf_pipeline._judge("dialogue")
+    assert judge(Row(ASKED), PLAIN + "<|im_end|>") == pytest.approx(0.5 * (1 + 1 + 18 / 24))
 
 
 @pytest.mark.parametrize("task, row, message", [

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ppojax.tasks.base import Row, Task, TaskContext, register_task
-from ppojax.tasks.summarize import content_words, keywords, words
+from ppojax.tasks.summarize import content_words, words
 
 HH_TURN = re.compile(r"\n\n(Human|Assistant):[ \t]?")
 ROLES = {"Human": "user", "Assistant": "assistant"}
@@ -101,36 +101,66 @@ def hub_dialogues(dataset: str, split: str, limit: Optional[int]) -> list[list[d
     return [parse_dialogue(row, where) for where, row in hub_dataset_rows(dataset, split, limit, hint)]
 
 
-POLITE = ("please", "thank", "thanks", "glad", "happy to", "hope this helps", "sure", "certainly", "of course",
-          "great question", "you're welcome")
+GENERIC = ("python", "mean", "means", "explain", "briefly", "use")
+"""Words of the demo's question templates that are not the question's subject (``helpfulness_judge``'s key terms
+leave them out)."""
+MARKUP = re.compile(r"\n|```|\*\*|^\s*#|^\s*[-*+] |^\s*\d+\. ", re.M)
+"""A line break, a code fence, bold, a heading or a list item: the answer has turned into a block or a list."""
+OPENERS = ("i'm sorry", "i am sorry", "sorry", "i apologise", "i apologize", "as an ai", "i can't", "i cannot",
+           "sure", "absolutely", "certainly", "of course", "great question", "yes", "here's", "here is", "one of",
+           "well,", "hello", "hi")
+"""Openings that apologise, refuse or fill before answering: the answer's first words, lowercased, are one of these
+(a whole word: "Surely" is not "sure")."""
+OPENING = re.compile(r"(?:" + "|".join(map(re.escape, OPENERS)) + r")(?!\w)")
+SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
 
 
-def helpfulness_judge(response: str, messages: list, *, reference: str = "", n_keywords: int = 20,
-                      enough: int = 5, min_words: int = 8, max_words: int = 30) -> float:
-    """The offline pipeline's proxy judge of an answer to the conversation's last user turn:
+def _same_word(a: str, b: str) -> bool:
+    """The same word up to a plural ``s`` (``slicings`` / ``slicing``, ``identifier`` / ``identifiers``)."""
+    return a.rstrip("s") == b.rstrip("s")
 
-        score = |content(response) & content(question)| / |content(question)|         (answers what was asked)
-                + 0.5 * min(1, |content(response) & K| / enough)                      (says something on topic)
-                + 0.25 * [a politeness phrase of POLITE appears]                        (politeness lexicon)
-                - 0.05 * (words below min_words or above max_words)                   (length band)
 
-    where K are the ``n_keywords`` most frequent content words of ``reference`` (a text on the question's topic;
-    none: that term is 0). What it rewards: an answer that talks about what was asked, uses the topic's vocabulary,
-    is polite, and is brief. Why it is a proxy: repeating the question's words scores as answering it and naming
-    the topic's words as knowing it, whether or not the answer is right; one "Sure," earns the politeness bonus; a
-    short answer is not a complete one; and it never checks a fact.
-    """
+def helpfulness_terms(response: str, messages: list, *, generic: tuple = GENERIC, early: int = 10,
+                      budget: int = 24) -> dict:
+    """The terms of :func:`helpfulness_judge`, each in [0, 1] (see its docstring)."""
     question = messages[-1]["content"] if messages else ""
-    asked = content_words(question)
-    said = set(content_words(response))
-    score = len(said & set(asked)) / len(asked) if asked else 0.0
-    topic = set(keywords(reference, n_keywords)) if reference else set()
-    if topic:
-        score += 0.5 * min(1.0, len(said & topic) / enough)
-    text = " ".join(words(response))
-    score += 0.25 * any(re.search(rf"\b{re.escape(p)}", text) for p in POLITE)
-    n = len(words(response))
-    return score - 0.05 * (max(0, min_words - n) + max(0, n - max_words))
+    key = [w for w in content_words(question) if w not in generic]
+    head = words(response)[:early]
+    end = SENTENCE_END.search(response)
+    first = len(words(response[: end.end()])) if end else budget
+    return {"key_terms_early": sum(any(_same_word(a, k) for a in head) for k in key) / len(key) if key else 0.0,
+            "sentence_ends": float(end is not None),
+            "short_first_sentence": 1.0 - min(first, budget) / budget if end else 0.0,
+            "markup": float(MARKUP.search(response) is not None),
+            "filler_opening": float(OPENING.match(response.strip().lower()) is not None)}
+
+
+def helpfulness_judge(response: str, messages: list, *, generic: tuple = GENERIC, early: int = 10,
+                      budget: int = 24) -> float:
+    """The offline pipeline's proxy judge of a short answer to the conversation's last user turn:
+
+        score = 0.5 * |K & words(answer)[:early]| / |K|       (names what was asked, at once)
+                + 0.5 * [a sentence ends (. ! ?) in the answer]       (says one complete thing)
+                + 0.5 * (1 - min(w1, budget) / budget)                (... briefly; 0 without a sentence end)
+                - 0.5 * [a line break, code fence, bold, heading or list item]   (plain prose, not a cut-off block)
+                - 0.5 * [it opens with an apology, refusal or filler: OPENERS]   (answers at once)
+
+    where K are the question's content words (no stopwords, 3+ letters) less the templates' ``generic`` words
+    ("python", "mean", "explain", ...), a word matching up to a plural "s", and w1 the words of the answer's first
+    sentence. Range [-1, 1.5]. What it rewards: an answer that names the question's subject in its first words and
+    says something about it in one short, complete, plain sentence, without "I'm sorry" or "Sure!" first: what a
+    concise assistant (the demo's system message) answering in ~24 tokens should do. Why it is a proxy: it reads
+    only the surface. Any short sentence that names the subject scores as an answer ("Break is a keyword." beats a
+    correct answer that needs 20 words), a sentence that names nothing still earns up to 1.0 of the 1.5 (GRPO
+    against a reward model of these labels found it: "Can you explain truth in Python briefly?" -> "Python can be
+    incredibly insightful. In a lot of ways.", 0.90), it never checks a fact, and a code example, which may be the
+    most helpful answer to "How do I use X?", costs 0.5. These surface properties are chosen because they vary among an
+    instruct model's samples for one question and a reward model can see them; the previous judge (overlap with
+    the topic's pydoc page, which the reward model never sees) was not learnable from ~100 comparisons.
+    """
+    t = helpfulness_terms(response, messages, generic=generic, early=early, budget=budget)
+    return 0.5 * (t["key_terms_early"] + t["sentence_ends"] + t["short_first_sentence"] - t["markup"]
+                  - t["filler_opening"])
 
 
 @register_task("dialogue")
