@@ -3,12 +3,18 @@
 
     python experiments/seed_summary.py /tmp/seeds/seed0 /tmp/seeds/seed1 /tmp/seeds/seed2 \\
         --out docs/results/smollm2_sentiment.json --plot docs/smollm2_curves.png
+    python experiments/seed_summary.py --pipeline runs/sum0 runs/sum1 runs/sum2 --out docs/results/pipeline_summarize.json
 
 Reads each run directory's ``metrics.jsonl`` (and ``config.yaml`` for its seed), writes a JSON with every run's
 per-iteration score and KL and the summary a README quotes -- for each of the first score, the final score (the
 mean over the last ``--final-window`` iterations, one iteration's score being noisy) and the largest KL: the mean
 over seeds and the range (min, max) -- and a plot of the score and KL curves (mean over seeds, min-max band).
 ``tests/test_readme_results.py`` checks that the README's sentences match the committed JSON.
+
+``--pipeline``: the arguments are ``experiments/rlhf_pipeline.py --task NAME`` output directories (their
+``report.json`` and ``ppo/metrics.jsonl``; a JSON this mode wrote before may stand for its runs). Per seed: the
+reward model's held-out best-of-k and pair accuracy, the judge's held-out score before and after PPO (with its
+standard error), the KL and the wall time; the summary is the mean and range over seeds of each.
 """
 
 from __future__ import annotations
@@ -62,6 +68,10 @@ def _evaluation(record: dict) -> dict:
     return {**keep, "items": items}
 
 
+def _range_of(stat_: dict, fmt: str) -> str:
+    return f"{stat_['mean']:{fmt}} ({stat_['min']:{fmt}}-{stat_['max']:{fmt}})"
+
+
 def stat(values: Sequence[float]) -> dict:
     """Mean and range (min, max) over seeds."""
     return {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "n": len(values)}
@@ -105,6 +115,49 @@ def summarize(run_dirs: Sequence[Path], final_window: int = 5) -> dict:
         "summary": {k: stat([r[k] for r in runs]) for k in keys},
         "runs": runs,
     }
+
+
+PIPELINE_KEYS = ("rm_val_accuracy", "rm_pair_accuracy", "judge_before", "judge_after", "judge_gain", "rm_score_before",
+                 "rm_score_after", "final_kl", "max_kl", "words_before", "words_after", "wall_min")
+
+
+def _pipeline_run(report: dict, per_iteration: list, name: str) -> dict:
+    before, after = report["before"], report["after"]
+    run = {"run": name, "seed": report["seed"], "task": report.get("task"),
+           "rm_val_accuracy": report["rm_val_accuracy"], "rm_chance": report["rm_chance"],
+           "rm_val_comparisons": report["rm_val_pair_accuracy"]["comparisons"],
+           "rm_pair_accuracy": report["rm_val_pair_accuracy"]["accuracy"],
+           "rm_pairs": report["rm_val_pair_accuracy"]["pairs"],
+           "judge_before": before["true_score"]["mean"], "judge_before_se": before["true_score"]["stderr"],
+           "judge_after": after["true_score"]["mean"], "judge_after_se": after["true_score"]["stderr"],
+           "judge_gain": after["true_score"]["mean"] - before["true_score"]["mean"],
+           "rm_score_before": before["rm_score"]["mean"], "rm_score_after": after["rm_score"]["mean"],
+           "final_kl": report["ppo_final_kl"], "max_kl": report.get("ppo_max_kl", max(r["kl"] for r in per_iteration)),
+           "words_before": before["words"]["mean"], "words_after": after["words"]["mean"],
+           "wall_min": report["timings_s"]["total_s"] / 60, "timings_s": report["timings_s"],
+           "per_iteration": per_iteration, "report": report}
+    return run
+
+
+def summarize_pipelines(paths: Sequence[Path]) -> dict:
+    """The ``--pipeline`` summary (module docstring) of pipeline output directories or earlier summaries."""
+    runs = []
+    for path in paths:
+        if path.is_dir():
+            report = json.loads((path / "report.json").read_text())
+            metrics = [json.loads(line) for line in (path / "ppo" / "metrics.jsonl").read_text().splitlines()
+                       if line.strip()]
+            per_iteration = [{k: m.get(k) for k in ("iteration", "score_mean", "kl", "response_length", "time_s")}
+                             for m in metrics if "score_mean" in m]
+            runs.append(_pipeline_run(report, per_iteration, path.name))
+        else:  # an earlier summary: its runs as they were
+            old = json.loads(path.read_text())
+            runs += old["runs"] if "runs" in old else [_pipeline_run(old["report"], old["per_iteration"], path.stem)]
+    tasks = {r["task"] for r in runs}
+    if len(tasks) != 1:
+        raise SystemExit(f"seed_summary.py: error: the pipeline runs are of different tasks {sorted(map(str, tasks))}")
+    return {"task": tasks.pop(), "seeds": [r["seed"] for r in runs],
+            "summary": {k: stat([r[k] for r in runs]) for k in PIPELINE_KEYS}, "runs": runs}
 
 
 def plot(result: dict, out: Path, title: str) -> None:
@@ -157,7 +210,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--evaluate", action="append", default=[], metavar="NAME=FILE.json",
                    help="an experiments/evaluate.py output to record under `evaluate.NAME` (its accuracy, score "
                         "and items), e.g. base=runs/eval/base.json (repeatable)")
+    p.add_argument("--pipeline", action="store_true",
+                   help="the arguments are rlhf_pipeline.py --task output directories (see the module docstring)")
     args = p.parse_args(argv)
+    if args.pipeline:
+        for d in args.run_dirs:
+            if not ((d / "report.json").is_file() or d.suffix == ".json" and d.is_file()):
+                print(f"seed_summary.py: error: {d} has no report.json (is it an rlhf_pipeline.py --out?)",
+                      file=sys.stderr)
+                return 2
+        from ppojax.io.atomic import atomic_write_json
+
+        result = summarize_pipelines(args.run_dirs)
+        result["command"] = args.command
+        atomic_write_json(args.out, result, indent=1)
+        s = result["summary"]
+        print(f"[seed_summary] {result['task']}, seeds {result['seeds']}: RM held-out best-of-k "
+              f"{_range_of(s['rm_val_accuracy'], '.2f')}, pairs {_range_of(s['rm_pair_accuracy'], '.2f')}; judge "
+              f"{_range_of(s['judge_before'], '.3f')} -> {_range_of(s['judge_after'], '.3f')}; max KL "
+              f"{_range_of(s['max_kl'], '.1f')}; {_range_of(s['wall_min'], '.0f')} min; wrote {args.out}",
+              file=sys.stderr)
+        return 0
     for d in args.run_dirs:
         if not (d / "metrics.jsonl").is_file():
             print(f"seed_summary.py: error: {d} has no metrics.jsonl (is it a run directory?)", file=sys.stderr)

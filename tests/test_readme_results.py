@@ -149,3 +149,47 @@ def test_the_smollm2_guess_numbers_are_the_committed_run():
     assert run["eval"]["iteration"] == [0, 4, 8, 12] and len(set(success[1:])) == 1
     assert f"most {result['summary']['max_kl']['mean']:.1f} nats per episode" in flat
     assert f"{result['iterations']} iterations" in flat
+
+
+def _pipeline_row(r: dict) -> str:
+    n = r["rm_val_comparisons"]
+    return (f"| {r['task']} | {r['seed']} | {r['rm_val_accuracy']:.2f} ({round(r['rm_val_accuracy'] * n)}/{n}) | "
+            f"{r['rm_pair_accuracy']:.2f} (of {r['rm_pairs']}) | {r['judge_before']:.3f} ± {r['judge_before_se']:.3f} "
+            f"-> {r['judge_after']:.3f} ± {r['judge_after_se']:.3f} | {r['rm_score_before']:+.2f} -> "
+            f"{r['rm_score_after']:+.2f} | {r['final_kl']:.1f} ({r['max_kl']:.1f}) | {r['words_before']:.1f} -> "
+            f"{r['words_after']:.1f} | {r['wall_min']:.0f} min |")
+
+
+@pytest.mark.parametrize("task", ["summarize", "dialogue"])
+def test_the_pipeline_tasks_numbers_and_samples_are_the_committed_runs(task):
+    """``rlhf_pipeline.py --task summarize|dialogue``: each seed's table row is its report's numbers, the summary
+    is recomputed from the runs here, and every sample the README shows is one of the runs' samples."""
+    result = json.loads((REPO / "docs" / "results" / f"pipeline_{task}.json").read_text())
+    readme = README.read_text()
+    section = _section(readme, "### Summaries and dialogue")
+    for run in result["runs"]:
+        report = run["report"]
+        assert run["judge_after"] == report["after"]["true_score"]["mean"] and run["seed"] == report["seed"]
+        assert _pipeline_row(run) in section, _pipeline_row(run)
+    for key in ("judge_before", "judge_after", "rm_pair_accuracy", "max_kl"):
+        values = [r[key] for r in result["runs"]]
+        assert result["summary"][key]["mean"] == pytest.approx(sum(values) / len(values))
+        assert (result["summary"][key]["min"], result["summary"][key]["max"]) == (min(values), max(values))
+    s = result["summary"]
+    if task == "summarize":
+        flat = _flat(section)
+        assert f"best of 4 in {_range(s['rm_val_accuracy'], '.2f')} of" in flat
+        assert f"orders {_range(s['rm_pair_accuracy'], '.2f')} of the held-out pairs" in flat
+        assert f"from {_range(s['judge_before'], '.3f')} to {_range(s['judge_after'], '.3f')}" in flat
+        assert f"at most {_range(s['max_kl'], '.1f')} nats" in flat
+    examples = [(b["response"], a["response"], b["judge"], a["judge"]) for r in result["runs"]
+                for b, a in zip(r["report"]["before"]["examples"], r["report"]["after"]["examples"])]
+    table = section[section.index("| question (held out)" if task == "dialogue" else "| document (held out"):]
+    shown = [line for line in table.split("\n\n")[0].splitlines()[2:]]
+    assert shown, "the README shows no samples"
+    clean = lambda text: " ".join(text.split())
+    for line in shown:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        before, judge_b, after, judge_a = cells[1], float(cells[2]), cells[3], float(cells[4])
+        assert any(clean(b).startswith(clean(before).rstrip(".")[:60]) and clean(a).startswith(clean(after)[:60])
+                   and round(jb, 2) == judge_b and round(ja, 2) == judge_a for b, a, jb, ja in examples), line
