@@ -66,7 +66,7 @@ runs out of time, the time its runs had over the sweep's time is a lower bound o
     python benchmarks/gpu.py                            # gpt2-medium, TRL (gpt2), sweep: results/gpu_<device>.json
     python benchmarks/gpu.py --sizes gpt2,gpt2-large --no-trl --no-sweep --budget 900   # more sizes, merged in
     python benchmarks/gpu.py --table benchmarks/results/gpu_<device>.json   # the README table
-    python benchmarks/gpu.py --dry-run                  # every part on tiny shapes, any backend (~3 min on a CPU)
+    python benchmarks/gpu.py --dry-run                  # every part on tiny shapes, any backend (~2 min, 2 CPU cores)
 """
 
 from __future__ import annotations
