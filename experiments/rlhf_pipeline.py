@@ -52,9 +52,10 @@ answer's first 10 words, a sentence that ends, 1 - that first sentence's words /
 markdown, and 0.5 for an apology or filler opening such as "Sure!"; surface properties that vary among the samples
 of one question and that a reward model sees). Both are proxies, and PPO finds their holes: see their docstrings and
 README.md ("Summaries and dialogue"). A LoRA reward model (rank 8, batch 4 comparisons: the longer queries make
-larger activations) is trained on 96 comparisons (summarize) or 128 (dialogue: ~26 held out), then GRPO runs 15
-iterations against it on the task's training rows, and the report compares the judge's and the reward model's
-scores before and after on 48 held-out rows (``report.json``; ``--fast`` runs the same on a tiny random policy whose
+larger activations) is trained on 96 comparisons (summarize: 19 held out) or 384 (dialogue: 77 held out), then
+GRPO runs 15 iterations against it on the task's training rows (32 responses an iteration for summaries, 64 for
+dialogue), and the report compares the judge's and the reward model's scores before and after on 48 held-out rows,
+2 samples of each (summarize) or 4 (dialogue) with the same sampling keys for both policies (``report.json``; ``--fast`` runs the same on a tiny random policy whose
 word vocabulary is built from the rows, with a plain chat template of its own: a smoke test).
 
 The random policy. ``--vocab words`` keeps every stage and only swaps the tokenizer for a word-level one over ~560
@@ -400,13 +401,15 @@ SYSTEM = "You are a concise, helpful assistant."
 """The demos' system message (prompts.system): short, so the query stays short (SmolLM2's default is ~20 tokens)."""
 QUESTION_TEMPLATES = ("What does {topic} mean in Python?", "Can you explain {topic} in Python briefly?",
                       "How do I use {topic} in Python?")
-TASK_PRESETS = {
+TASK_PRESETS = {  # dialogue: 384 comparisons (77 held out), GRPO on 64 responses an iteration, 4 evaluation
+    # samples per held-out row. With 128 comparisons, 32 responses and 2 samples its reward model ordered 0.57-0.65 of
+    # the held-out pairs and the judge's score moved either way over 3 seeds (README.md, "Summaries and dialogue").
     "summarize": dict(query_length=112, response_length=24, num_queries=96, k=4, rm_epochs=3, rm_lr=5e-4,
                       rm_batch=4, rm_head_init_std=1e-3, lora_rank=8, normalize_samples=64, iterations=15, eval_queries=48,
                       temperature=0.8, top_k=0, num_eval=48),
-    "dialogue": dict(query_length=64, response_length=24, num_queries=128, k=4, rm_epochs=2, rm_lr=5e-4,
+    "dialogue": dict(query_length=64, response_length=24, num_queries=384, k=4, rm_epochs=2, rm_lr=5e-4,
                      rm_batch=4, rm_head_init_std=1e-3, lora_rank=8, normalize_samples=64, iterations=15, eval_queries=48,
-                     temperature=0.8, top_k=0, num_eval=48),
+                     temperature=0.8, top_k=0, num_eval=48, eval_k=4, batch_size=64, minibatch_size=16),
     "fast": dict(n_layer=1, n_head=2, n_embd=32, n_positions=128, query_length=80, response_length=8,
                  num_queries=128, k=4, rm_epochs=2, rm_lr=3e-3, rm_batch=32, rm_head_init_std=None,
                  normalize_samples=64,
@@ -529,8 +532,8 @@ def _task_samples(config, params, tokenizer, rows, texts, preset, *, k: int, see
 
 def _evaluate_task(policy: str, reward_dir: Path, base_params, judge, rows, texts, preset, seed: int,
                    stop: Optional[str]) -> dict:
-    """Fresh samples of ``policy`` on the held-out rows: the judge's score and the reward model's, mean and std
-    error, and examples."""
+    """Fresh samples of ``policy`` on the held-out rows (the preset's ``eval_k`` each, default 2): the judge's score
+    and the reward model's, mean and std error, and examples."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -539,7 +542,8 @@ def _evaluate_task(policy: str, reward_dir: Path, base_params, judge, rows, text
     from ppojax.rl.rewards import LoraRewardModel
 
     config, params, tokenizer = _load_policy(policy)
-    comps = _task_samples(config, params, tokenizer, rows, texts, preset, k=2, seed=seed, stop=stop)
+    k = preset.get("eval_k", 2)
+    comps = _task_samples(config, params, tokenizer, rows, texts, preset, k=k, seed=seed, stop=stop)
     true = np.asarray([judge(row, r) for row, c in zip(rows, comps) for r in c.responses], np.float64)
     rm = reward_training.load_reward_model(reward_dir)
     if isinstance(rm, LoraRewardModel):
@@ -554,7 +558,7 @@ def _evaluate_task(policy: str, reward_dir: Path, base_params, judge, rows, text
         return {"mean": float(x.mean()), "stderr": float(x.std() / np.sqrt(len(x)))}
 
     examples = [{"prompt": row.prompt, "response": _response_text(c.responses[0]),
-                 "judge": float(true[2 * i])} for i, (row, c) in enumerate(list(zip(rows, comps))[:6])]
+                 "judge": float(true[k * i])} for i, (row, c) in enumerate(list(zip(rows, comps))[:6])]
     return {"samples": int(true.size), "true_score": stat(true), "rm_score": stat(rm_score),
             "words": stat(lengths), "examples": examples}
 
@@ -707,9 +711,8 @@ def run_task(args: argparse.Namespace, out: Path) -> dict:
     ppo = cfg.setdefault("ppo", {})
     ppo.update(response_length=preset["response_length"], temperature=preset["temperature"], top_k=preset["top_k"],
                truncate_token=truncate)
-    if random_policy:
-        ppo.update({k: preset[k] for k in ("batch_size", "minibatch_size", "ppo_epochs")})
-    else:
+    ppo.update({k: preset[k] for k in ("batch_size", "minibatch_size", "ppo_epochs") if k in preset})
+    if not random_policy:
         cfg["lora"] = {**cfg.get("lora", {}), "targets": ATTENTION_TARGETS.get(family, "")}
     cfg["checkpoint"] = {"every": preset["iterations"], "keep": 1}
     cfg["logging"] = {**cfg.get("logging", {}), "samples_every": max(preset["iterations"] // 2, 1),

@@ -357,20 +357,24 @@ def test_the_hub_configs_stop_with_one_line_offline(tmp_path, config):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["summarize", "dialogue"])
-def test_pipeline_task_smoke_on_a_tiny_random_policy(tmp_path, task):
+def test_pipeline_task_smoke_on_a_tiny_random_policy(tmp_path, monkeypatch, task):
     """``rlhf_pipeline.py --task T --fast``: rows from CPython's docs, judge labels, a reward model, PPO on the task,
     and a report with the judge's score before and after on held-out rows (the numbers of a tiny random policy
-    are noise: the SmolLM2 run is README.md's)."""
+    are noise: the SmolLM2 run is README.md's). The preset's ``eval_k`` samples each held-out row that often and its
+    ``batch_size`` reaches the PPO config."""
     sys.path.insert(0, str(REPO / "experiments"))
     import rlhf_pipeline
 
+    monkeypatch.setitem(rlhf_pipeline.TASK_PRESETS["fast"], "eval_k", 3)
     out = tmp_path / "p"
     assert rlhf_pipeline.main(["--out", str(out), "--fast", "--task", task, "--iterations", "3",
                                "--num-queries", "64"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["task"] == task and report["comparisons"] == 64 and report["rm_chance"] == 0.25
-    assert report["ppo_iterations"] == 3 and report["before"]["samples"] == report["after"]["samples"] > 0
+    assert report["ppo_iterations"] == 3
+    assert report["before"]["samples"] == report["after"]["samples"] == 3 * report["rows"]["evaluated"] > 0
     config = (out / "ppo" / "config.yaml").read_text()
+    assert f"batch_size: {rlhf_pipeline.TASK_PRESETS['fast']['batch_size']}\n" in config
     assert f"name: {task}" in config and "kind: reward_model" in config
     from ppojax.rl import preferences
 
