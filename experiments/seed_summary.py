@@ -69,6 +69,7 @@ def _evaluation(record: dict) -> dict:
 
 
 def _range_of(stat_: dict, fmt: str) -> str:
+    """``mean (min-max)`` of a :func:`stat`, each number formatted with ``fmt``."""
     return f"{stat_['mean']:{fmt}} ({stat_['min']:{fmt}}-{stat_['max']:{fmt}})"
 
 
@@ -160,6 +161,15 @@ def summarize_pipelines(paths: Sequence[Path]) -> dict:
             "summary": {k: stat([r[k] for r in runs]) for k in PIPELINE_KEYS}, "runs": runs}
 
 
+def write_summary(out: Path, result: dict) -> Path:
+    """Write a summary JSON to ``out`` atomically (a reader sees the old file or the new one), creating missing
+    parent folders: the one write path of both modes."""
+    from ppojax.io.atomic import atomic_write_json
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_json(out, result, indent=1)
+
+
 def plot(result: dict, out: Path, title: str) -> None:
     import io
 
@@ -219,11 +229,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"seed_summary.py: error: {d} has no report.json (is it an rlhf_pipeline.py --out?)",
                       file=sys.stderr)
                 return 2
-        from ppojax.io.atomic import atomic_write_json
-
         result = summarize_pipelines(args.run_dirs)
         result["command"] = args.command
-        atomic_write_json(args.out, result, indent=1)
+        write_summary(args.out, result)
         s = result["summary"]
         print(f"[seed_summary] {result['task']}, seeds {result['seeds']}: RM held-out best-of-k "
               f"{_range_of(s['rm_val_accuracy'], '.2f')}, pairs {_range_of(s['rm_pair_accuracy'], '.2f')}; judge "
@@ -246,20 +254,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       file=sys.stderr)
                 return 2
             result["evaluate"][name] = _evaluation(json.loads(Path(path).read_text()))
-    from ppojax.io.atomic import atomic_write_json
-
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out, result, indent=1)
+    write_summary(args.out, result)
     if args.plot is not None:
         plot(result, args.plot, args.title)
     s = result["summary"]
-    print(f"[seed_summary] {len(result['runs'])} seeds: first score {s['first_score']['mean']:.2f} "
-          f"({s['first_score']['min']:.2f}-{s['first_score']['max']:.2f}), final score {s['final_score']['mean']:.2f} "
-          f"({s['final_score']['min']:.2f}-{s['final_score']['max']:.2f}), largest KL {s['max_kl']['mean']:.1f} "
-          f"({s['max_kl']['min']:.1f}-{s['max_kl']['max']:.1f})" + (
+    print(f"[seed_summary] {len(result['runs'])} seeds: first score {_range_of(s['first_score'], '.2f')}, final "
+          f"score {_range_of(s['final_score'], '.2f')}, largest KL {_range_of(s['max_kl'], '.1f')}" + (
               f", held-out {result['runs'][0]['eval_metric']} {s['base_eval']['mean']:.3f} -> "
-              f"{s['final_eval']['mean']:.3f} ({s['final_eval']['min']:.3f}-{s['final_eval']['max']:.3f})"
-              if "base_eval" in s else "") + f"; wrote {args.out}", file=sys.stderr)
+              f"{_range_of(s['final_eval'], '.3f')}" if "base_eval" in s else "") + f"; wrote {args.out}",
+          file=sys.stderr)
     return 0
 
 
