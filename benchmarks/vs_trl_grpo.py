@@ -93,6 +93,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 import _env
 import _interleave
@@ -127,7 +128,7 @@ def parse_args(argv=None):
                    help="before each round, wait up to S seconds for other processes to go quiet (default 0)")
     p.add_argument("--ppojax-set", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra config override for the ppojax side only, e.g. ppo.reuse_sampler_logprobs=true "
-                        "(repeatable; recorded in the JSON's hyperparameters.ppojax_overrides)")
+                        "(repeatable; recorded in the JSON's hyperparameters.ppojax_set)")
     p.add_argument("--table", type=Path, metavar="JSON", help="print the benchmarks/README table and exit")
     p.add_argument("--row", type=Path, metavar="JSON", help="print the README benchmark row and exit")
     p.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
@@ -173,6 +174,15 @@ def ppojax_overrides(job: dict, seed: int, iterations: int, gguf: str, extra: tu
             f"ppo.clip_eps={CLIP}", "ppo.loss_aggregation=token-mean", f"optimizer.learning_rate={LR}",
             f"optimizer.eps={ADAM_EPS}", f"optimizer.max_grad_norm={MAX_GRAD_NORM}", "optimizer.schedule=constant",
             f"model.remat={REMAT}", *extra]
+
+
+def hyperparameters(job: dict, iterations: int, ppojax_set: Sequence[str] = ()) -> dict:
+    """The result JSON's ``hyperparameters``: the matched settings, the ppojax side's overrides (less the seed) and,
+    as given, the ``--ppojax-set`` ones among them (``ppojax_set``, read back by :func:`ppojax_extra`)."""
+    return {"learning_rate": LR, "adam_eps": ADAM_EPS, "max_grad_norm": MAX_GRAD_NORM, "clip": CLIP,
+            "kl_loss_coef_beta": BETA, "temperature": TEMPERATURE, "lora": {**LORA, "targets": list(LORA["targets"])},
+            "ppojax_overrides": ppojax_overrides(job, 0, iterations, "<gguf>", tuple(ppojax_set))[1:],
+            "ppojax_set": list(ppojax_set)}
 
 
 def prompt_schedule(job: dict, seed: int, iterations: int) -> list:
@@ -508,11 +518,7 @@ def main(argv=None):
               + CONFIG.name, "gguf": _env.portable_path(gguf), "machine": _env.machine_info(),
               "versions": _env.versions(PACKAGES), "xla_flags": os.environ.get("XLA_FLAGS", ""),
               "load_before": load_before, "repeats_planned": args.repeats,
-              "hyperparameters": {"learning_rate": LR, "adam_eps": ADAM_EPS, "max_grad_norm": MAX_GRAD_NORM,
-                                  "clip": CLIP, "kl_loss_coef_beta": BETA, "temperature": TEMPERATURE,
-                                  "lora": {**LORA, "targets": list(LORA["targets"])},
-                                  "ppojax_overrides": ppojax_overrides(job, 0, args.iterations, "<gguf>",
-                                                                      tuple(args.ppojax_set))[1:]},
+              "hyperparameters": hyperparameters(job, args.iterations, args.ppojax_set),
               "method": __doc__.split("\n\n", 1)[1].split("    python")[0].strip()}
     argv0 = [sys.executable, str(Path(__file__).resolve()), "--iterations", str(args.iterations)] \
         + (["--tiny"] if args.tiny else []) + [f"--ppojax-set={o}" for o in args.ppojax_set]
@@ -554,9 +560,14 @@ def _iqr(s: dict) -> str:
 
 
 def ppojax_extra(res: dict) -> list:
-    """The ``--ppojax-set`` overrides of a result (those after the job's own in ``hyperparameters``)."""
+    """The ``--ppojax-set`` overrides of a result: its ``hyperparameters.ppojax_set``. A result written before that
+    key (the two committed ones) has them only as the tail of ``hyperparameters.ppojax_overrides``, after the job's
+    own overrides as :func:`ppojax_overrides` builds them today."""
+    hp = res.get("hyperparameters", {})
+    if "ppojax_set" in hp:
+        return list(hp["ppojax_set"])
     own = len(ppojax_overrides(res["job"], 0, res["iterations"], "<gguf>")) - 1
-    return res.get("hyperparameters", {}).get("ppojax_overrides", [])[own:]
+    return hp.get("ppojax_overrides", [])[own:]
 
 
 def reproduce(res: dict) -> str:

@@ -15,6 +15,11 @@ over seeds and the range (min, max) -- and a plot of the score and KL curves (me
 ``report.json`` and ``ppo/metrics.jsonl``; a JSON this mode wrote before may stand for its runs). Per seed: the
 reward model's held-out best-of-k and pair accuracy, the judge's held-out score before and after PPO (with its
 standard error), the KL and the wall time; the summary is the mean and range over seeds of each.
+
+``--pipeline --row SUMMARY.json`` prints the README's table rows of such a summary, one per seed (no ``--out``);
+the README's rows are these lines, and ``tests/test_readme_results.py`` checks them through the same function::
+
+    python experiments/seed_summary.py --pipeline --row docs/results/pipeline_summarize.json
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ def _evaluation(record: dict) -> dict:
 
 
 def _range_of(stat_: dict, fmt: str) -> str:
+    """``mean (min-max)`` of a :func:`stat`, each number formatted with ``fmt``."""
     return f"{stat_['mean']:{fmt}} ({stat_['min']:{fmt}}-{stat_['max']:{fmt}})"
 
 
@@ -160,6 +166,47 @@ def summarize_pipelines(paths: Sequence[Path]) -> dict:
             "summary": {k: stat([r[k] for r in runs]) for k in PIPELINE_KEYS}, "runs": runs}
 
 
+def write_summary(out: Path, result: dict) -> Path:
+    """Write a summary JSON to ``out`` atomically (a reader sees the old file or the new one), creating missing
+    parent folders: the one write path of both modes."""
+    from ppojax.io.atomic import atomic_write_json
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_json(out, result, indent=1)
+
+
+PIPELINE_ROW_KEYS = ("task", "seed", "rm_val_accuracy", "rm_val_comparisons", "rm_pair_accuracy", "rm_pairs",
+                     "judge_before", "judge_before_se", "judge_after", "judge_after_se", "rm_score_before",
+                     "rm_score_after", "final_kl", "max_kl", "words_before", "words_after", "wall_min")
+
+
+def pipeline_row(run: dict) -> str:
+    """One seed's README table row: task | seed | RM best-of-k accuracy (right/comparisons) | pair accuracy (of
+    pairs) | judge before -> after (± s.e.) | RM score before -> after | KL final (max) | words | wall minutes."""
+    n = run["rm_val_comparisons"]
+    return (f"| {run['task']} | {run['seed']} | {run['rm_val_accuracy']:.2f} ({round(run['rm_val_accuracy'] * n)}/{n})"
+            f" | {run['rm_pair_accuracy']:.2f} (of {run['rm_pairs']}) | {run['judge_before']:.3f} ± "
+            f"{run['judge_before_se']:.3f} -> {run['judge_after']:.3f} ± {run['judge_after_se']:.3f} | "
+            f"{run['rm_score_before']:+.2f} -> {run['rm_score_after']:+.2f} | {run['final_kl']:.1f} "
+            f"({run['max_kl']:.1f}) | {run['words_before']:.1f} -> {run['words_after']:.1f} | "
+            f"{run['wall_min']:.0f} min |")
+
+
+def pipeline_rows(summary: dict) -> list[str]:
+    """The README table rows of a ``--pipeline`` summary, one per run in its order (:func:`pipeline_row`).
+
+    Raises ``ValueError`` (one line) when ``summary`` is not such a summary: no ``runs``, or a run without one of
+    ``PIPELINE_ROW_KEYS``."""
+    runs = summary.get("runs") if isinstance(summary, dict) else None
+    if not isinstance(runs, list) or not runs or not all(isinstance(r, dict) for r in runs):
+        raise ValueError("not a seed_summary.py --pipeline summary (no list of runs)")
+    for i, run in enumerate(runs):
+        missing = [k for k in PIPELINE_ROW_KEYS if k not in run]
+        if missing:
+            raise ValueError(f"not a seed_summary.py --pipeline summary (run {i} has no {', '.join(missing)})")
+    return [pipeline_row(run) for run in runs]
+
+
 def plot(result: dict, out: Path, title: str) -> None:
     import io
 
@@ -198,11 +245,28 @@ def plot(result: dict, out: Path, title: str) -> None:
     atomic_write_bytes(out, buf.getvalue())
 
 
+def _print_rows(path: Path) -> int:
+    """``--pipeline --row``: print ``pipeline_rows`` of the summary at ``path``; a bad input is one stderr line, 2."""
+    try:
+        text = path.read_text()
+        try:
+            summary = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"not JSON ({e})") from e
+        rows = pipeline_rows(summary)
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError too
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        print(f"seed_summary.py: error: --row {path}: {reason}", file=sys.stderr)
+        return 2
+    print("\n".join(rows))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="seed_summary.py", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dirs", nargs="+", type=Path,
                    help="run directories of one config, one per seed, or a sweep directory over seeds")
-    p.add_argument("--out", type=Path, required=True, help="the summary JSON to write")
+    p.add_argument("--out", type=Path, default=None, help="the summary JSON to write (required but with --row)")
     p.add_argument("--plot", type=Path, default=None, help="also plot score and KL (mean, min-max band)")
     p.add_argument("--title", default="", help="the plot's title")
     p.add_argument("--final-window", type=int, default=5, help="iterations averaged into a run's final score")
@@ -212,18 +276,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "and items), e.g. base=runs/eval/base.json (repeatable)")
     p.add_argument("--pipeline", action="store_true",
                    help="the arguments are rlhf_pipeline.py --task output directories (see the module docstring)")
+    p.add_argument("--row", action="store_true",
+                   help="with --pipeline: print the README table rows of the one summary JSON given, write nothing")
     args = p.parse_args(argv)
+    if args.row:
+        if not args.pipeline or len(args.run_dirs) != 1 or args.out is not None:
+            p.error("--row takes --pipeline and one summary JSON, and no --out")
+        return _print_rows(args.run_dirs[0])
+    if args.out is None:
+        p.error("the following arguments are required: --out")
     if args.pipeline:
         for d in args.run_dirs:
             if not ((d / "report.json").is_file() or d.suffix == ".json" and d.is_file()):
                 print(f"seed_summary.py: error: {d} has no report.json (is it an rlhf_pipeline.py --out?)",
                       file=sys.stderr)
                 return 2
-        from ppojax.io.atomic import atomic_write_json
-
         result = summarize_pipelines(args.run_dirs)
         result["command"] = args.command
-        atomic_write_json(args.out, result, indent=1)
+        write_summary(args.out, result)
         s = result["summary"]
         print(f"[seed_summary] {result['task']}, seeds {result['seeds']}: RM held-out best-of-k "
               f"{_range_of(s['rm_val_accuracy'], '.2f')}, pairs {_range_of(s['rm_pair_accuracy'], '.2f')}; judge "
@@ -246,20 +316,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       file=sys.stderr)
                 return 2
             result["evaluate"][name] = _evaluation(json.loads(Path(path).read_text()))
-    from ppojax.io.atomic import atomic_write_json
-
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out, result, indent=1)
+    write_summary(args.out, result)
     if args.plot is not None:
         plot(result, args.plot, args.title)
     s = result["summary"]
-    print(f"[seed_summary] {len(result['runs'])} seeds: first score {s['first_score']['mean']:.2f} "
-          f"({s['first_score']['min']:.2f}-{s['first_score']['max']:.2f}), final score {s['final_score']['mean']:.2f} "
-          f"({s['final_score']['min']:.2f}-{s['final_score']['max']:.2f}), largest KL {s['max_kl']['mean']:.1f} "
-          f"({s['max_kl']['min']:.1f}-{s['max_kl']['max']:.1f})" + (
+    print(f"[seed_summary] {len(result['runs'])} seeds: first score {_range_of(s['first_score'], '.2f')}, final "
+          f"score {_range_of(s['final_score'], '.2f')}, largest KL {_range_of(s['max_kl'], '.1f')}" + (
               f", held-out {result['runs'][0]['eval_metric']} {s['base_eval']['mean']:.3f} -> "
-              f"{s['final_eval']['mean']:.3f} ({s['final_eval']['min']:.3f}-{s['final_eval']['max']:.3f})"
-              if "base_eval" in s else "") + f"; wrote {args.out}", file=sys.stderr)
+              f"{_range_of(s['final_eval'], '.3f')}" if "base_eval" in s else "") + f"; wrote {args.out}",
+          file=sys.stderr)
     return 0
 
 

@@ -114,6 +114,39 @@ def test_a_round_with_other_prompts_is_reported(g):
     assert g.summarize_runs(g.JOBS["default"], 1, run)["prompt_mismatch_rounds"] == [0]
 
 
+def test_the_ppojax_set_overrides_are_recorded_and_read_back(g):
+    """A result records ``--ppojax-set`` as given (``hyperparameters.ppojax_set``) and ``ppojax_extra`` reads that
+    list, not the tail of ``ppojax_overrides``; every row and command built from a result shows them."""
+    job = g.JOBS["default"]
+    sets = ["ppo.reuse_sampler_logprobs=true", "model.remat=none"]
+    hp = g.hyperparameters(job, 3, sets)
+    assert hp["ppojax_set"] == sets and hp["ppojax_overrides"] == g.ppojax_overrides(job, 0, 3, "<gguf>",
+                                                                                     tuple(sets))[1:]
+    assert g.hyperparameters(job, 3)["ppojax_set"] == []
+    res = {"job": job, "iterations": 3, "repeats": 2, "hyperparameters": hp}
+    assert g.ppojax_extra(res) == sets
+    assert g.reproduce(res).endswith(" --ppojax-set ppo.reuse_sampler_logprobs=true --ppojax-set model.remat=none")
+    # The recorded list wins over slicing: a job whose own overrides grew would shift the slice, not this.
+    res["hyperparameters"] = {**hp, "ppojax_overrides": ["extra.own=1", *hp["ppojax_overrides"]]}
+    assert g.ppojax_extra(res) == sets
+    assert g.ppojax_extra({**res, "hyperparameters": {**hp, "ppojax_set": []}}) == []
+
+
+def test_a_result_without_ppojax_set_falls_back_to_the_overrides_tail(g):
+    """Results written before ``ppojax_set`` (the committed ones): the overrides after the job's own."""
+    job = g.JOBS["default"]
+    old = {k: v for k, v in g.hyperparameters(job, 3, ["ppo.reuse_sampler_logprobs=true"]).items()
+           if k != "ppojax_set"}
+    assert g.ppojax_extra({"job": job, "iterations": 3, "hyperparameters": old}) == ["ppo.reuse_sampler_logprobs=true"]
+    plain = {k: v for k, v in g.hyperparameters(job, 3).items() if k != "ppojax_set"}
+    assert g.ppojax_extra({"job": job, "iterations": 3, "hyperparameters": plain}) == []
+    assert g.ppojax_extra({"job": job, "iterations": 3}) == []
+    committed = {"vs_trl_grpo_cpu.json": [], "vs_trl_grpo_reuse_cpu.json": ["ppo.reuse_sampler_logprobs=true"]}
+    for name, sets in committed.items():
+        res = json.loads((RESULT.parent / name).read_text())
+        assert "ppojax_set" not in res["hyperparameters"] and g.ppojax_extra(res) == sets
+
+
 @pytest.mark.parametrize("name", ["vs_trl_grpo_cpu.json", "vs_trl_grpo_reuse_cpu.json"])
 def test_committed_result_and_the_readme_rows(g, name):
     res = json.loads((RESULT.parent / name).read_text())

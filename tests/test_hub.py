@@ -113,6 +113,41 @@ def test_shape_mismatch_is_named(tiny_hf_dir, tmp_path):
         ppojax.load_pretrained(d)
 
 
+class _CountingMapping(dict):
+    """A mapping that counts the tensors read from it (``tensors[key]``), as a lazy checkpoint reader would."""
+
+    def __init__(self, tensors):
+        super().__init__(tensors)
+        self.reads = []
+
+    def __getitem__(self, key):
+        self.reads.append(key)
+        return super().__getitem__(key)
+
+
+def test_gpt2_tensors_are_read_once_each_after_the_names_are_checked(tiny_hf_dir):
+    """GPT-2's converter checks names before reading any tensor, then reads each one once (the tied lm_head.weight
+    too), giving the same params as the plain dict; an lm_head.weight unlike wte.weight is refused."""
+    from ppojax.models.gpt2.convert import params_from_hf
+
+    config, ref = ppojax.load_pretrained(tiny_hf_dir)
+    tensors = load_file(str(tiny_hf_dir / "model.safetensors"))
+    tensors["lm_head.weight"] = tensors["transformer.wte.weight"].copy()
+    lazy = _CountingMapping(tensors)
+    jax.tree.map(np.testing.assert_array_equal, params_from_hf(config, lazy), ref)
+    assert sorted(lazy.reads) == sorted(k for k in tensors if not k.endswith((".attn.bias", ".attn.masked_bias")))
+    for edit, match in ((lambda t: t.pop("transformer.h.1.ln_2.bias"), r"h\.1\.ln_2\.bias"),
+                        (lambda t: t.update({"score.weight": np.zeros((1, 32), np.float32)}), "score.weight")):
+        bad = _CountingMapping(tensors)
+        edit(bad)
+        with pytest.raises(ppojax.CheckpointError, match=match):
+            params_from_hf(config, bad)
+        assert bad.reads == []
+    tensors["lm_head.weight"] = tensors["lm_head.weight"] + 1.0
+    with pytest.raises(ppojax.CheckpointError, match="lm_head.weight differs from wte.weight"):
+        params_from_hf(config, tensors)
+
+
 def test_other_architecture_is_refused(tmp_path):
     cfg = transformers.GPTNeoXConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                      num_attention_heads=4)

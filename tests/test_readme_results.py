@@ -12,6 +12,16 @@ REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 
 
+def _seed_summary():
+    """``experiments/seed_summary.py`` imported as a module (``experiments/`` is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("seed_summary", REPO / "experiments" / "seed_summary.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _flat(text: str) -> str:
     return re.sub(r"\s+", " ", text)
 
@@ -151,15 +161,6 @@ def test_the_smollm2_guess_numbers_are_the_committed_run():
     assert f"{result['iterations']} iterations" in flat
 
 
-def _pipeline_row(r: dict) -> str:
-    n = r["rm_val_comparisons"]
-    return (f"| {r['task']} | {r['seed']} | {r['rm_val_accuracy']:.2f} ({round(r['rm_val_accuracy'] * n)}/{n}) | "
-            f"{r['rm_pair_accuracy']:.2f} (of {r['rm_pairs']}) | {r['judge_before']:.3f} ± {r['judge_before_se']:.3f} "
-            f"-> {r['judge_after']:.3f} ± {r['judge_after_se']:.3f} | {r['rm_score_before']:+.2f} -> "
-            f"{r['rm_score_after']:+.2f} | {r['final_kl']:.1f} ({r['max_kl']:.1f}) | {r['words_before']:.1f} -> "
-            f"{r['words_after']:.1f} | {r['wall_min']:.0f} min |")
-
-
 @pytest.mark.parametrize("task", ["summarize", "dialogue"])
 def test_the_pipeline_tasks_numbers_and_samples_are_the_committed_runs(task):
     """``rlhf_pipeline.py --task summarize|dialogue``: each seed's table row is its report's numbers, the summary
@@ -170,7 +171,10 @@ def test_the_pipeline_tasks_numbers_and_samples_are_the_committed_runs(task):
     for run in result["runs"]:
         report = run["report"]
         assert run["judge_after"] == report["after"]["true_score"]["mean"] and run["seed"] == report["seed"]
-        assert _pipeline_row(run) in section, _pipeline_row(run)
+    # The rows `seed_summary.py --pipeline --row` prints: each one a whole line of the README's table.
+    lines = section.splitlines()
+    for row in _seed_summary().pipeline_rows(result):
+        assert row in lines, row
     for key in ("judge_before", "judge_after", "rm_pair_accuracy", "max_kl"):
         values = [r[key] for r in result["runs"]]
         assert result["summary"][key]["mean"] == pytest.approx(sum(values) / len(values))
@@ -193,3 +197,87 @@ def test_the_pipeline_tasks_numbers_and_samples_are_the_committed_runs(task):
         before, judge_b, after, judge_a = cells[1], float(cells[2]), cells[3], float(cells[4])
         assert any(clean(b).startswith(clean(before).rstrip(".")[:60]) and clean(a).startswith(clean(after)[:60])
                    and round(jb, 2) == judge_b and round(ja, 2) == judge_a for b, a, jb, ja in examples), line
+
+
+def _fake_runs(root: Path) -> list[Path]:
+    """Three run directories of six training iterations each, with held-out eval rows at iterations 0 and 3."""
+    dirs = []
+    for seed in range(3):
+        run = root / f"run{seed}"
+        run.mkdir(parents=True)
+        rows = []
+        for i in range(6):
+            rows.append({"iteration": i, "score_mean": 0.1 * i + 0.07 * seed, "kl": 0.3 * i + 0.11 * seed})
+            if i % 3 == 0:
+                rows.append({"iteration": i, "eval/score_mean": 0.2 * i + 0.01 * seed})
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        dirs.append(run)
+    return dirs
+
+
+@pytest.mark.parametrize("mode", ["seeds", "pipeline"])
+def test_seed_summary_writes_into_a_missing_folder(tmp_path, capsys, mode):
+    """Both modes write through one path that creates the output's missing parent folders."""
+    seed_summary = _seed_summary()
+    out = tmp_path / "not" / "yet" / "summary.json"
+    if mode == "seeds":
+        args = [*map(str, _fake_runs(tmp_path / "runs")), "--out", str(out)]
+    else:
+        args = ["--pipeline", str(REPO / "docs" / "results" / "pipeline_dialogue.json"), "--out", str(out)]
+    assert seed_summary.main(args) == 0
+    result = json.loads(out.read_text())
+    assert len(result["runs"]) == 3 and result["command"] == ""
+    if mode == "seeds":
+        # The printed summary, ranges formatted by _range_of, is the one it was before: mean (min-max).
+        assert capsys.readouterr().err == (
+            "[seed_summary] 3 seeds: first score 0.07 (0.00-0.14), final score 0.37 (0.30-0.44), largest KL 1.6 "
+            f"(1.5-1.7), held-out score_mean 0.010 -> 0.610 (0.600-0.620); wrote {out}\n")
+
+
+@pytest.mark.parametrize("task", ["summarize", "dialogue"])
+def test_seed_summary_row_prints_the_readme_rows(capsys, task):
+    """``--pipeline --row SUMMARY.json`` prints whole lines of the README's table, one per seed, and writes nothing."""
+    summary = REPO / "docs" / "results" / f"pipeline_{task}.json"
+    assert _seed_summary().main(["--pipeline", "--row", str(summary)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    readme = README.read_text().splitlines()
+    assert len(out) == len(json.loads(summary.read_text())["runs"]) == 3
+    assert all(line in readme and line.startswith(f"| {task} | ") for line in out), out
+
+
+def test_seed_summary_row_is_the_documented_command():
+    """The command the module docstring gives, run as a script from the repository root."""
+    import subprocess
+    import sys
+
+    command = ["experiments/seed_summary.py", "--pipeline", "--row", "docs/results/pipeline_summarize.json"]
+    assert " ".join(command) in _seed_summary().__doc__
+    proc = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [line for line in README.read_text().splitlines()
+                                        if line.startswith("| summarize | ")]
+
+
+@pytest.mark.parametrize("case", ["missing", "not_json", "not_pipeline", "no_pipeline_flag", "two_inputs"])
+def test_seed_summary_row_rejects_a_bad_input_with_one_line(tmp_path, capsys, case):
+    """A bad ``--row`` input: one ``error:`` line on stderr naming the problem, nothing on stdout, exit 2."""
+    good = str(REPO / "docs" / "results" / "pipeline_dialogue.json")
+    (tmp_path / "text.json").write_text("| a table |\n")
+    (tmp_path / "seeds.json").write_text(json.dumps({"runs": [{"run": "seed0", "seed": 0, "score": [0.1]}]}))
+    args, reason = {
+        "missing": (["--pipeline", "--row", str(tmp_path / "none.json")], "No such file or directory"),
+        "not_json": (["--pipeline", "--row", str(tmp_path / "text.json")], "not JSON"),
+        "not_pipeline": (["--pipeline", "--row", str(tmp_path / "seeds.json")],
+                         "not a seed_summary.py --pipeline summary (run 0 has no task, rm_val_accuracy"),
+        "no_pipeline_flag": (["--row", good], "--row takes --pipeline and one summary JSON"),
+        "two_inputs": (["--pipeline", "--row", good, good], "--row takes --pipeline and one summary JSON"),
+    }[case]
+    seed_summary = _seed_summary()
+    try:
+        code = seed_summary.main(args)
+    except SystemExit as e:  # argparse's usage errors exit 2 after its usage line
+        code = e.code
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    errors = [line for line in captured.err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and reason in errors[0], captured.err

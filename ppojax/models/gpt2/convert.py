@@ -18,7 +18,7 @@ skipped.
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Mapping
 
 import numpy as np
 
@@ -130,56 +130,72 @@ def _expected_shapes(config: GPT2Config):
     return top, block
 
 
-def params_from_hf(config: GPT2Config, tensors: Dict[str, np.ndarray], source: str = "checkpoint", dtype=None):
-    """Map HF GPT-2 tensors onto ppojax's stacked parameter tree. Fails on leftovers, gaps and shape mismatches."""
-    dtype = dtype or config.storage_dtype
-    prefix = "transformer." if any(k.startswith("transformer.") for k in tensors) else ""
-    remaining = dict(tensors)
-    L = config.n_layer
-    expected_top, expected_block = _expected_shapes(config)
-    missing = []
+def params_from_hf(config: GPT2Config, tensors: Mapping[str, np.ndarray], source: str = "checkpoint", dtype=None):
+    """Map HF GPT-2 tensors onto ppojax's stacked parameter tree. Fails on gaps and leftovers (naming them), on shape
+    mismatches (naming the tensor, its shape and the expected one) and on an ``lm_head.weight`` that is not ``wte``.
 
-    def take(key, shape):
-        full = prefix + key
-        if full not in remaining:
-            missing.append(full)
-            return None
-        value = np.asarray(remaining.pop(full))
-        if tuple(value.shape) != tuple(shape):
-            raise CheckpointError(
-                f"{source}: tensor {full} has shape {tuple(value.shape)}, expected {tuple(shape)} for {config}"
-            )
-        return value
-
+    The names are checked first (missing tensors, then leftovers), before any tensor is read. ``tensors`` is read
+    one key at a time and each stacked leaf becomes a device array as soon as its layers are in, so a lazy mapping
+    holds at most one tensor and one stacked leaf on the host beside the finished params (as the Llama converter).
+    """
     import jax.numpy as jnp
 
-    trunk: Dict[str, Any] = {}
-    for hf_key, module, leaf in _TOP_KEYS:
-        value = take(hf_key, expected_top[hf_key])
-        trunk.setdefault(module, {})[leaf] = value
-    blocks: Dict[str, Dict[str, list]] = {}
-    for i in range(L):
-        for hf_key, module, leaf in _BLOCK_KEYS:
-            value = take(f"h.{i}.{hf_key}", expected_block[hf_key])
-            blocks.setdefault(module, {}).setdefault(leaf, []).append(value)
+    dtype = dtype or config.storage_dtype
+    prefix = "transformer." if any(k.startswith("transformer.") for k in tensors) else ""
+    remaining = set(tensors)
+    missing = []
+
+    def want(key):
+        if key not in remaining:
+            missing.append(key)
+        remaining.discard(key)
+        return key
+
+    L = config.n_layer
+    expected_top, expected_block = _expected_shapes(config)
+    top = [(module, leaf, want(prefix + hf_key), expected_top[hf_key]) for hf_key, module, leaf in _TOP_KEYS]
+    blocks = [(module, leaf, [want(f"{prefix}h.{i}.{hf_key}") for i in range(L)], expected_block[hf_key])
+              for hf_key, module, leaf in _BLOCK_KEYS]
+    head = "lm_head.weight" in remaining  # tied: allowed if equal to wte
+    remaining.discard("lm_head.weight")
     if missing:
         raise CheckpointError(
             f"{source}: {len(missing)} tensors of a {L}-layer GPT-2 are missing, e.g. {missing[:5]}; is config.json "
             "from the same checkpoint?"
         )
-    lm_head = remaining.pop("lm_head.weight", None)
-    if lm_head is not None and not np.array_equal(np.asarray(lm_head), trunk["wte"]["embedding"]):
-        raise CheckpointError(f"{source}: lm_head.weight differs from wte.weight; ppojax's GPT-2 ties the two")
-    leftovers = [k for k in remaining if not k.endswith(_BUFFER_SUFFIXES)]
+    leftovers = sorted(k for k in remaining if not k.endswith(_BUFFER_SUFFIXES))
     if leftovers:
         raise CheckpointError(
-            f"{source}: {len(leftovers)} tensors have no place in GPT-2's key map: {sorted(leftovers)[:10]}. "
+            f"{source}: {len(leftovers)} tensors have no place in GPT-2's key map: {leftovers[:10]}. "
             "Is this a GPT-2 checkpoint with an extra head (value/score head)? Load its trunk with the matching API."
         )
-    trunk["h"] = {m: {leaf: np.stack(vals) for leaf, vals in leaves.items()} for m, leaves in blocks.items()}
-    import jax
 
-    return jax.tree.map(lambda x: jnp.asarray(x, dtype=dtype), {"transformer": trunk})
+    def read(key, shape):
+        value = np.asarray(tensors[key])
+        if tuple(value.shape) != tuple(shape):
+            raise CheckpointError(
+                f"{source}: tensor {key} has shape {tuple(value.shape)}, expected {tuple(shape)} for {config}"
+            )
+        return value
+
+    trunk: Dict[str, Any] = {}
+    for module, leaf, key, shape in top:
+        value = read(key, shape)
+        if head and module == "wte" and not np.array_equal(read("lm_head.weight", shape), value):
+            raise CheckpointError(f"{source}: lm_head.weight differs from wte.weight; ppojax's GPT-2 ties the two")
+        trunk.setdefault(module, {})[leaf] = jnp.asarray(value, dtype=dtype)
+    blocks_out: Dict[str, Dict[str, Any]] = {}
+    for module, leaf, keys, shape in blocks:
+        stacked = None
+        for i, key in enumerate(keys):
+            value = read(key, shape)
+            if stacked is None:
+                stacked = np.empty((L, *shape), value.dtype)
+            stacked[i] = value
+        blocks_out.setdefault(module, {})[leaf] = jnp.asarray(stacked, dtype=dtype)
+        del stacked
+    trunk["h"] = blocks_out
+    return {"transformer": trunk}
 
 
 def params_to_hf(config: GPT2Config, params) -> Dict[str, np.ndarray]:
