@@ -553,6 +553,7 @@ def _evaluate_task(policy: str, reward_dir: Path, base_params, judge, rows, text
     raw = np.asarray(reward_training.comparison_scores(rm.config, rm.params, jax.tree.map(jnp.asarray, batch)))
     rm_score = (float(rm.gain) * raw + float(rm.bias)).reshape(-1).astype(np.float64)
     lengths = np.asarray([len(_response_text(r).split()) for c in comps for r in c.responses], np.float64)
+    agreement = pair_agreement(true.reshape(len(comps), k), rm_score.reshape(len(comps), k))
 
     def stat(x):
         return {"mean": float(x.mean()), "stderr": float(x.std() / np.sqrt(len(x)))}
@@ -560,7 +561,22 @@ def _evaluate_task(policy: str, reward_dir: Path, base_params, judge, rows, text
     examples = [{"prompt": row.prompt, "response": _response_text(c.responses[0]),
                  "judge": float(true[k * i])} for i, (row, c) in enumerate(list(zip(rows, comps))[:6])]
     return {"samples": int(true.size), "true_score": stat(true), "rm_score": stat(rm_score),
-            "words": stat(lengths), "examples": examples}
+            "words": stat(lengths), "rm_judge_pairs": agreement, "examples": examples}
+
+
+def pair_agreement(judge, model) -> dict:
+    """Over every pair ``a < b`` of responses to one query (rows of the ``[queries, k]`` arrays) that the judge
+    scores differently, the share the model orders as the judge does: ``(model_a - model_b) (judge_a - judge_b) > 0``
+    (a model tie counts against it; chance 0.5). Returns ``{"pairs", "accuracy"}`` (accuracy None without pairs)."""
+    import numpy as np
+
+    judge, model = np.asarray(judge, np.float64), np.asarray(model, np.float64)
+    dj = judge[:, :, None] - judge[:, None, :]
+    dm = model[:, :, None] - model[:, None, :]
+    upper = np.triu(np.ones(judge.shape[1:] * 2, bool), 1)
+    counted = upper & (dj != 0)
+    total, agree = int(counted.sum()), int((counted & (dj * dm > 0)).sum())
+    return {"pairs": total, "accuracy": agree / total if total else None}
 
 
 def held_out_pair_accuracy(labels: Path, reward_dir: Path, base_params, tokenizer, preset, seed: int) -> dict:
@@ -584,15 +600,8 @@ def held_out_pair_accuracy(labels: Path, reward_dir: Path, base_params, tokenize
         rm = rm.with_base(base_params)
     scores = np.asarray(reward_training.comparison_scores(rm.config, rm.params,
                                                           jax.tree.map(jnp.asarray, batch.take(held))))
-    agree = total = 0
-    for i, row_scores in zip(held, scores):
-        judge = rows[i].extra["scores"]
-        for a in range(len(judge)):
-            for b in range(a + 1, len(judge)):
-                if judge[a] != judge[b]:
-                    total += 1
-                    agree += (row_scores[a] - row_scores[b]) * (judge[a] - judge[b]) > 0
-    return {"pairs": total, "accuracy": agree / total if total else None, "comparisons": int(held.size)}
+    judge = np.asarray([rows[i].extra["scores"] for i in held], np.float64)
+    return {**pair_agreement(judge, scores), "comparisons": int(held.size)}
 
 
 def run_task(args: argparse.Namespace, out: Path) -> dict:
