@@ -55,8 +55,9 @@ README.md ("Summaries and dialogue"). A LoRA reward model (rank 8, batch 4 compa
 larger activations) is trained on 96 comparisons (summarize: 19 held out) or 384 (dialogue: 77 held out), then
 GRPO runs 15 iterations against it on the task's training rows (32 responses an iteration for summaries, 64 for
 dialogue), and the report compares the judge's and the reward model's scores before and after on 48 held-out rows,
-2 samples of each (summarize) or 4 (dialogue) with the same sampling keys for both policies (``report.json``; ``--fast`` runs the same on a tiny random policy whose
-word vocabulary is built from the rows, with a plain chat template of its own: a smoke test).
+2 samples of each (summarize) or 4 (dialogue) with the same sampling keys for both policies, and how often the
+reward model orders pairs of those samples as the judge does (``report.json``; ``--fast`` runs the same on a tiny
+random policy whose word vocabulary is built from the rows, with a plain chat template of its own: a smoke test).
 
 The random policy. ``--vocab words`` keeps every stage and only swaps the tokenizer for a word-level one over ~560
 real English words: the prompt file's words, punctuation, and 128 positive and 128 negative words of VADER's lexicon
@@ -410,6 +411,7 @@ TASK_PRESETS = {  # dialogue: 384 comparisons (77 held out), GRPO on 64 response
     "dialogue": dict(query_length=64, response_length=24, num_queries=384, k=4, rm_epochs=2, rm_lr=5e-4,
                      rm_batch=4, rm_head_init_std=1e-3, lora_rank=8, normalize_samples=64, iterations=15, eval_queries=48,
                      temperature=0.8, top_k=0, num_eval=48, eval_k=4, batch_size=64, minibatch_size=16),
+    # GRPO: batch_size responses in minibatches of minibatch_size (default: configs/smollm2_sentiment.yaml's 32 and 8)
     "fast": dict(n_layer=1, n_head=2, n_embd=32, n_positions=128, query_length=80, response_length=8,
                  num_queries=128, k=4, rm_epochs=2, rm_lr=3e-3, rm_batch=32, rm_head_init_std=None,
                  normalize_samples=64,
