@@ -52,10 +52,12 @@ answer's first 10 words, a sentence that ends, 1 - that first sentence's words /
 markdown, and 0.5 for an apology or filler opening such as "Sure!"; surface properties that vary among the samples
 of one question and that a reward model sees). Both are proxies, and PPO finds their holes: see their docstrings and
 README.md ("Summaries and dialogue"). A LoRA reward model (rank 8, batch 4 comparisons: the longer queries make
-larger activations) is trained on 96 comparisons (summarize) or 128 (dialogue: ~26 held out), then GRPO runs 15
-iterations against it on the task's training rows, and the report compares the judge's and the reward model's
-scores before and after on 48 held-out rows (``report.json``; ``--fast`` runs the same on a tiny random policy whose
-word vocabulary is built from the rows, with a plain chat template of its own: a smoke test).
+larger activations) is trained on 96 comparisons (summarize: 19 held out) or 384 (dialogue: 77 held out), then
+GRPO runs 15 iterations against it on the task's training rows (32 responses an iteration for summaries, 64 for
+dialogue), and the report compares the judge's and the reward model's scores before and after on 48 held-out rows,
+2 samples of each (summarize) or 4 (dialogue) with the same sampling keys for both policies, and how often the
+reward model orders pairs of those samples as the judge does (``report.json``; ``--fast`` runs the same on a tiny
+random policy whose word vocabulary is built from the rows, with a plain chat template of its own: a smoke test).
 
 The random policy. ``--vocab words`` keeps every stage and only swaps the tokenizer for a word-level one over ~560
 real English words: the prompt file's words, punctuation, and 128 positive and 128 negative words of VADER's lexicon
@@ -400,13 +402,16 @@ SYSTEM = "You are a concise, helpful assistant."
 """The demos' system message (prompts.system): short, so the query stays short (SmolLM2's default is ~20 tokens)."""
 QUESTION_TEMPLATES = ("What does {topic} mean in Python?", "Can you explain {topic} in Python briefly?",
                       "How do I use {topic} in Python?")
-TASK_PRESETS = {
+TASK_PRESETS = {  # dialogue: 384 comparisons (77 held out), GRPO on 64 responses an iteration, 4 evaluation
+    # samples per held-out row. With 128 comparisons, 32 responses and 2 samples its reward model ordered 0.57-0.65 of
+    # the held-out pairs and the judge's score moved either way over 3 seeds (README.md, "Summaries and dialogue").
     "summarize": dict(query_length=112, response_length=24, num_queries=96, k=4, rm_epochs=3, rm_lr=5e-4,
                       rm_batch=4, rm_head_init_std=1e-3, lora_rank=8, normalize_samples=64, iterations=15, eval_queries=48,
                       temperature=0.8, top_k=0, num_eval=48),
-    "dialogue": dict(query_length=64, response_length=24, num_queries=128, k=4, rm_epochs=2, rm_lr=5e-4,
+    "dialogue": dict(query_length=64, response_length=24, num_queries=384, k=4, rm_epochs=2, rm_lr=5e-4,
                      rm_batch=4, rm_head_init_std=1e-3, lora_rank=8, normalize_samples=64, iterations=15, eval_queries=48,
-                     temperature=0.8, top_k=0, num_eval=48),
+                     temperature=0.8, top_k=0, num_eval=48, eval_k=4, batch_size=64, minibatch_size=16),
+    # GRPO: batch_size responses in minibatches of minibatch_size (default: configs/smollm2_sentiment.yaml's 32 and 8)
     "fast": dict(n_layer=1, n_head=2, n_embd=32, n_positions=128, query_length=80, response_length=8,
                  num_queries=128, k=4, rm_epochs=2, rm_lr=3e-3, rm_batch=32, rm_head_init_std=None,
                  normalize_samples=64,
@@ -529,8 +534,8 @@ def _task_samples(config, params, tokenizer, rows, texts, preset, *, k: int, see
 
 def _evaluate_task(policy: str, reward_dir: Path, base_params, judge, rows, texts, preset, seed: int,
                    stop: Optional[str]) -> dict:
-    """Fresh samples of ``policy`` on the held-out rows: the judge's score and the reward model's, mean and std
-    error, and examples."""
+    """Fresh samples of ``policy`` on the held-out rows (the preset's ``eval_k`` each, default 2): the judge's score
+    and the reward model's, mean and std error, and examples."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -539,7 +544,8 @@ def _evaluate_task(policy: str, reward_dir: Path, base_params, judge, rows, text
     from ppojax.rl.rewards import LoraRewardModel
 
     config, params, tokenizer = _load_policy(policy)
-    comps = _task_samples(config, params, tokenizer, rows, texts, preset, k=2, seed=seed, stop=stop)
+    k = preset.get("eval_k", 2)
+    comps = _task_samples(config, params, tokenizer, rows, texts, preset, k=k, seed=seed, stop=stop)
     true = np.asarray([judge(row, r) for row, c in zip(rows, comps) for r in c.responses], np.float64)
     rm = reward_training.load_reward_model(reward_dir)
     if isinstance(rm, LoraRewardModel):
@@ -549,14 +555,30 @@ def _evaluate_task(policy: str, reward_dir: Path, base_params, judge, rows, text
     raw = np.asarray(reward_training.comparison_scores(rm.config, rm.params, jax.tree.map(jnp.asarray, batch)))
     rm_score = (float(rm.gain) * raw + float(rm.bias)).reshape(-1).astype(np.float64)
     lengths = np.asarray([len(_response_text(r).split()) for c in comps for r in c.responses], np.float64)
+    agreement = pair_agreement(true.reshape(len(comps), k), rm_score.reshape(len(comps), k))
 
     def stat(x):
         return {"mean": float(x.mean()), "stderr": float(x.std() / np.sqrt(len(x)))}
 
     examples = [{"prompt": row.prompt, "response": _response_text(c.responses[0]),
-                 "judge": float(true[2 * i])} for i, (row, c) in enumerate(list(zip(rows, comps))[:6])]
+                 "judge": float(true[k * i])} for i, (row, c) in enumerate(list(zip(rows, comps))[:6])]
     return {"samples": int(true.size), "true_score": stat(true), "rm_score": stat(rm_score),
-            "words": stat(lengths), "examples": examples}
+            "words": stat(lengths), "rm_judge_pairs": agreement, "examples": examples}
+
+
+def pair_agreement(judge, model) -> dict:
+    """Over every pair ``a < b`` of responses to one query (rows of the ``[queries, k]`` arrays) that the judge
+    scores differently, the share the model orders as the judge does: ``(model_a - model_b) (judge_a - judge_b) > 0``
+    (a model tie counts against it; chance 0.5). Returns ``{"pairs", "accuracy"}`` (accuracy None without pairs)."""
+    import numpy as np
+
+    judge, model = np.asarray(judge, np.float64), np.asarray(model, np.float64)
+    dj = judge[:, :, None] - judge[:, None, :]
+    dm = model[:, :, None] - model[:, None, :]
+    upper = np.triu(np.ones(judge.shape[1:] * 2, bool), 1)
+    counted = upper & (dj != 0)
+    total, agree = int(counted.sum()), int((counted & (dj * dm > 0)).sum())
+    return {"pairs": total, "accuracy": agree / total if total else None}
 
 
 def held_out_pair_accuracy(labels: Path, reward_dir: Path, base_params, tokenizer, preset, seed: int) -> dict:
@@ -580,15 +602,8 @@ def held_out_pair_accuracy(labels: Path, reward_dir: Path, base_params, tokenize
         rm = rm.with_base(base_params)
     scores = np.asarray(reward_training.comparison_scores(rm.config, rm.params,
                                                           jax.tree.map(jnp.asarray, batch.take(held))))
-    agree = total = 0
-    for i, row_scores in zip(held, scores):
-        judge = rows[i].extra["scores"]
-        for a in range(len(judge)):
-            for b in range(a + 1, len(judge)):
-                if judge[a] != judge[b]:
-                    total += 1
-                    agree += (row_scores[a] - row_scores[b]) * (judge[a] - judge[b]) > 0
-    return {"pairs": total, "accuracy": agree / total if total else None, "comparisons": int(held.size)}
+    judge = np.asarray([rows[i].extra["scores"] for i in held], np.float64)
+    return {**pair_agreement(judge, scores), "comparisons": int(held.size)}
 
 
 def run_task(args: argparse.Namespace, out: Path) -> dict:
@@ -707,9 +722,8 @@ def run_task(args: argparse.Namespace, out: Path) -> dict:
     ppo = cfg.setdefault("ppo", {})
     ppo.update(response_length=preset["response_length"], temperature=preset["temperature"], top_k=preset["top_k"],
                truncate_token=truncate)
-    if random_policy:
-        ppo.update({k: preset[k] for k in ("batch_size", "minibatch_size", "ppo_epochs")})
-    else:
+    ppo.update({k: preset[k] for k in ("batch_size", "minibatch_size", "ppo_epochs") if k in preset})
+    if not random_policy:
         cfg["lora"] = {**cfg.get("lora", {}), "targets": ATTENTION_TARGETS.get(family, "")}
     cfg["checkpoint"] = {"every": preset["iterations"], "keep": 1}
     cfg["logging"] = {**cfg.get("logging", {}), "samples_every": max(preset["iterations"] // 2, 1),

@@ -125,6 +125,9 @@ def summarize(run_dirs: Sequence[Path], final_window: int = 5) -> dict:
 
 PIPELINE_KEYS = ("rm_val_accuracy", "rm_pair_accuracy", "judge_before", "judge_after", "judge_gain", "rm_score_before",
                  "rm_score_after", "final_kl", "max_kl", "words_before", "words_after", "wall_min")
+OPTIONAL_PIPELINE_KEYS = ("rm_judge_pairs_before", "rm_judge_pairs_after")
+"""Summarised when every run has them: the reward model's agreement with the judge on pairs of the evaluation's
+samples of held-out rows, from the initial policy and from the trained one (``rlhf_pipeline.pair_agreement``)."""
 
 
 def _pipeline_run(report: dict, per_iteration: list, name: str) -> dict:
@@ -142,6 +145,9 @@ def _pipeline_run(report: dict, per_iteration: list, name: str) -> dict:
            "words_before": before["words"]["mean"], "words_after": after["words"]["mean"],
            "wall_min": report["timings_s"]["total_s"] / 60, "timings_s": report["timings_s"],
            "per_iteration": per_iteration, "report": report}
+    for when, record in (("before", before), ("after", after)):  # reports since the held-out pair agreement
+        if "rm_judge_pairs" in record:
+            run[f"rm_judge_pairs_{when}"] = record["rm_judge_pairs"]["accuracy"]
     return run
 
 
@@ -163,7 +169,8 @@ def summarize_pipelines(paths: Sequence[Path]) -> dict:
     if len(tasks) != 1:
         raise SystemExit(f"seed_summary.py: error: the pipeline runs are of different tasks {sorted(map(str, tasks))}")
     return {"task": tasks.pop(), "seeds": [r["seed"] for r in runs],
-            "summary": {k: stat([r[k] for r in runs]) for k in PIPELINE_KEYS}, "runs": runs}
+            "summary": {k: stat([r[k] for r in runs]) for k in PIPELINE_KEYS + OPTIONAL_PIPELINE_KEYS
+                        if all(r.get(k) is not None for r in runs)}, "runs": runs}
 
 
 def write_summary(out: Path, result: dict) -> Path:
@@ -178,6 +185,9 @@ def write_summary(out: Path, result: dict) -> Path:
 PIPELINE_ROW_KEYS = ("task", "seed", "rm_val_accuracy", "rm_val_comparisons", "rm_pair_accuracy", "rm_pairs",
                      "judge_before", "judge_before_se", "judge_after", "judge_after_se", "rm_score_before",
                      "rm_score_after", "final_kl", "max_kl", "words_before", "words_after", "wall_min")
+OPTIONAL_PIPELINE_KEYS = ("rm_judge_pairs_before", "rm_judge_pairs_after")
+"""Summarised when every run has them: the reward model's agreement with the judge on pairs of the evaluation's
+samples of held-out rows, from the initial policy and from the trained one (``rlhf_pipeline.pair_agreement``)."""
 
 
 def pipeline_row(run: dict) -> str:

@@ -180,12 +180,20 @@ def test_the_pipeline_tasks_numbers_and_samples_are_the_committed_runs(task):
         assert result["summary"][key]["mean"] == pytest.approx(sum(values) / len(values))
         assert (result["summary"][key]["min"], result["summary"][key]["max"]) == (min(values), max(values))
     s = result["summary"]
-    if task == "summarize":
-        flat = _flat(section)
-        assert f"best of 4 in {_range(s['rm_val_accuracy'], '.2f')} of" in flat
-        assert f"orders {_range(s['rm_pair_accuracy'], '.2f')} of the held-out pairs" in flat
-        assert f"from {_range(s['judge_before'], '.3f')} to {_range(s['judge_after'], '.3f')}" in flat
-        assert f"at most {_range(s['max_kl'], '.1f')} nats" in flat
+    paragraph = {"summarize": "Summaries: ", "dialogue": "Dialogue: "}[task]
+    flat = _flat(section[section.index(paragraph):])  # the task's own paragraph onwards
+    assert f"best of 4 in {_range(s['rm_val_accuracy'], '.2f')} of" in flat
+    assert f"orders {_range(s['rm_pair_accuracy'], '.2f')} of the held-out pairs" in flat
+    assert f"from {_range(s['judge_before'], '.3f')} to {_range(s['judge_after'], '.3f')}" in flat
+    assert f"at most {_range(s['max_kl'], '.1f')} nats" in flat
+    if task == "dialogue":  # the reward model against the judge on the evaluation's held-out questions
+        assert all(r["judge_gain"] > 0 for r in result["runs"])
+        assert f"it orders {_range(s['rm_judge_pairs_before'], '.2f')} as the judge does" in flat
+        assert f"it orders {_range(s['rm_judge_pairs_after'], '.2f')} of the pairs as the judge does" in flat
+        old = json.loads((REPO / "docs" / "results" / "pipeline_dialogue_128.json").read_text())["summary"]
+        assert f"ordered only {_range(old['rm_pair_accuracy'], '.2f')} of the held-out pairs" in flat
+        assert f"score either way: {_range(old['judge_before'], '.3f')} -> {_range(old['judge_after'], '.3f')}" \
+            in flat
     examples = [(b["response"], a["response"], b["judge"], a["judge"]) for r in result["runs"]
                 for b, a in zip(r["report"]["before"]["examples"], r["report"]["after"]["examples"])]
     table = section[section.index("| question (held out)" if task == "dialogue" else "| document (held out"):]

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ppojax.tasks import TaskContext, TaskError, build_task
@@ -357,20 +358,24 @@ def test_the_hub_configs_stop_with_one_line_offline(tmp_path, config):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["summarize", "dialogue"])
-def test_pipeline_task_smoke_on_a_tiny_random_policy(tmp_path, task):
+def test_pipeline_task_smoke_on_a_tiny_random_policy(tmp_path, monkeypatch, task):
     """``rlhf_pipeline.py --task T --fast``: rows from CPython's docs, judge labels, a reward model, PPO on the task,
     and a report with the judge's score before and after on held-out rows (the numbers of a tiny random policy
-    are noise: the SmolLM2 run is README.md's)."""
+    are noise: the SmolLM2 run is README.md's). The preset's ``eval_k`` samples each held-out row that often and its
+    ``batch_size`` reaches the PPO config."""
     sys.path.insert(0, str(REPO / "experiments"))
     import rlhf_pipeline
 
+    monkeypatch.setitem(rlhf_pipeline.TASK_PRESETS["fast"], "eval_k", 3)
     out = tmp_path / "p"
     assert rlhf_pipeline.main(["--out", str(out), "--fast", "--task", task, "--iterations", "3",
                                "--num-queries", "64"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["task"] == task and report["comparisons"] == 64 and report["rm_chance"] == 0.25
-    assert report["ppo_iterations"] == 3 and report["before"]["samples"] == report["after"]["samples"] > 0
+    assert report["ppo_iterations"] == 3
+    assert report["before"]["samples"] == report["after"]["samples"] == 3 * report["rows"]["evaluated"] > 0
     config = (out / "ppo" / "config.yaml").read_text()
+    assert f"batch_size: {rlhf_pipeline.TASK_PRESETS['fast']['batch_size']}\n" in config
     assert f"name: {task}" in config and "kind: reward_model" in config
     from ppojax.rl import preferences
 
@@ -387,3 +392,25 @@ def test_pipeline_refuses_a_labeler_with_a_task(tmp_path, capsys):
                                "--labeler", "lexicon"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "proxy judge" in err[0] and not (tmp_path / "p").exists()
+
+
+def test_pair_agreement_is_the_share_of_judged_pairs_the_model_orders_alike():
+    """``rlhf_pipeline.pair_agreement`` against a loop over every pair of one query's responses: pairs the judge
+    ties are not counted, a model tie counts as disagreement."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    import rlhf_pipeline
+
+    rng = np.random.default_rng(0)
+    judge = rng.integers(0, 3, size=(40, 4)).astype(float)  # many judge ties
+    model = np.where(rng.random((40, 4)) < 0.2, 0.0, rng.normal(size=(40, 4)) + 0.5 * judge)  # some model ties
+    agree = total = 0
+    for j, m in zip(judge, model):
+        for a in range(4):
+            for b in range(a + 1, 4):
+                if j[a] != j[b]:
+                    total += 1
+                    agree += (m[a] - m[b]) * (j[a] - j[b]) > 0
+    got = rlhf_pipeline.pair_agreement(judge, model)
+    assert got == {"pairs": total, "accuracy": agree / total} and 0.5 < got["accuracy"] < 1
+    assert rlhf_pipeline.pair_agreement(judge, -model)["accuracy"] < 0.5
+    assert rlhf_pipeline.pair_agreement(np.ones((3, 4)), model[:3]) == {"pairs": 0, "accuracy": None}
