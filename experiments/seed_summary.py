@@ -185,9 +185,6 @@ def write_summary(out: Path, result: dict) -> Path:
 PIPELINE_ROW_KEYS = ("task", "seed", "rm_val_accuracy", "rm_val_comparisons", "rm_pair_accuracy", "rm_pairs",
                      "judge_before", "judge_before_se", "judge_after", "judge_after_se", "rm_score_before",
                      "rm_score_after", "final_kl", "max_kl", "words_before", "words_after", "wall_min")
-OPTIONAL_PIPELINE_KEYS = ("rm_judge_pairs_before", "rm_judge_pairs_after")
-"""Summarised when every run has them: the reward model's agreement with the judge on pairs of the evaluation's
-samples of held-out rows, from the initial policy and from the trained one (``rlhf_pipeline.pair_agreement``)."""
 
 
 def pipeline_row(run: dict) -> str:
