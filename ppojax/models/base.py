@@ -42,6 +42,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Params = Any  # a nested dict of arrays
 ModelConfig = Any  # a registered family's config dataclass (GPT2Config, LlamaConfig, ...)
@@ -308,6 +309,18 @@ class CheckpointError(ValueError):
 
 class UnsupportedModelError(CheckpointError):
     """A checkpoint of a family ppojax does not implement."""
+
+
+def stack_layers(values, n: int, dtype) -> jax.Array:
+    """``jnp.stack(list(values)).astype(dtype)`` for the ``n`` per-layer host arrays of one leaf, filled one at a
+    time into a single ``[n, *shape]`` host buffer: a converter reading a lazy mapping (``params_from_hf``) holds one
+    tensor and one stacked leaf on the host, never a list of every layer's tensor beside their stack."""
+    stacked = None
+    for i, value in enumerate(values):
+        if stacked is None:
+            stacked = np.empty((n, *np.shape(value)), np.asarray(value).dtype)
+        stacked[i] = value
+    return jnp.asarray(stacked, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------

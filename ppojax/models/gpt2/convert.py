@@ -22,7 +22,7 @@ from typing import Any, Dict, Mapping
 
 import numpy as np
 
-from ppojax.models.base import CheckpointError, HFConverter
+from ppojax.models.base import CheckpointError, HFConverter, stack_layers
 from ppojax.models.gpt2.model import GPT2Config
 
 # (HF name inside a block, ppojax name, leaf) for the per-layer tensors.
@@ -186,14 +186,7 @@ def params_from_hf(config: GPT2Config, tensors: Mapping[str, np.ndarray], source
         trunk.setdefault(module, {})[leaf] = jnp.asarray(value, dtype=dtype)
     blocks_out: Dict[str, Dict[str, Any]] = {}
     for module, leaf, keys, shape in blocks:
-        stacked = None
-        for i, key in enumerate(keys):
-            value = read(key, shape)
-            if stacked is None:
-                stacked = np.empty((L, *shape), value.dtype)
-            stacked[i] = value
-        blocks_out.setdefault(module, {})[leaf] = jnp.asarray(stacked, dtype=dtype)
-        del stacked
+        blocks_out.setdefault(module, {})[leaf] = stack_layers((read(key, shape) for key in keys), L, dtype)
     trunk["h"] = blocks_out
     return {"transformer": trunk}
 

@@ -27,7 +27,7 @@ from typing import Any, Dict, Mapping
 
 import numpy as np
 
-from ppojax.models.base import CheckpointError, HFConverter
+from ppojax.models.base import CheckpointError, HFConverter, stack_layers
 from ppojax.models.llama.model import MODEL_TYPES, Llama3RopeScaling, LlamaConfig
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
@@ -270,14 +270,8 @@ def params_from_hf(config: LlamaConfig, tensors: Mapping[str, np.ndarray], sourc
         trunk.setdefault(module, {})[leaf] = jnp.asarray(value, dtype=dtype)
     layers: Dict[str, Dict[str, Any]] = {}
     for module, leaf, keys, shape in blocks:
-        stacked = None
-        for i, key in enumerate(keys):
-            value = _to_flax(read(key, shape), leaf)
-            if stacked is None:
-                stacked = np.empty((L, *value.shape), value.dtype)
-            stacked[i] = value
-        layers.setdefault(module, {})[leaf] = jnp.asarray(stacked, dtype=dtype)
-        del stacked
+        layers.setdefault(module, {})[leaf] = stack_layers((_to_flax(read(key, shape), leaf) for key in keys), L,
+                                                           dtype)
     trunk["layers"] = layers
     params: Dict[str, Any] = {"transformer": trunk}
     if head is not None:
